@@ -1,0 +1,130 @@
+"""Finding image files by id and decoding any image a user may hand us into RGB uint8."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DOWNSAMPLED_SUFFIX = "_downsampled"
+# Decompression-bomb guard: ~50 MP is far above any dermoscopy image we expect.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used; the message says why in words a person can act on."""
+
+
+def image_id_from_filename(name: str) -> str:
+    """`ISIC_0000001_downsampled.JPG` -> `ISIC_0000001`."""
+    stem = Path(name).stem
+    return stem[: -len(DOWNSAMPLED_SUFFIX)] if stem.endswith(DOWNSAMPLED_SUFFIX) else stem
+
+
+def index_image_folder(folder: str | Path) -> dict[str, Path]:
+    """Map image id -> file for every .jpg/.jpeg/.png under `folder` (recursive).
+
+    When the same id exists twice (e.g. a full-size and a `_downsampled` copy) the full-size,
+    then the shortest path wins, so the choice is deterministic.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist or is not a directory")
+    found: dict[str, Path] = {}
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = Path(root) / name
+            image_id = image_id_from_filename(name)
+            best = found.get(image_id)
+            if best is None or _preference(path) < _preference(best):
+                found[image_id] = path
+    return found
+
+
+def _preference(path: Path) -> tuple[int, int, str]:
+    return (int(Path(path).stem.endswith(DOWNSAMPLED_SUFFIX)), len(str(path)), str(path))
+
+
+def list_images(folders: Iterable[str | Path]) -> list[Path]:
+    """All image files under the folders, sorted; for unlabeled (BYOL) data."""
+    paths: list[Path] = []
+    for folder in folders:
+        paths.extend(index_image_folder(folder).values())
+    return sorted(paths)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode bytes into an RGB uint8 array (H, W, 3), whatever the source mode.
+
+    Grayscale, RGBA (composited on white), palette, 16-bit and CMYK images are converted, EXIF
+    rotation applied. Raises ImageDecodeError for empty, non-image, truncated or oversized data.
+    """
+    if not data:
+        raise ImageDecodeError("the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"the image is {width}x{height} = {width * height:,} pixels, over the limit "
+                    f"of {max_pixels:,}; resize it before uploading"
+                )
+            image.load()
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(
+            "the data is not an image format we can read (use JPEG or PNG)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"the image is corrupt or truncated ({exc})") from None
+    return to_rgb_array(image)
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert a loaded PIL image of any mode into RGB uint8."""
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
+        gray = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        gray = ((array - lo) / (hi - lo or 1.0) * 255.0).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "P":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode an image file into RGB uint8; errors name the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read image file {path}: {exc.strerror}") from None
+    try:
+        return decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{path}: {exc}") from None

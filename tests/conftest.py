@@ -1,0 +1,50 @@
+"""Shared fixtures: synthetic data (always available) and the real derm-sample (when present)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from dermanet.data.synthetic import generate_synthetic_dataset
+from dermanet.paths import SAMPLE_DIR_ENV, sample_available, sample_dir
+
+FORMATS_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "formats"
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small SYNTHETIC data set in the plain-CSV format (160 images, 64 px)."""
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic_dataset(out, num_images=160, size=64, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def derm_sample() -> Path:
+    """The real derm-sample folder, or a skip that says how to provide it."""
+    if not sample_available():
+        pytest.skip(
+            f"real derm-sample data not found at {sample_dir()}; set {SAMPLE_DIR_ENV} to a folder "
+            "with metadata.csv and images/"
+        )
+    return sample_dir()
+
+
+@pytest.fixture(scope="session")
+def formats_dir() -> Path:
+    """The real published metadata files (HAM10000, ISIC 2019 table)."""
+    if not (FORMATS_DIR / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"real metadata files not found at {FORMATS_DIR.resolve()}")
+    return FORMATS_DIR.resolve()
+
+
+@pytest.fixture(scope="session")
+def derm_sample_catalogue(derm_sample: Path) -> pd.DataFrame:
+    from dermanet.data import read_plain_csv
+
+    return read_plain_csv(derm_sample / "metadata.csv", derm_sample / "images")
