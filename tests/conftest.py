@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import torch
 
 from dermanet.data.synthetic import generate_synthetic_dataset
 from dermanet.paths import SAMPLE_DIR_ENV, sample_available, sample_dir
+
+torch.set_num_threads(1)  # 2 shared cores: OpenMP spin-waits made tests 4-10x slower under load
 
 FORMATS_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "formats"
 
@@ -48,3 +49,20 @@ def derm_sample_catalogue(derm_sample: Path) -> pd.DataFrame:
     from dermanet.data import read_plain_csv
 
     return read_plain_csv(derm_sample / "metadata.csv", derm_sample / "images")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole test session (starting Ray costs ~4 s and ~1 GB).
+
+    4 logical CPUs on this 2-core machine, so Ray Data tasks and Train workers never wait
+    on each other forever (STACK.md: Ray hangs instead of failing when CPUs run out).
+    """
+    import ray
+
+    from dermanet.runtime import init_ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

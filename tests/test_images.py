@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from dermanet.data import ImageDecodeError, decode_image
+from dermanet.data.images import ImageTooLargeError
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -61,5 +62,12 @@ def test_truncated_jpeg() -> None:
 
 def test_pixel_limit_stops_decompression_bombs() -> None:
     big = _encode(Image.new("L", (3000, 3000)))  # ~9 MP, a few KB compressed
-    with pytest.raises(ImageDecodeError, match="over the limit of 1,000,000"):
+    with pytest.raises(ImageTooLargeError, match="over the limit of 1,000,000"):
         decode_image(big, max_pixels=1_000_000)
+    assert issubclass(ImageTooLargeError, ImageDecodeError)  # callers catching the base still work
+
+
+def test_pillow_bomb_guard_is_reported_as_too_large() -> None:
+    huge = _encode(Image.new("1", (10_000, 9_000)))  # 90 MP: over Pillow's own bomb threshold
+    with pytest.raises(ImageTooLargeError, match="decompression bomb"):
+        decode_image(huge, max_pixels=10**12)

@@ -21,6 +21,10 @@ class ImageDecodeError(ValueError):
     """An image that cannot be used; the message says why in words a person can act on."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image over the pixel limit (servers answer 413 rather than 422)."""
+
+
 def image_id_from_filename(name: str) -> str:
     """`ISIC_0000001_downsampled.JPG` -> `ISIC_0000001`."""
     stem = Path(name).stem
@@ -75,14 +79,19 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageDecodeError(
+                raise ImageTooLargeError(
                     f"the image is {width}x{height} = {width * height:,} pixels, over the limit "
                     f"of {max_pixels:,}; resize it before uploading"
                 )
             image.load()
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLargeError(
+            "the image declares more pixels than Pillow will safely decode (a possible "
+            "decompression bomb); resize it before uploading"
+        ) from None
+    except UnidentifiedImageError:
         raise ImageDecodeError(
             "the data is not an image format we can read (use JPEG or PNG)"
         ) from None
@@ -128,3 +137,44 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         return decode_image(data, max_pixels=max_pixels)
     except ImageDecodeError as exc:
         raise ImageDecodeError(f"{path}: {exc}") from None
+
+
+def decode_image_fast(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode with OpenCV (about 2x faster than PIL for JPEG); fall back to `decode_image`.
+
+    For the training hot path. OpenCV's IMREAD_COLOR already yields 3-channel 8-bit output for
+    grayscale, 16-bit and CMYK files and applies EXIF rotation; anything it cannot read (or
+    that is RGBA / palette, where compositing matters) goes through the careful PIL decoder.
+    """
+    import cv2
+
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    if buffer.size and data[:4] != b"\x89PNG":  # PNG may carry alpha: use the careful path
+        bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        if bgr is not None and bgr.shape[0] * bgr.shape[1] <= max_pixels:
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return decode_image(data, max_pixels=max_pixels)
+
+
+def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    """Shrink so the short side is `short_side` (never enlarge: that only adds bytes)."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = short_side / min(height, width)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    """RGB uint8 -> JPEG bytes."""
+    import cv2
+
+    ok, buffer = cv2.imencode(
+        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    if not ok:
+        raise ImageDecodeError("OpenCV could not encode the image as JPEG")
+    return buffer.tobytes()

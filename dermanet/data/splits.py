@@ -81,12 +81,16 @@ def class_weights(catalogue: pd.DataFrame, split: str | None = "train") -> np.nd
     trained without it cannot predict it.
     """
     rows = catalogue if split is None else catalogue.loc[catalogue["split"] == split]
-    counts = rows["label"].value_counts().reindex(CLASS_NAMES, fill_value=0)
-    absent = counts.index[counts.eq(0)].tolist()
+    return class_weights_from_counts(rows["label"].value_counts().to_dict(), split or "whole")
+
+
+def class_weights_from_counts(counts: dict[str, int], split: str = "train") -> np.ndarray:
+    """`class_weights` from images per class (e.g. a shard manifest's counts)."""
+    series = pd.Series(counts, dtype="int64").reindex(CLASS_NAMES, fill_value=0)
+    absent = series.index[series.eq(0)].tolist()
     if absent:
         raise CatalogueError(
-            f"classes {absent} have no images in the {split or 'whole'} split; add images or "
+            f"classes {absent} have no images in the {split} split; add images or "
             "choose other split fractions"
         )
-    total = counts.sum()
-    return (total / (len(CLASS_NAMES) * counts.to_numpy())).astype(np.float32)
+    return (series.sum() / (len(CLASS_NAMES) * series.to_numpy())).astype(np.float32)

@@ -1,0 +1,136 @@
+"""Decode + train-time augmentation throughput: DataLoader baseline vs Ray Data (raw, shards).
+
+    .venv/bin/python benchmarks/data_throughput.py --limit 3000 --repeats 3
+
+Needs the real derm-sample (DERMANET_SAMPLE_DIR). Every source runs the same decode+augment
+function (`dermanet.data.pipelines.decode_transform_batch`), so the comparison is of the data
+movement around it. Prints a Markdown table: median images/s and the ratio to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+
+from dermanet.data import assign_splits, label_indices, read_plain_csv
+from dermanet.data.pipelines import (
+    PipelineConfig,
+    build_pipeline,
+    decode_transform_batch,
+    read_catalogue_files,
+    read_shards,
+)
+from dermanet.data.shards import prepare_shards
+from dermanet.paths import sample_available, sample_dir
+from dermanet.runtime import init_ray
+
+
+class RawJpegBatches(Dataset):
+    """Baseline: a map-style dataset whose item is a whole batch of raw files."""
+
+    def __init__(self, catalogue: pd.DataFrame, img_size: int):
+        self.paths = catalogue["path"].tolist()
+        self.labels = label_indices(catalogue).to_numpy()
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = {
+            "jpeg": [open(self.paths[i], "rb").read() for i in indices],  # noqa: SIM115
+            "label_index": self.labels[indices],
+            "index": np.asarray(indices, dtype=np.int64),
+        }
+        out = decode_transform_batch(batch, "train", self.img_size)
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def count_images(batches: Iterable[dict]) -> int:
+    return sum(len(b["label"]) for b in batches)
+
+
+def timed(run: Callable[[], int]) -> float:
+    start = time.perf_counter()
+    n = run()
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--limit", type=int, default=3000, help="training images per run")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 224], help="image sizes")
+    p.add_argument("--repeats", type=int, default=3, help="runs per cell (median reported)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (baseline)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
+    args = p.parse_args(argv)
+    if not sample_available():
+        print(f"derm-sample not found at {sample_dir()}: set DERMANET_SAMPLE_DIR", file=sys.stderr)
+        return 2
+
+    root = sample_dir()
+    cat = assign_splits(read_plain_csv(root / "metadata.csv", root / "images"), seed=0)
+    cat = cat.loc[cat["split"] == "train"].sample(n=args.limit, random_state=0)
+    init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    shards = tempfile.mkdtemp(prefix="dermanet-bench-")
+    prepare_shards(cat, shards, short_side=256)
+
+    rows = []
+    for size in args.sizes:
+        config = PipelineConfig(img_size=size)
+        loader = DataLoader(
+            RawJpegBatches(cat, size),
+            sampler=BatchSampler(SequentialSampler(range(len(cat))), args.batch_size, False),
+            batch_size=None,
+            num_workers=args.workers,
+            persistent_workers=False,
+        )
+        sources = {
+            f"DataLoader raw JPEG ({args.workers} workers)": lambda loader=loader: count_images(
+                loader
+            ),
+            "Ray Data raw files": lambda config=config: count_images(
+                build_pipeline(read_catalogue_files(cat), "train", config).iter_torch_batches(
+                    batch_size=args.batch_size
+                )
+            ),
+            "Ray Data Parquet shards": lambda config=config: count_images(
+                build_pipeline(read_shards(shards, "train"), "train", config).iter_torch_batches(
+                    batch_size=args.batch_size
+                )
+            ),
+        }
+        baseline = None
+        for name, run in sources.items():
+            rates = [timed(run) for _ in range(args.repeats)]
+            median = statistics.median(rates)
+            baseline = baseline or median
+            rows.append((size, name, median, min(rates), max(rates), median / baseline))
+            print(f"{size}px {name}: {median:.0f} img/s (runs: {[round(r) for r in rates]})")
+
+    print(
+        f"\n{args.limit} derm-sample training images, batch {args.batch_size}, "
+        f"median of {args.repeats} runs\n"
+    )
+    print("| size | source | images/s (median) | min | max | vs baseline |")
+    print("|---|---|---|---|---|---|")
+    for size, name, median, lo, hi, ratio in rows:
+        print(f"| {size} | {name} | {median:.0f} | {lo:.0f} | {hi:.0f} | {ratio:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Ray Data pipelines that stream images into training and evaluation.
+
+Every source becomes rows with `jpeg` (encoded bytes), `label_index` and `index` (a stable row
+id, used to name offending samples in NaN dumps); `decode_transform_batch` then turns them into
+the batch contract the training modules consume:
+
+    labelled:  {"image": uint8 (N, 3, S, S), "label": int64 (N,), "index": int64 (N,)}
+    two-view:  {"view1": uint8 (N, 3, S, S), "view2": ..., "index": int64 (N,)}
+
+Images stay uint8 through Ray's object store (4x fewer bytes than float32);
+`NormalizedBatches` turns them into normalised float32 on the training device.
+
+Sources: Parquet shards (`read_shards`), a catalogue of raw files (`read_catalogue_files`) and
+unlabelled image folders (`read_image_folders`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import ray.data
+import torch
+
+from dermanet.data.catalogue import SPLITS, label_indices
+from dermanet.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image_fast
+from dermanet.data.ray_io import dataset_from_frame
+from dermanet.data.shards import shard_dir
+from dermanet.data.transforms import (
+    DERM_MEAN,
+    DERM_STD,
+    byol_transform,
+    eval_transform,
+    normalize_images,
+    to_uint8_chw,
+    train_transform,
+)
+from dermanet.storage import read_bytes
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["train", "eval", "two_view"]
+SOURCE_COLUMNS = ["jpeg", "label_index", "index"]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Knobs that size the pipeline to the machine: one 2-core laptop or a GPU node."""
+
+    img_size: int = 128
+    batch_size: int = 32  # rows per map_batches call (not the training batch)
+    rows_per_block: int = 256  # decode work is cut into blocks of this many rows
+    num_cpus: float = 1.0  # CPUs each decode/augment task reserves
+    concurrency: int | None = None  # max parallel decode tasks; None lets Ray Data decide
+    mean: tuple[float, ...] = DERM_MEAN
+    std: tuple[float, ...] = DERM_STD
+
+
+def read_shards(output: str, split: str) -> ray.data.Dataset:
+    """Stream one split of prepared shards (only the columns training needs)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return ray.data.read_parquet(shard_dir(output, split), columns=SOURCE_COLUMNS)
+
+
+def read_catalogue_files(catalogue: pd.DataFrame, split: str | None = None) -> ray.data.Dataset:
+    """Rows from raw image files listed in a catalogue (quick start, no prepare step)."""
+    table = catalogue.assign(
+        label_index=label_indices(catalogue), index=np.arange(len(catalogue), dtype=np.int64)
+    )
+    if split is not None:
+        table = table.loc[table["split"] == split]
+    table = table.loc[:, ["path", "label_index", "index"]].astype({"path": object})
+    return dataset_from_frame(table, rows_per_block=256).map_batches(
+        _read_file_batch, batch_format="pandas"
+    )
+
+
+def read_image_folders(folders: list[str]) -> ray.data.Dataset:
+    """Unlabelled images under one or more folders (recursive), for BYOL; label_index = -1."""
+    ds = ray.data.read_binary_files(
+        folders, include_paths=True, file_extensions=[e.lstrip(".") for e in IMAGE_EXTENSIONS]
+    )
+    return ds.map_batches(_binary_to_rows, batch_format="pandas")
+
+
+def _read_file_batch(batch: pd.DataFrame) -> pd.DataFrame:
+    jpegs = [read_bytes(p) for p in batch["path"]]
+    return pd.DataFrame(
+        {"jpeg": jpegs, "label_index": batch["label_index"], "index": batch["index"]}
+    )
+
+
+def _binary_to_rows(batch: pd.DataFrame) -> pd.DataFrame:
+    # Stable ids from the path, so the same file gets the same index in every run.
+    index = [int.from_bytes(_digest(p), "little") for p in batch["path"]]
+    return pd.DataFrame(
+        {
+            "jpeg": batch["bytes"],
+            "label_index": np.full(len(batch), -1, dtype=np.int64),
+            "index": np.asarray(index, dtype=np.int64),
+        }
+    )
+
+
+def _digest(text: str) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(text.encode(), digest_size=7).digest()
+
+
+@functools.lru_cache(maxsize=16)
+def _transform(mode: Mode, img_size: int):
+    factory = {"train": train_transform, "eval": eval_transform, "two_view": byol_transform}[mode]
+    return factory(img_size, normalize=False)
+
+
+def decode_transform_batch(
+    batch: dict[str, np.ndarray], mode: Mode, img_size: int
+) -> dict[str, np.ndarray]:
+    """Decode JPEG bytes and apply the mode's transform; unreadable images are dropped + logged.
+
+    The one place where bytes become model input, shared by Ray Data, the benchmark's
+    DataLoader baseline and evaluation.
+    """
+    transform = _transform(mode, img_size)
+    keep, images = [], []
+    for i, data in enumerate(batch["jpeg"]):
+        try:
+            images.append(decode_image_fast(bytes(data)))
+            keep.append(i)
+        except ImageDecodeError as exc:
+            log.warning("skipping unreadable image (index %s): %s", batch["index"][i], exc)
+    index = np.asarray(batch["index"], dtype=np.int64)[keep]
+    if mode == "two_view":
+        return {
+            "view1": _stack([to_uint8_chw(transform, im) for im in images], img_size),
+            "view2": _stack([to_uint8_chw(transform, im) for im in images], img_size),
+            "index": index,
+        }
+    return {
+        "image": _stack([to_uint8_chw(transform, im) for im in images], img_size),
+        "label": np.asarray(batch["label_index"], dtype=np.int64)[keep],
+        "index": index,
+    }
+
+
+def _stack(arrays: list[np.ndarray], img_size: int) -> np.ndarray:
+    if not arrays:
+        return np.empty((0, 3, img_size, img_size), dtype=np.uint8)
+    return np.stack(arrays)
+
+
+def build_pipeline(
+    source: ray.data.Dataset, mode: Mode, config: PipelineConfig = PipelineConfig()
+) -> ray.data.Dataset:
+    """Attach decode + transform to a source. Eval pipelines keep their order (deterministic).
+
+    Sources arrive in few large blocks (Ray's Parquet reader packs files into ~128 MB read
+    tasks), which would leave one task decoding everything; re-cutting them into small blocks
+    lets decode+augment run on every CPU and keeps output blocks small.
+    """
+    if mode == "eval":
+        source.context.execution_options.preserve_order = True
+    blocks = source.repartition(target_num_rows_per_block=config.rows_per_block)
+    return blocks.map_batches(
+        decode_transform_batch,
+        fn_kwargs={"mode": mode, "img_size": config.img_size},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        num_cpus=config.num_cpus,
+        concurrency=config.concurrency,
+    )
+
+
+IMAGE_KEYS = ("image", "view1", "view2")
+
+
+class NormalizedBatches:
+    """Re-iterable view of torch batches with uint8 images normalised to float32.
+
+    Wraps `iter_torch_batches(...)` (already on the training device), so Lightning can iterate
+    it once per epoch and normalisation runs on the GPU when there is one.
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        mean: tuple[float, ...] = DERM_MEAN,
+        std: tuple[float, ...] = DERM_STD,
+    ):
+        self.batches = batches
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.batches:
+            yield {
+                k: normalize_images(v, self.mean, self.std) if k in IMAGE_KEYS else v
+                for k, v in batch.items()
+            }

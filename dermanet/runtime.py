@@ -1,0 +1,32 @@
+"""Connecting to Ray: a running cluster when one is given, else an embedded local Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    include_dashboard: bool | None = None,
+    log_to_driver: bool = True,
+) -> None:
+    """Start or join Ray once per process.
+
+    With no address (and no RAY_ADDRESS, as under `ray job submit`) an embedded local Ray is
+    started. Under `ray job submit` the job joins the cluster it was submitted to.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+        log.info("joined Ray cluster at %s", address)
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=log_to_driver)
+    log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))

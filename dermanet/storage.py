@@ -1,0 +1,80 @@
+"""Storage locations that may be a local folder or a URI (s3://, gs://, file://).
+
+Every job takes such a location for shards, checkpoints and results, so the same command works
+on a laptop and on a cluster; pyarrow's filesystems do the work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://...` locations, False for plain paths."""
+    return "://" in str(location)
+
+
+def resolve_filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or any URI pyarrow understands."""
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(str(location))
+    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def join(location: str | Path, *parts: str) -> str:
+    """Join path parts onto a location, keeping a URI a URI."""
+    base = str(location).rstrip("/")
+    return "/".join([base, *parts])
+
+
+def exists(location: str | Path) -> bool:
+    fs, path = resolve_filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_nonempty_dir(location: str | Path) -> bool:
+    fs, path = resolve_filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return False
+    return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+
+
+def make_dirs(location: str | Path) -> None:
+    fs, path = resolve_filesystem(location)
+    fs.create_dir(path, recursive=True)
+
+
+def delete_dir_contents(location: str | Path) -> None:
+    fs, path = resolve_filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(path)
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """Whole file as bytes, from a local path or a URI."""
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    fs, path = resolve_filesystem(location)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    fs, path = resolve_filesystem(location)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def write_json(location: str | Path, payload: Any) -> None:
+    write_bytes(location, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(location: str | Path) -> Any:
+    return json.loads(read_bytes(location))

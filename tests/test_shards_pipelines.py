@@ -1,0 +1,210 @@
+"""Ray Data: shards round trip, streamed batch contract, determinism, Ray Train ingestion."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dermanet.data import assign_splits, read_plain_csv
+from dermanet.data.pipelines import (
+    PipelineConfig,
+    build_pipeline,
+    read_catalogue_files,
+    read_image_folders,
+    read_shards,
+)
+from dermanet.data.shards import ShardsExistError, prepare_shards, read_manifest, shard_dir
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shard_rows(output: str) -> pd.DataFrame:
+    frames = []
+    for split in ("train", "val", "test"):
+        for file in sorted(Path(shard_dir(output, split)).glob("*.parquet")):
+            frames.append(pq.read_table(file).to_pandas().assign(shard_split=split))
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def synthetic_with_corrupt(tmp_path_factory, synthetic_dir: Path) -> tuple[pd.DataFrame, set]:
+    """A split synthetic catalogue whose folder holds two planted corrupt files."""
+    root = tmp_path_factory.mktemp("corrupt")
+    shutil.copytree(synthetic_dir, root, dirs_exist_ok=True)
+    cat = assign_splits(read_plain_csv(root / "metadata.csv", root / "images"), seed=1)
+    bad = cat["image"].iloc[[3, 10]].tolist()
+    Path(cat["path"].iloc[3]).write_text("I am a text file named .jpg")
+    data = Path(cat["path"].iloc[10]).read_bytes()
+    Path(cat["path"].iloc[10]).write_bytes(data[: len(data) // 3])
+    return cat, set(bad)
+
+
+@pytest.fixture(scope="module")
+def synthetic_shards(ray_local, tmp_path_factory, synthetic_with_corrupt) -> str:
+    cat, _ = synthetic_with_corrupt
+    out = str(tmp_path_factory.mktemp("shards"))
+    prepare_shards(cat, out, short_side=48, rows_per_file=50)
+    return out
+
+
+def test_round_trip_skips_and_reports_corrupt(synthetic_shards: str, synthetic_with_corrupt):
+    cat, bad = synthetic_with_corrupt
+    rows = _shard_rows(synthetic_shards)
+    expected = cat.loc[~cat["image"].isin(bad)]
+    assert sorted(rows["image"]) == sorted(expected["image"])  # each valid image exactly once
+    merged = rows.merge(cat, on="image", suffixes=("", "_cat"))
+    assert (merged["split"] == merged["split_cat"]).all()
+    assert (merged["split"] == merged["shard_split"]).all()
+    assert (merged["label"] == merged["label_cat"]).all()
+    assert (merged["lesion_id"] == merged["lesion_id_cat"]).all()
+    assert (rows["width"] == 64).all() and (rows["height"] == 64).all()
+    manifest = read_manifest(synthetic_shards)
+    assert manifest["written"] == len(expected) and manifest["skipped"] == 2
+    assert sum(manifest["counts"]["train"].values()) == (expected["split"] == "train").sum()
+    errors = pd.read_csv(Path(synthetic_shards) / "errors.csv")
+    assert set(errors["image"]) == bad
+    assert errors["error"].str.contains("not an image format|corrupt or truncated").all()
+
+
+def test_rerun_is_refused_without_overwrite(ray_local, synthetic_with_corrupt, tmp_path):
+    cat, _ = synthetic_with_corrupt
+    small = cat.groupby("split").head(4)
+    uri = f"file://{tmp_path}/uri-shards"  # pyarrow's local-filesystem URI form
+    prepare_shards(small, uri, short_side=32)
+    with pytest.raises(ShardsExistError, match="pass --overwrite"):
+        prepare_shards(small, uri, short_side=32)
+    report = prepare_shards(small, uri, short_side=32, overwrite=True)
+    assert report.written + report.skipped == len(small)
+    assert len(_shard_rows(str(tmp_path / "uri-shards"))) == report.written
+
+
+def _collect(ds, batch_size: int = 16) -> list[dict]:
+    return [
+        {k: v.numpy() for k, v in b.items()} for b in ds.iter_torch_batches(batch_size=batch_size)
+    ]
+
+
+def test_streamed_batches_contract(synthetic_shards: str) -> None:
+    config = PipelineConfig(img_size=40)
+    batches = _collect(build_pipeline(read_shards(synthetic_shards, "train"), "train", config))
+    assert sum(len(b["label"]) for b in batches) > 50
+    first = batches[0]
+    assert first["image"].shape == (16, 3, 40, 40) and first["image"].dtype == np.uint8
+    assert first["label"].dtype == np.int64 and first["index"].dtype == np.int64
+    assert set(np.concatenate([b["label"] for b in batches])) <= set(range(8))
+    assert first["image"].std() > 10  # real pixel content, not a blank
+
+
+def test_normalised_batches_match_the_serving_preprocessing(
+    synthetic_shards: str, synthetic_with_corrupt
+) -> None:
+    """Training normalises uint8 on the device; serving uses to_model_input: same numbers."""
+    from dermanet.data.images import decode_image_fast
+    from dermanet.data.pipelines import NormalizedBatches
+    from dermanet.data.transforms import eval_transform, to_model_input
+
+    ds = build_pipeline(read_shards(synthetic_shards, "val"), "eval", PipelineConfig(img_size=32))
+    batch = next(iter(NormalizedBatches(ds.iter_torch_batches(batch_size=4))))
+    assert batch["image"].dtype == torch.float32
+    rows = _shard_rows(synthetic_shards).set_index("index")
+    for image, index in zip(batch["image"], batch["index"], strict=True):
+        pixels = decode_image_fast(rows.loc[int(index), "jpeg"])
+        expected = to_model_input(eval_transform(32), pixels)
+        np.testing.assert_allclose(image.numpy(), expected, atol=1e-5)
+
+
+def test_two_views_differ(synthetic_shards: str) -> None:
+    ds = build_pipeline(
+        read_shards(synthetic_shards, "val"), "two_view", PipelineConfig(img_size=32)
+    )
+    batch = _collect(ds, batch_size=8)[0]
+    assert batch["view1"].shape == batch["view2"].shape == (8, 3, 32, 32)
+    assert not np.allclose(batch["view1"], batch["view2"])
+
+
+def test_eval_pipeline_is_deterministic(synthetic_shards: str) -> None:
+    runs = []
+    for _ in range(2):
+        ds = build_pipeline(read_shards(synthetic_shards, "train"), "eval", PipelineConfig(32))
+        runs.append(_collect(ds))
+    order = [np.concatenate([b["index"] for b in run]) for run in runs]
+    np.testing.assert_array_equal(order[0], order[1])
+    images = [np.concatenate([b["image"] for b in run]) for run in runs]
+    np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_raw_file_and_folder_sources(ray_local, synthetic_with_corrupt, synthetic_dir) -> None:
+    cat, bad = synthetic_with_corrupt
+    ds = build_pipeline(read_catalogue_files(cat, split="val"), "eval", PipelineConfig(32))
+    seen = np.concatenate([b["index"] for b in _collect(ds)])
+    val = cat.reset_index(drop=True)
+    expected = val.index[(val["split"] == "val") & ~val["image"].isin(bad)].to_numpy()
+    np.testing.assert_array_equal(np.sort(seen), expected)  # corrupt rows dropped, not fatal
+    ds = build_pipeline(
+        read_image_folders([str(synthetic_dir / "images")]), "two_view", PipelineConfig(32)
+    )
+    total = sum(len(b["index"]) for b in _collect(ds, batch_size=32))
+    assert total == len(list((synthetic_dir / "images").glob("*.jpg")))
+
+
+def test_ray_train_workers_consume_shards(synthetic_shards: str, tmp_path: Path) -> None:
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def train_func(config: dict) -> None:
+        shard = ray.train.get_dataset_shard("train")
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=8, drop_last=True):
+            assert batch["image"].shape[1:] == (3, 32, 32)
+            seen += len(batch["label"])
+        # Train V2 keeps the metrics that come with a checkpoint: rank 0 reports one.
+        rank = ray.train.get_context().get_world_rank()
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "seen.txt").write_text(str(seen))
+            checkpoint = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
+            ray.train.report({"seen": seen}, checkpoint=checkpoint)
+
+    ds = build_pipeline(read_shards(synthetic_shards, "train"), "train", PipelineConfig(32))
+    trainer = TorchTrainer(
+        train_func,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path), name="ingest"),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    assert result.error is None
+    assert result.metrics["seen"] >= 8
+
+
+@pytest.mark.sample
+def test_derm_sample_round_trip(ray_local, derm_sample_catalogue, tmp_path: Path) -> None:
+    cat = assign_splits(derm_sample_catalogue, seed=0).sample(n=300, random_state=0)
+    out = str(tmp_path / "derm")
+    report = prepare_shards(cat, out, short_side=128)
+    assert report.skipped == 0 and report.written == 300
+    rows = _shard_rows(out)
+    assert sorted(rows["image"]) == sorted(cat["image"])
+    assert (
+        rows.merge(cat, on="image")[["label_x", "split_x"]].values
+        == rows.merge(cat, on="image")[["label_y", "split_y"]].values
+    ).all()
+    assert (rows[["width", "height"]].min(axis=1) >= 128).all()
+
+
+def test_prepare_job_help_explains_every_flag() -> None:
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "jobs" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.build_parser()
+    for action in parser._actions:
+        assert action.help, f"flag {action.option_strings} has no help text"
