@@ -1,5 +1,13 @@
 """Networks: DermResNetSE and its building blocks."""
 
+from dermanet.models.byol import (
+    BYOL,
+    BYOLOutput,
+    cosine_momentum,
+    embedding_std,
+    load_backbone_file,
+    save_backbone,
+)
 from dermanet.models.config import DEFAULT_CONFIG_PATH, ModelConfig
 from dermanet.models.dermresnet import (
     BackboneLoadReport,
@@ -8,13 +16,21 @@ from dermanet.models.dermresnet import (
     count_parameters,
 )
 from dermanet.models.factory import create_model
+from dermanet.models.losses import byol_loss
 
 __all__ = [
+    "BYOL",
     "DEFAULT_CONFIG_PATH",
+    "BYOLOutput",
     "BackboneLoadReport",
     "DermNetOutput",
     "DermResNetSE",
     "ModelConfig",
+    "byol_loss",
+    "cosine_momentum",
     "count_parameters",
     "create_model",
+    "embedding_std",
+    "load_backbone_file",
+    "save_backbone",
 ]
