@@ -1,0 +1,206 @@
+"""Self-describing checkpoints: one file that rebuilds, preprocesses for and explains a model.
+
+The file holds only plain types and tensors, so it loads with `torch.load(weights_only=True)`
+and needs neither Ray nor Lightning: training writes it, serving and evaluation read it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import dermanet
+from dermanet.classes import CLASS_NAMES
+from dermanet.data.transforms import DERM_MEAN, DERM_STD
+from dermanet.models import DermResNetSE, ModelConfig, create_model
+
+CHECKPOINT_FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model_config", "class_names", "img_size", "state_dict")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable DermaNet checkpoint; the message says what to do."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint rebuilt into an eval-mode model plus everything needed to use it."""
+
+    model: DermResNetSE
+    config: ModelConfig
+    class_names: list[str]
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = CHECKPOINT_FORMAT_VERSION
+    path: Path | None = None
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: DermResNetSE,
+    *,
+    img_size: int,
+    mean: tuple[float, ...] = DERM_MEAN,
+    std: tuple[float, ...] = DERM_STD,
+    metrics: dict | None = None,
+    provenance: dict | None = None,
+    half: bool = False,
+) -> Path:
+    """Write `model` and its metadata to one file, atomically (temp file + rename).
+
+    `half=True` stores floating-point weights as float16 (half the size); loading casts back.
+    Readers never see a partial file: the temp name does not end in `.pt`.
+    """
+    if int(img_size) < 8:
+        raise ValueError(f"img_size must be at least 8 pixels, got {img_size}")
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(f"mean and std need 3 values each and std > 0; got {mean}, {std}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: _stored_tensor(v, half) for k, v in model.state_dict().items()}
+    payload = {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model_config": model.config.to_dict(),
+        "class_names": list(CLASS_NAMES),
+        "img_size": int(img_size),
+        "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+        "state_dict": state,
+        "metrics": to_plain(metrics or {}, "metrics"),
+        "provenance": to_plain(
+            {
+                "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "dermanet_version": dermanet.__version__,
+                "torch_version": torch.__version__,
+                **(provenance or {}),
+            },
+            "provenance",
+        ),
+    }
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _stored_tensor(tensor: torch.Tensor, half: bool) -> torch.Tensor:
+    tensor = tensor.detach().cpu()
+    return (tensor.half() if half and tensor.is_floating_point() else tensor).clone()
+
+
+def to_plain(value: Any, where: str) -> Any:
+    """Convert metrics/provenance to the plain types `weights_only` loading accepts."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)  # plain str: subclasses such as TorchVersion fail weights_only
+    if isinstance(value, (np.generic, torch.Tensor)) and np.size(value) == 1:
+        value = value.item()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(float(value)) else str(float(value))
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [to_plain(v, f"{where}[{i}]") for i, v in enumerate(list(value))]
+    raise TypeError(
+        f"{where} holds a {type(value).__name__}; checkpoints store only numbers, strings, "
+        "booleans, lists and dicts"
+    )
+
+
+def read_checkpoint_dict(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load and validate the raw checkpoint dict (no model built).
+
+    `mmap=True` maps tensor storage lazily, so reading metadata stays cheap for big files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a DermaNet checkpoint: torch cannot read it safely "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "write checkpoints with dermanet.inference.save_checkpoint"
+        ) from None
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise CheckpointError(
+            f"{path} is not a DermaNet checkpoint (no 'format_version'); write checkpoints "
+            "with dermanet.inference.save_checkpoint"
+        )
+    version = data["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: invalid format_version {version!r}")
+    if version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, but this dermanet "
+            f"({dermanet.__version__}) reads formats up to {CHECKPOINT_FORMAT_VERSION}; "
+            "upgrade dermanet"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete DermaNet checkpoint: missing {missing}")
+    if list(data["class_names"]) != list(CLASS_NAMES):
+        raise CheckpointError(
+            f"{path} was trained for classes {list(data['class_names'])}, but DermaNet's class "
+            f"contract is {list(CLASS_NAMES)}; retrain or convert the checkpoint"
+        )
+    return data
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model (eval mode, float32) and its preprocessing facts from a checkpoint."""
+    path = Path(path)
+    data = read_checkpoint_dict(path)
+    try:
+        config = ModelConfig.from_dict(dict(data["model_config"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its model_config is invalid: {exc}") from None
+    model = create_model(config)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in data["state_dict"].items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit its model_config: {str(exc).splitlines()[0]}"
+        ) from None
+    model.to(map_location).eval()
+    norm = data.get("normalization") or {"mean": list(DERM_MEAN), "std": list(DERM_STD)}
+    return LoadedCheckpoint(
+        model=model,
+        config=config,
+        class_names=list(data["class_names"]),
+        img_size=int(data["img_size"]),
+        mean=tuple(float(v) for v in norm["mean"]),
+        std=tuple(float(v) for v in norm["std"]),
+        metrics=dict(data.get("metrics") or {}),
+        provenance=dict(data.get("provenance") or {}),
+        format_version=int(data["format_version"]),
+        path=path,
+    )
