@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the official ISIC scorer, calibration, plots and reports."""

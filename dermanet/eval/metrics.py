@@ -1,0 +1,86 @@
+"""Classification metrics from probabilities, in plain numpy, so every number can be checked.
+
+Balanced accuracy is the ISIC 2019 metric: the mean over classes of per-class recall
+(classes absent from the labels are left out, as the official scorer does).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from dermanet.classes import CLASS_NAMES
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predicted)), 1)
+    return matrix
+
+
+def per_class_recall(matrix: np.ndarray) -> np.ndarray:
+    """Recall per class; NaN for classes with no true example."""
+    support = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(matrix) / support, np.nan)
+
+
+def per_class_f1(matrix: np.ndarray) -> np.ndarray:
+    """F1 per class; NaN for classes with no true example."""
+    tp = np.diag(matrix).astype(float)
+    predicted = matrix.sum(axis=0)
+    support = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(predicted + support > 0, 2 * tp / (predicted + support), 0.0)
+    return np.where(support > 0, f1, np.nan)
+
+
+def per_class_auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One-vs-rest AUROC per class; NaN where a class has no positives or no negatives."""
+    out = np.full(probs.shape[1], np.nan)
+    for k in range(probs.shape[1]):
+        positives = labels == k
+        if 0 < positives.sum() < len(labels):
+            out[k] = roc_auc_score(positives, probs[:, k])
+    return out
+
+
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def classification_metrics(
+    probs: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...] = CLASS_NAMES
+) -> dict[str, float]:
+    """Flat dict: top1, top5, balanced_accuracy, macro_auroc, macro_f1, recall_<CLS>, auroc_<CLS>.
+
+    `probs` (N, K) rows sum to 1; `labels` (N,) class indices.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if probs.ndim != 2 or len(probs) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need probs (N, K) and labels (N,), got {probs.shape}, {labels.shape}")
+    matrix = confusion_matrix(labels, probs.argmax(axis=1), probs.shape[1])
+    recall = per_class_recall(matrix)
+    auroc = per_class_auroc(probs, labels)
+    metrics = {
+        "top1": float((probs.argmax(axis=1) == labels).mean()),
+        "top5": top_k_accuracy(probs, labels, 5),
+        "balanced_accuracy": float(np.nanmean(recall)),
+        "macro_auroc": float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan"),
+        "macro_f1": float(np.nanmean(per_class_f1(matrix))),
+    }
+    for name, r, a in zip(class_names, recall, auroc, strict=True):
+        metrics[f"recall_{name}"] = float(r)
+        metrics[f"auroc_{name}"] = float(a)
+    return metrics
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

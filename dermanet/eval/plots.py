@@ -1,0 +1,84 @@
+"""Figures people would rather look at than tables: confusion matrix, ROC curves, curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: workers and CI have no display
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+from dermanet.classes import CLASS_NAMES
+
+
+def confusion_matrix_figure(
+    matrix: np.ndarray, class_names: tuple[str, ...] = CLASS_NAMES, title: str = ""
+) -> Figure:
+    """Row-normalised confusion matrix (recall on the diagonal) with raw counts in each cell."""
+    support = matrix.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.where(support > 0, matrix / support, 0.0)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            colour = "white" if normalised[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{normalised[i, j]:.2f}\n({matrix[i, j]})", ha="center", va="center",
+                    fontsize=7, color=colour)  # fmt: skip
+    fig.colorbar(im, ax=ax, label="share of true class")
+    ax.set_title(title or "Confusion matrix (rows: recall)")
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(
+    probs: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...] = CLASS_NAMES
+) -> Figure:
+    """One-vs-rest ROC curve per class, AUC in the legend."""
+    from sklearn.metrics import roc_auc_score
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    for k, name in enumerate(class_names):
+        positives = labels == k
+        if not 0 < positives.sum() < len(labels):
+            continue
+        fpr, tpr, _ = roc_curve(positives, probs[:, k])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positives, probs[:, k]):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC curves (one vs rest)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves_figure(metrics: pd.DataFrame, columns: list[str]) -> Figure:
+    """Each named metric against epoch (rows with NaN in a column are skipped)."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.5), squeeze=False)
+    for ax, column in zip(axes[0], columns, strict=True):
+        if column in metrics:
+            rows = metrics[["epoch", column]].dropna()
+            ax.plot(rows["epoch"], rows[column], marker="o")
+        ax.set_title(column)
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,100 @@
+"""Lightning callback that hands each epoch to Ray Train: metrics + a checkpoint directory.
+
+Every checkpoint directory holds:
+    checkpoint.ckpt        full Lightning state (optimizer, scheduler, epoch) for resuming
+    model.pt               the self-describing DermaNet checkpoint (DESIGN.md) for inference
+    confusion_matrix.png   the validation confusion matrix of that epoch (when there is one)
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pandas as pd
+import ray.train
+
+from dermanet.eval.plots import confusion_matrix_figure, save_figure
+from dermanet.inference.checkpoint import save_checkpoint
+
+LIGHTNING_CKPT = "checkpoint.ckpt"
+MODEL_FILE = "model.pt"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+class RayTrainReporter(pl.Callback):
+    """On each train-epoch end (after validation): save, then `ray.train.report`.
+
+    `model_attr` names the DermResNetSE on the LightningModule ("model" for the classifier);
+    `model_fn` can instead return it (BYOL's online backbone).
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        provenance: dict[str, Any],
+        model_fn: Any = None,
+        confusion_png_dir: str | None = None,
+        metrics_csv: str | None = None,
+    ):
+        self.img_size = img_size
+        self.provenance = provenance
+        self.model_fn = model_fn or (lambda module: module.model)
+        self.confusion_png_dir = confusion_png_dir
+        self.metrics_csv = metrics_csv
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if math.isfinite(float(v))
+        }
+        metrics["epoch"] = trainer.current_epoch
+        metrics["step"] = trainer.global_step
+        rank = ray.train.get_context().get_world_rank()
+        folder = Path(tempfile.mkdtemp(prefix=f"dermanet-ckpt-r{rank}-"))
+        try:
+            trainer.save_checkpoint(folder / LIGHTNING_CKPT)  # collective: every rank calls it
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(
+                    folder / MODEL_FILE,
+                    self.model_fn(pl_module),
+                    img_size=self.img_size,
+                    metrics=metrics,
+                    provenance=self.provenance,
+                )
+                self._save_confusion(pl_module, folder, trainer.current_epoch)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+            if rank == 0 and self.metrics_csv:
+                append_metrics_row(self.metrics_csv, metrics)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _save_confusion(self, pl_module: pl.LightningModule, folder: Path, epoch: int) -> None:
+        matrix = getattr(pl_module, "last_confusion", None)
+        if matrix is None:
+            return
+        fig = confusion_matrix_figure(matrix, title=f"Validation confusion matrix, epoch {epoch}")
+        for logger in pl_module.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                experiment.add_figure("val/confusion_matrix", fig, epoch, close=False)
+        save_figure(fig, folder / CONFUSION_PNG)
+        if self.confusion_png_dir:
+            shutil.copy(
+                folder / CONFUSION_PNG, Path(self.confusion_png_dir) / f"epoch_{epoch:03d}.png"
+            )
+
+
+def append_metrics_row(path: str | Path, metrics: dict[str, float]) -> None:
+    """One row per epoch, appended, so a resumed run keeps the history of earlier attempts."""
+    path = Path(path)
+    row = pd.DataFrame([metrics])
+    if path.is_file():
+        row = pd.concat([pd.read_csv(path), row], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row.drop_duplicates("epoch", keep="last").to_csv(path, index=False)

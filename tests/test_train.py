@@ -1,0 +1,163 @@
+"""Supervised training on Ray Train (2 CPU workers, synthetic data) and its metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import pytest
+import ray.cloudpickle
+import torch
+
+from dermanet.classes import CLASS_NAMES
+from dermanet.eval.metrics import classification_metrics
+from dermanet.inference.checkpoint import load_checkpoint
+from dermanet.models import create_model
+from dermanet.train.supervised import TrainSettings, run_training
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml")
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # callbacks travel to workers
+
+
+def test_metrics_match_a_hand_computation() -> None:
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    probs = np.array(
+        [
+            [0.7, 0.2, 0.1],  # right
+            [0.2, 0.5, 0.3],  # wrong (1), true class 2nd
+            [0.1, 0.8, 0.1],  # right
+            [0.1, 0.6, 0.3],  # right
+            [0.5, 0.1, 0.4],  # wrong (0), true class 3rd
+            [0.3, 0.3, 0.4],  # right
+        ]
+    )
+    m = classification_metrics(probs, labels, class_names=("A", "B", "C"))
+    assert m["top1"] == pytest.approx(4 / 6)
+    assert m["recall_A"] == pytest.approx(1 / 2)
+    assert m["recall_B"] == pytest.approx(2 / 3)
+    assert m["recall_C"] == pytest.approx(1.0)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    # F1: A tp1 fp1 fn1 -> 0.5; B tp2 fp1 fn1 -> 2/3; C tp1 fp0 fn0 -> 1
+    assert m["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
+    # AUROC for A: positives {0.7, 0.2} vs negatives {0.1, 0.1, 0.5, 0.3}: 4 + 2 of 8 pairs
+    assert m["auroc_A"] == pytest.approx(6 / 8)
+    assert m["top5"] == 1.0  # 3 classes: the top 5 always holds the truth
+
+
+def test_balanced_accuracy_agrees_with_the_official_isic_scorer() -> None:
+    from dermanet.eval.isic_scorer import official_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, len(CLASS_NAMES), 200)
+    logits = rng.normal(size=(200, len(CLASS_NAMES))) + 2.0 * np.eye(len(CLASS_NAMES))[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    score = official_score([f"ISIC_{i:07d}" for i in range(200)], labels, probs)
+    ours = classification_metrics(probs, labels)
+    assert ours["balanced_accuracy"] == pytest.approx(score.overall, abs=1e-9)
+
+
+class KillOnce(pl.Callback):
+    """Fault injection: SIGKILL rank 1 at the end of epoch 1, only the first time."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        first_time = not os.path.exists(self.marker)
+        if trainer.current_epoch == 1 and trainer.global_rank == 1 and first_time:
+            Path(self.marker).write_text("killed")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def synthetic_train_data(tmp_path_factory) -> Path:
+    from dermanet.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("train-data")
+    generate_synthetic_dataset(root, num_images=320, size=64, seed=5)
+    return root
+
+
+def _settings(data: Path, storage: Path, **overrides) -> TrainSettings:
+    base = {
+        "csv": str(data / "metadata.csv"),
+        "images": str(data / "images"),
+        "model_config": TINY,
+        "img_size": 48,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "epochs": 4,
+        "storage_path": str(storage),
+        "name": "synthetic",
+        "num_workers": 2,
+    }
+    return TrainSettings(**{**base, **overrides})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, tmp_path) -> None:
+    outcome = run_training(_settings(synthetic_train_data, tmp_path))
+    history = pd.read_csv(Path(outcome.output) / "logs" / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1, 2, 3]
+    losses = history["train/loss_epoch"].tolist()
+    assert losses[-1] < losses[0] * 0.8, f"training loss did not fall: {losses}"
+    assert outcome.best_metrics["val/balanced_accuracy"] > 0.25  # chance is 0.125
+    assert (Path(outcome.output) / "logs" / "training_curves.png").is_file()
+    assert (Path(outcome.output) / "logs" / "confusion_matrix" / "epoch_003.png").is_file()
+
+    # The exported checkpoint needs neither Ray nor Lightning and gives the trained logits.
+    loaded = load_checkpoint(outcome.last_checkpoint)
+    lightning_ckpt = next(Path(outcome.output).glob("checkpoint_*/checkpoint.ckpt"), None)
+    assert lightning_ckpt is not None
+    newest = max(Path(outcome.output).glob("checkpoint_*/checkpoint.ckpt"), key=os.path.getmtime)
+    state = torch.load(newest, map_location="cpu", weights_only=False)["state_dict"]
+    reference = create_model(loaded.config).eval()
+    reference.load_state_dict(
+        {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    )
+    x = torch.randn(3, 3, 48, 48)
+    torch.testing.assert_close(loaded.model(x).logits, reference(x).logits)
+    assert loaded.img_size == 48 and loaded.provenance["experiment"] == "synthetic"
+
+    # Re-running the same experiment with more epochs continues at epoch 4: none lost or repeated.
+    resumed = run_training(_settings(synthetic_train_data, tmp_path, epochs=6))
+    history = pd.read_csv(Path(resumed.output) / "logs" / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert resumed.epochs_completed == 6
+    assert history["step"].is_monotonic_increasing
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_killed_worker_is_retried_from_checkpoint(
+    ray_local, synthetic_train_data, tmp_path
+) -> None:
+    from dermanet.models.byol import save_backbone
+
+    backbone = create_model(TINY)
+    save_backbone(tmp_path / "backbone.pt", backbone.config, backbone.backbone_state_dict())
+    marker = tmp_path / "killed.txt"
+    outcome = run_training(
+        _settings(
+            synthetic_train_data,
+            tmp_path,
+            name="fault",
+            epochs=3,
+            max_failures=2,
+            pretrain_ckpt=str(tmp_path / "backbone.pt"),
+            extra_callbacks=[KillOnce(str(marker))],
+        )
+    )
+    assert marker.read_text() == "killed"  # a worker really died mid-run
+    history = pd.read_csv(Path(outcome.output) / "logs" / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]  # and the run still did every epoch
+    assert outcome.epochs_completed == 3
+    assert (
+        load_checkpoint(outcome.best_checkpoint).provenance["pretrain_ckpt"].endswith("backbone.pt")
+    )
