@@ -1,0 +1,174 @@
+"""Load test of the DermaNet Serve app: /v1/classify throughput and latency, batching on vs off.
+
+    .venv/bin/python benchmarks/serve_load.py                  # private Ray + Serve on :8123
+    .venv/bin/python benchmarks/serve_load.py --requests 128 --img-size 224
+
+It starts its own local Ray + Serve (never touching another cluster), measures concurrency
+1, 8 and 32 with `@serve.batch` on, then redeploys with max_batch_size=1 (batching off, same
+replicas, changed through user_config) and measures again, then Grad-CAM latency. Without a
+usable registry it uses a temporary one holding an untrained default-config checkpoint: timing
+does not depend on the weights. Prints a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from ray import serve
+
+from dermanet.data.synthetic import draw_lesion
+from dermanet.inference import ModelRegistry, RegistryError, save_checkpoint
+from dermanet.models import create_model
+from dermanet.serving import ServeSettings, build_app
+from dermanet.serving.runner import APP_NAME, start_local, stop_local, wait_ready
+
+
+@dataclass
+class LoadResult:
+    label: str
+    concurrency: int
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+
+def test_image(size: int) -> bytes:
+    """A SYNTHETIC lesion as a JPEG of a typical dermoscopy upload size."""
+    pixels, _ = draw_lesion("MEL", size, np.random.default_rng(0))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+async def run_load(url: str, path: str, data: bytes, concurrency: int, total: int) -> LoadResult:
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def one() -> None:
+            started = time.perf_counter()
+            response = await client.post(path, files={"file": ("lesion.jpg", data)})
+            response.raise_for_status()
+            latencies.append((time.perf_counter() - started) * 1000)
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                await one()
+
+        for _ in range(min(concurrency, 4)):  # warm-up: models loaded, connections open
+            await one()
+        latencies.clear()
+        shares = [total // concurrency + (i < total % concurrency) for i in range(concurrency)]
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(n) for n in shares))
+        seconds = time.perf_counter() - started
+    return LoadResult(path, concurrency, total, seconds, latencies)
+
+
+def ensure_registry(model_dir: str | None, img_size: int, scratch: Path) -> tuple[str, str]:
+    try:
+        registry = ModelRegistry(model_dir)
+        return str(registry.root), registry.default().model_id
+    except RegistryError:
+        folder = scratch / "registry"
+        model = create_model(None)  # configs/dermanet_default.yaml
+        save_checkpoint(folder / "bench-untrained.pt", model, img_size=img_size)
+        return str(folder), "bench-untrained (untrained default config, timing only)"
+
+
+def table(rows: list[tuple[str, LoadResult]], ratios: dict[int, float]) -> str:
+    lines = [
+        "| endpoint | batching | concurrency | requests | images/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for batching, r in rows:
+        lines.append(
+            f"| `{r.label}` | {batching} | {r.concurrency} | {r.requests} | {r.throughput:.1f} "
+            f"| {r.percentile(50):.0f} | {r.percentile(95):.0f} | {r.percentile(99):.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        "Batching speed-up (images/s on ÷ off): "
+        + ", ".join(f"concurrency {c}: {v:.2f}×" for c, v in ratios.items())
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--model-dir", help="registry (default: $DERMANET_MODEL_DIR, weights/)")
+    parser.add_argument("--img-size", type=int, default=224, help="for the fallback checkpoint")
+    parser.add_argument("--image-side", type=int, default=512, help="uploaded JPEG side (px)")
+    parser.add_argument("--requests", type=int, default=96, help="requests per load level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--gradcam-requests", type=int, default=10)
+    parser.add_argument("--num-cpus", type=float, default=4, help="logical CPUs for Ray")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="drn-bench-", dir="/tmp"))
+    model_dir, model_note = ensure_registry(args.model_dir, args.img_size, scratch)
+    on = ServeSettings.from_mapping(
+        {"model_dir": model_dir, "max_batch_size": args.max_batch_size},
+        base=ServeSettings.from_env(),
+    )
+    off = ServeSettings.from_mapping({"max_batch_size": 1}, base=on)
+    data = test_image(args.image_side)
+    rows: list[tuple[str, LoadResult]] = []
+    try:
+        url = start_local(on, port=args.port, num_cpus=args.num_cpus, temp_dir=scratch / "ray")
+        for batching, settings in (("on", on), ("off", off)):
+            if settings is off:  # same replicas; only the Classifier's user_config changes
+                serve.run(build_app(off), name=APP_NAME, route_prefix="/")
+                wait_ready(url)
+            for concurrency in args.concurrency:
+                result = asyncio.run(
+                    run_load(url, "/v1/classify", data, concurrency, args.requests)
+                )
+                rows.append((f"{batching} (max {settings.max_batch_size})", result))
+                print(f"batching {batching} c={concurrency}: {result.throughput:.1f} img/s")
+        gradcam = asyncio.run(run_load(url, "/v1/gradcam", data, 1, args.gradcam_requests))
+        rows.append(("n/a", gradcam))
+    finally:
+        stop_local()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    by_key = {(b.split()[0], r.concurrency): r for b, r in rows if r.label == "/v1/classify"}
+    ratios = {
+        c: by_key[("on", c)].throughput / by_key[("off", c)].throughput for c in args.concurrency
+    }
+    print()
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {platform.node() or 'this machine'}: "
+        f"{os.cpu_count()} CPU cores, no GPU, model {model_note}, "
+        f"{args.image_side}x{args.image_side} JPEG ({len(data) / 1024:.0f} KiB), "
+        f"statistics over {args.requests} requests per level"
+    )
+    print()
+    print(table(rows, ratios))
+    print(f"\nmedian Grad-CAM latency: {statistics.median(gradcam.latencies_ms):.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

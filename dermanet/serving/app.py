@@ -1,0 +1,47 @@
+"""Assembling the Serve application: ingress → classifier + Grad-CAM, from ServeSettings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from dermanet.inference.registry import ModelRegistry
+from dermanet.serving.deployments import Classifier, GradCam
+from dermanet.serving.ingress import Ingress
+from dermanet.serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: ServeSettings | None = None) -> Application:
+    """The bound application. Fails here, with what to do, when the registry has no model."""
+    settings = settings or ServeSettings.from_env()
+    registry = ModelRegistry(settings.model_dir, settings.default_model)
+    choice = registry.default()
+    log.info("DermaNet serving %s; default model %r (%s)", registry.root, *_choice(choice))
+    settings = ServeSettings.from_mapping({"model_dir": str(registry.root)}, base=settings)
+    common = {
+        "model_dir": str(registry.root),
+        "risk": settings.risk.to_dict(),
+        "max_image_pixels": settings.max_image_pixels,
+    }
+    classifier = Classifier.options(
+        max_ongoing_requests=max(32, 2 * settings.max_batch_size),
+        user_config={
+            "max_batch_size": settings.max_batch_size,
+            "batch_wait_timeout_s": settings.batch_wait_timeout_s,
+        },
+    ).bind(**common)
+    explainer = GradCam.bind(max_side=settings.gradcam_max_side, **common)
+    return Ingress.bind(classifier, explainer, settings.to_dict())
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Builder for `serve run/deploy serve/config.yaml`: `args:` override env and defaults."""
+    return build_app(ServeSettings.from_mapping(args, base=ServeSettings.from_env()))
+
+
+def _choice(choice: Any) -> tuple[str, str]:
+    return choice.model_id, choice.reason

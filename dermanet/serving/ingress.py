@@ -1,0 +1,258 @@
+"""The HTTP ingress: FastAPI routes in front of the classifier and Grad-CAM deployments.
+
+It validates everything a person can get wrong (content type, size, model id, class, mode,
+opacity) and turns each problem into a 4xx JSON `{"detail": ...}`; models run elsewhere.
+"""
+
+import base64
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+import dermanet
+from dermanet.classes import CLASS_NAMES
+from dermanet.inference.gradcam import RENDER_MODES
+from dermanet.inference.predictor import UnknownClassError, resolve_class
+from dermanet.inference.registry import (
+    ModelRegistry,
+    ModelUnavailableError,
+    NoCheckpointsError,
+    UnknownModelError,
+)
+from dermanet.serving.settings import ServeSettings
+from dermanet.serving.uploads import (
+    ApiError,
+    BodyLimitMiddleware,
+    BodyTooLarge,
+    Upload,
+    check_sizes,
+    read_uploads,
+)
+
+log = logging.getLogger("ray.serve")
+
+NOTICE = "Research software, not a medical device: never use this output for clinical decisions."
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more images (JPEG, PNG, ...)",
+                        }
+                    },
+                    "required": ["file"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+ERRORS = {
+    code: {"description": text, "content": {"application/json": {"example": {"detail": "..."}}}}
+    for code, text in {
+        400: "empty upload or malformed form",
+        404: "unknown model id",
+        413: "body or image too large",
+        415: "not multipart or an image content type",
+        422: "not a readable image, unknown class, bad mode or opacity",
+        503: "model not usable or registry empty",
+    }.items()
+}
+
+api = FastAPI(
+    title="DermaNet",
+    version=dermanet.__version__,
+    description="Dermoscopic skin-lesion classification and Grad-CAM. " + NOTICE,
+)
+api.add_middleware(BodyLimitMiddleware, default=ServeSettings().max_body_bytes)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(BodyTooLarge)
+async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=413)
+
+
+def _registry_error(exc: Exception) -> ApiError:
+    if isinstance(exc, UnknownModelError):
+        return ApiError(404, str(exc))
+    if isinstance(exc, (ModelUnavailableError, NoCheckpointsError)):
+        return ApiError(503, str(exc))
+    raise exc
+
+
+def _form_value(form: Any, name: str, fallback: Any) -> Any:
+    value = form.get(name) if form is not None else None
+    return fallback if value in (None, "") else value
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ApiError(422, f"{name} must be true or false, got {value!r}")
+
+
+def _check_outcome(outcome: dict[str, Any], upload: Upload, several: bool) -> None:
+    if not outcome.get("ok"):
+        prefix = f"{upload.filename}: " if several else ""
+        raise ApiError(int(outcome["status"]), prefix + outcome["error"])
+
+
+@serve.deployment(
+    name="Ingress",
+    max_ongoing_requests=64,  # the default 5 would starve the classifier's batches
+    ray_actor_options={"num_cpus": 0.25},
+)
+@serve.ingress(api)
+class Ingress:
+    """Routes: /healthz, /v1/models, /v1/classify, /v1/gradcam (docs at /docs)."""
+
+    def __init__(self, classifier: DeploymentHandle, explainer: DeploymentHandle, settings: dict):
+        self.settings = ServeSettings.from_mapping(settings)
+        self.registry = ModelRegistry(self.settings.model_dir, self.settings.default_model)
+        self.classifier = classifier
+        self.explainer = explainer
+        api.state.max_body_bytes = self.settings.max_body_bytes
+        choice = self.registry.default()
+        log.info("registry %s; default %r (%s)", self.registry.root, choice.model_id, choice.reason)
+
+    def _model_id(self, requested: str | None) -> str:
+        try:
+            return self.registry.resolve(requested or None).model_id
+        except (UnknownModelError, ModelUnavailableError, NoCheckpointsError) as exc:
+            raise _registry_error(exc) from None
+
+    @api.get("/healthz", summary="Liveness and the default model")
+    async def healthz(self) -> JSONResponse:
+        try:
+            choice = self.registry.default()
+        except (UnknownModelError, NoCheckpointsError) as exc:
+            return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok", "default_model": choice.model_id})
+
+    @api.get("/v1/models", summary="Checkpoints in the registry and the default", responses=ERRORS)
+    async def models(self) -> dict[str, Any]:
+        try:
+            infos = self.registry.list()
+            choice = self.registry.default()
+        except (UnknownModelError, NoCheckpointsError) as exc:
+            raise _registry_error(exc) from None
+        return {
+            "default": choice.model_id,
+            "default_reason": choice.reason,
+            "models": [info.to_dict() for info in infos],
+            "class_names": list(CLASS_NAMES),
+            "risk_policy": self.settings.risk.to_dict(),
+        }
+
+    @api.post(
+        "/v1/classify",
+        summary="Class probabilities, risk and traffic light for one or more images",
+        openapi_extra=UPLOAD_BODY,
+        responses=ERRORS,
+    )
+    async def classify(
+        self,
+        request: Request,
+        model: str | None = Query(None, description="registry model id (GET /v1/models)"),
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        uploads, form = await read_uploads(request, self.settings.max_files)
+        check_sizes(uploads, self.settings.max_files)
+        model_id = self._model_id(_form_value(form, "model", model))
+        handle = self.classifier.options(multiplexed_model_id=model_id)
+        outcomes = [await r for r in [handle.classify.remote(u.data) for u in uploads]]
+        several = len(uploads) > 1
+        for outcome, upload in zip(outcomes, uploads, strict=True):
+            _check_outcome(outcome, upload, several)
+        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        results = [
+            {
+                "model_id": model_id,
+                "filename": upload.filename,
+                **outcome["prediction"],
+                "batch_size": outcome["batch_size"],
+                "latency_ms": latency_ms,
+            }
+            for outcome, upload in zip(outcomes, uploads, strict=True)
+        ]
+        if not several:
+            return results[0]
+        return {"model_id": model_id, "latency_ms": latency_ms, "results": results}
+
+    @api.post(
+        "/v1/gradcam",
+        summary="Grad-CAM heatmap (PNG; JSON with the raw CAM on request)",
+        openapi_extra=UPLOAD_BODY,
+        responses={200: {"content": {"image/png": {}}}, **ERRORS},
+    )
+    async def gradcam(
+        self,
+        request: Request,
+        model: str | None = Query(None, description="registry model id"),
+        target_class: str | None = Query(
+            None, description=f"class name {list(CLASS_NAMES)} or index; default: predicted"
+        ),
+        mode: str = Query("overlay", description=f"one of {list(RENDER_MODES)}"),
+        opacity: float = Query(0.5, description="heatmap opacity in the overlay, 0..1"),
+        include_cam: bool = Query(False, description="JSON with the PNG and the raw CAM"),
+    ) -> Response:
+        started = time.perf_counter()
+        uploads, form = await read_uploads(request, max_files=1)
+        check_sizes(uploads, max_files=1)
+        model_id = self._model_id(_form_value(form, "model", model))
+        target = _form_value(form, "target_class", target_class)
+        mode = str(_form_value(form, "mode", mode)).replace("-", "_")
+        if target is not None:
+            try:
+                target = CLASS_NAMES[resolve_class(target)]
+            except UnknownClassError as exc:
+                raise ApiError(422, str(exc)) from None
+        if mode not in RENDER_MODES:
+            raise ApiError(422, f"unknown mode {mode!r}; use one of {list(RENDER_MODES)}")
+        try:
+            opacity = float(_form_value(form, "opacity", opacity))
+        except ValueError:
+            raise ApiError(422, "opacity must be a number between 0 and 1") from None
+        if not 0.0 <= opacity <= 1.0:
+            raise ApiError(422, f"opacity must be between 0 and 1, got {opacity}")
+        want_cam = _as_bool(_form_value(form, "include_cam", include_cam), "include_cam")
+        handle = self.explainer.options(multiplexed_model_id=model_id)
+        outcome = await handle.explain.remote(uploads[0].data, target, mode, opacity, want_cam)
+        _check_outcome(outcome, uploads[0], several=False)
+        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        if want_cam:
+            body = {k: v for k, v in outcome.items() if k not in ("ok", "png")}
+            body.update(
+                model_id=model_id,
+                png_base64=base64.b64encode(outcome["png"]).decode("ascii"),
+                cam_shape=[len(outcome["cam"]), len(outcome["cam"][0])],
+                latency_ms=latency_ms,
+            )
+            return JSONResponse(body)
+        headers = {
+            "X-DermaNet-Model": model_id,
+            "X-DermaNet-Target-Class": outcome["target_class"],
+            "X-DermaNet-Target-Probability": f"{outcome['target_probability']:.6f}",
+            "X-DermaNet-Top-Class": outcome["prediction"]["top_class"],
+            "X-DermaNet-Latency-Ms": f"{latency_ms}",
+        }
+        return Response(outcome["png"], media_type="image/png", headers=headers)

@@ -1,0 +1,69 @@
+"""Starting and stopping a local Ray + Serve for the app (CLI, tests and benchmarks).
+
+`serve run serve.app:deployment` is the usual way; this adds a chosen host/port, a private
+Ray instance (never someone else's cluster) and a readiness wait.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import ray
+from ray import serve
+
+from dermanet.serving.app import build_app
+from dermanet.serving.settings import ServeSettings
+
+APP_NAME = "dermanet"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def start_local(
+    settings: ServeSettings | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    num_cpus: float | None = None,
+    temp_dir: str | Path | None = None,
+    ready_timeout_s: float = 120.0,
+) -> str:
+    """Start a private local Ray, Serve on host:port and the app; return the base URL."""
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="serve",
+            _temp_dir=str(temp_dir) if temp_dir else None,
+        )
+    serve.start(http_options={"host": host, "port": int(port)})
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    url = f"http://{host}:{port}"
+    wait_ready(url, ready_timeout_s)
+    return url
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Poll /healthz until it answers 200 (Serve can report RUNNING before the proxy routes)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=5)
+            if response.status_code == 200:
+                return
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"DermaNet at {url} not ready after {timeout_s:.0f} s: {last}")
+
+
+def stop_local() -> None:
+    """Shut Serve and the private Ray down."""
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,78 @@
+"""Serving settings: one typed object read from defaults, then env, then the Serve config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from dermanet.inference.registry import DEFAULT_MODEL_ENV, MODEL_DIR_ENV
+from dermanet.inference.risk import RiskPolicy
+
+ENV_PREFIX = "DERMANET_SERVE_"  # e.g. DERMANET_SERVE_MAX_BATCH_SIZE=32
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Application settings; replicas, autoscaling and GPUs belong to the Serve config instead."""
+
+    model_dir: str | None = None  # None: $DERMANET_MODEL_DIR, else weights/
+    default_model: str | None = None  # None: $DERMANET_DEFAULT_MODEL, `default`, newest
+    max_body_bytes: int = 20 * 1024 * 1024  # whole request body
+    max_image_pixels: int = 40_000_000  # per decoded image: decompression-bomb guard
+    max_files: int = 16  # images per classify request
+    max_batch_size: int = 16  # @serve.batch size (1 turns batching off)
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    gradcam_max_side: int = 768  # rendered Grad-CAM PNGs are downscaled to this
+    risk: RiskPolicy = field(default_factory=RiskPolicy)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.risk, Mapping):
+            object.__setattr__(self, "risk", RiskPolicy.from_mapping(self.risk))
+        positive = ("max_body_bytes", "max_image_pixels", "max_files", "max_batch_size")
+        bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if self.batch_wait_timeout_s < 0:
+            bad.append(f"batch_wait_timeout_s={self.batch_wait_timeout_s}")
+        if self.gradcam_max_side < 16:
+            bad.append(f"gradcam_max_side={self.gradcam_max_side} (needs >= 16)")
+        if bad:
+            raise ValueError(f"invalid serving settings: {', '.join(bad)} (must be positive)")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["risk"] = self.risk.to_dict()
+        return data
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None, base: ServeSettings | None = None):
+        """Override `base` with a mapping (the `args:` of serve/config.yaml); unknown keys fail."""
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown serving settings {unknown}; valid: {sorted(known)}")
+        if "risk" in data and isinstance(data["risk"], Mapping):
+            data["risk"] = RiskPolicy.from_mapping(data["risk"])
+        return replace(base or cls(), **data)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServeSettings:
+        """Defaults overridden by DERMANET_SERVE_<FIELD>, the registry and risk variables."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {
+            "model_dir": env.get(MODEL_DIR_ENV) or None,
+            "default_model": env.get(DEFAULT_MODEL_ENV) or None,
+            "risk": RiskPolicy.from_env(env),
+        }
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or f.name == "risk":
+                continue
+            kind = type(getattr(cls(), f.name))
+            try:
+                values[f.name] = kind(raw) if kind in (int, float) else raw
+            except ValueError:
+                msg = f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a {kind.__name__}"
+                raise ValueError(msg) from None
+        return cls(**values)

@@ -1,0 +1,149 @@
+"""Fixtures for inference, Grad-CAM and Serve tests (registered with `pytest_plugins`).
+
+TEST FIXTURE, not training code: `synthetic_model` trains the tiny DermResNetSE for a few epochs
+with a plain PyTorch loop on SYNTHETIC lesions planted at random places on a larger skin canvas,
+so Grad-CAM has something real to localise. Real training is jobs/train.py (Ray Train).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dermanet.classes import CLASS_INDEX
+from dermanet.data.images import read_image
+from dermanet.data.synthetic import generate_synthetic_dataset
+from dermanet.data.transforms import eval_transform, to_model_input
+from dermanet.inference import save_checkpoint
+from dermanet.models import DermResNetSE, create_model
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"
+CANVAS = 128  # model input; the tiny net's last stage is a 4x4 grid with stride 32
+TILE = 64  # synthetic lesion tiles are drawn at this size and planted on the canvas
+
+
+def plant(tile: np.ndarray, lesion_xy: tuple[float, float], at_xy: tuple[float, float], rng):
+    """Paste `tile` on a skin-coloured canvas so its lesion centre (px) lands on `at_xy` (px)."""
+    border = np.concatenate([tile[0], tile[-1], tile[:, 0], tile[:, -1]]).astype(np.float32)
+    canvas = np.median(border, axis=0) + rng.normal(0, 4, (CANVAS, CANVAS, 3))
+    x0, y0 = (round(a - b) for a, b in zip(at_xy, lesion_xy, strict=True))
+    sx, sy = max(0, -x0), max(0, -y0)
+    ex, ey = min(TILE, CANVAS - x0), min(TILE, CANVAS - y0)
+    canvas[y0 + sy : y0 + ey, x0 + sx : x0 + ex] = tile[sy:ey, sx:ex]
+    return np.clip(canvas, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class SyntheticTiles:
+    """SYNTHETIC lesion tiles with their metadata (lesion_cx/cy/r as fractions of TILE)."""
+
+    images: list[np.ndarray]
+    meta: pd.DataFrame
+
+    def lesion_px(self, i: int) -> tuple[float, float]:
+        row = self.meta.iloc[i]
+        return float(row.lesion_cx) * TILE, float(row.lesion_cy) * TILE
+
+
+def synthetic_tiles(out: Path, num_images: int, seed: int) -> SyntheticTiles:
+    meta = generate_synthetic_dataset(out, num_images=num_images, size=TILE, seed=seed)
+    images = [read_image(out / "images" / f"{image_id}.jpg") for image_id in meta.image]
+    return SyntheticTiles(images, meta)
+
+
+def train_planted_model(tiles: SyntheticTiles, epochs: int = 6, seed: int = 0) -> DermResNetSE:
+    """Plain PyTorch loop: each sample is a tile planted at a random place on the canvas."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    transform = eval_transform(CANVAS)
+    labels = torch.tensor([CLASS_INDEX[label] for label in tiles.meta.label])
+    model = create_model(TINY_CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    n = len(tiles.images)
+    model.train()
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for start in range(0, n - 31, 32):  # drop_last: BatchNorm dislikes tiny batches
+            idx = order[start : start + 32]
+            batch = []
+            for i in idx:
+                lx, ly = tiles.lesion_px(i)
+                at = (rng.uniform(lx, CANVAS - TILE + lx), rng.uniform(ly, CANVAS - TILE + ly))
+                batch.append(to_model_input(transform, plant(tiles.images[i], (lx, ly), at, rng)))
+            logits = model(torch.from_numpy(np.stack(batch))).logits
+            loss = torch.nn.functional.cross_entropy(logits, labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def planting() -> SimpleNamespace:
+    """The planting helpers, for test modules (importing this plugin module would bypass
+    pytest's assertion rewriting)."""
+    return SimpleNamespace(
+        plant=plant, tiles=synthetic_tiles, canvas=CANVAS, tile=TILE, tiny_config=TINY_CONFIG
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(tmp_path_factory: pytest.TempPathFactory) -> DermResNetSE:
+    """The tiny model trained on planted SYNTHETIC lesions (test fixture, ~30 s on 2 CPUs)."""
+    tiles = synthetic_tiles(tmp_path_factory.mktemp("planted-train"), num_images=320, seed=1)
+    return train_planted_model(tiles)
+
+
+@pytest.fixture(scope="session")
+def model_registry(tmp_path_factory: pytest.TempPathFactory, synthetic_model) -> Path:
+    """A registry folder: `default` (trained, 128 px) and `tiny-random` (untrained, 64 px)."""
+    folder = tmp_path_factory.mktemp("registry")
+    save_checkpoint(
+        folder / "default.pt",
+        synthetic_model,
+        img_size=CANVAS,
+        metrics={"note": "SYNTHETIC test fixture"},
+        provenance={"data": "SYNTHETIC planted lesions"},
+    )
+    torch.manual_seed(1)
+    save_checkpoint(folder / "tiny-random.pt", create_model(TINY_CONFIG), img_size=64)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def serve_url(model_registry: Path) -> Iterator[str]:
+    """One private Ray + Serve per test session (port: $DERMANET_SERVE_PORT or a free one)."""
+    from dermanet.serving import ServeSettings
+    from dermanet.serving.runner import start_local, stop_local
+
+    settings = ServeSettings(
+        model_dir=str(model_registry),
+        max_body_bytes=2 * 1024 * 1024,
+        max_image_pixels=4_000_000,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.02,
+    )
+    port = int(os.environ.get("DERMANET_SERVE_PORT") or _free_port())
+    temp_dir = tempfile.mkdtemp(prefix="drn-ray-", dir="/tmp")  # short: socket path limit
+    try:
+        yield start_local(settings, port=port, num_cpus=4, temp_dir=temp_dir)
+    finally:
+        stop_local()
+        shutil.rmtree(temp_dir, ignore_errors=True)

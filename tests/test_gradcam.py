@@ -1,0 +1,105 @@
+"""Grad-CAM: it must point at the lesion, align with the input and render every mode."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dermanet.classes import CLASS_INDEX
+from dermanet.data.transforms import eval_transform, to_model_input
+from dermanet.inference import GradCamExplainer, LoadedCheckpoint, Predictor, compute_cams, render
+from dermanet.inference.gradcam import ExplainedLogits, FeatureGrid, feature_grid, upsample_cam
+from dermanet.models import ModelConfig, create_model
+
+pytest_plugins = ["conftest_serve"]
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"
+
+# Cell j of the tiny net's 4x4 last stage is centred on input pixel 32*j (see feature_grid):
+# lesions are planted there, away from the image centre, in four different cells.
+PLANT_AT = [(0.25, 0.5), (0.5, 0.25), (0.25, 0.25), (0.5, 0.5)]
+
+
+def test_cam_peaks_inside_planted_lesions(synthetic_model, planting, tmp_path: Path) -> None:
+    tiles = planting.tiles(tmp_path / "held-out", num_images=16, seed=99)  # unseen drawings
+    plant, canvas_px, tile_px = planting.plant, planting.canvas, planting.tile
+    transform = eval_transform(canvas_px)
+    rng = np.random.default_rng(0)
+    hits, misses = 0, []
+    for i, row in enumerate(tiles.meta.itertuples()):
+        for fx, fy in PLANT_AT:
+            at = (fx * canvas_px, fy * canvas_px)
+            image = plant(tiles.images[i], tiles.lesion_px(i), at, rng)
+            x = torch.from_numpy(to_model_input(transform, image))[None]
+            cam = compute_cams(synthetic_model, x, [CLASS_INDEX[row.label]])[0]
+            py, px = np.unravel_index(int(cam.argmax()), cam.shape)
+            distance = np.hypot(px / canvas_px - fx, py / canvas_px - fy)
+            radius = row.lesion_r * tile_px / canvas_px
+            inside = distance <= radius
+            hits += inside
+            if not inside:
+                misses.append(f"{row.label} at {(fx, fy)}: peak {distance:.2f} > r {radius:.2f}")
+    # A random peak would land inside the lesion ~5 % of the time.
+    print(f"CAM peak inside the planted lesion in {hits}/{len(tiles.meta) * len(PLANT_AT)} cases")
+    assert hits >= 0.7 * len(tiles.meta) * len(PLANT_AT), misses
+
+
+def test_explained_logits_equal_the_models(synthetic_model) -> None:
+    x = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        expected = synthetic_model(x).logits
+        got = ExplainedLogits(synthetic_model).eval()(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_feature_grid_and_aligned_upsampling() -> None:
+    grid = feature_grid(create_model(TINY_CONFIG))
+    assert grid == FeatureGrid(stride=32.0, offset=0.0)
+    cam = np.zeros((4, 4), np.float32)
+    cam[2, 1] = 1.0  # cell centred on input pixel (x=32, y=64)
+    up = upsample_cam(cam, (128, 128), grid)
+    assert np.unravel_index(int(up.argmax()), up.shape) == (64, 32)
+
+
+@pytest.fixture(scope="module")
+def explainer() -> GradCamExplainer:
+    model = create_model(TINY_CONFIG).eval()
+    checkpoint = LoadedCheckpoint(
+        model, ModelConfig.from_yaml(TINY_CONFIG), [], 64, (0.5,) * 3, (0.25,) * 3
+    )
+    return GradCamExplainer(Predictor(checkpoint), max_side=100)
+
+
+@pytest.mark.parametrize(
+    ("mode", "width"), [("overlay", 100), ("heatmap", 100), ("side_by_side", 200)]
+)
+def test_render_modes_give_pngs(explainer: GradCamExplainer, mode: str, width: int) -> None:
+    image = np.random.default_rng(0).integers(0, 255, (150, 300, 3), dtype=np.uint8)
+    result = explainer.explain(image, target="MEL", mode=mode, opacity=0.3)
+    png = Image.open(io.BytesIO(result.png))
+    assert png.format == "PNG" and png.mode == "RGB"
+    assert png.size == (width, 50)  # downscaled to max_side 100 (side-by-side doubles it)
+    assert result.cam.shape == (64, 64) and 0 <= result.cam.min() <= result.cam.max() <= 1
+    assert result.target_class == "MEL"
+    assert result.target_probability == result.prediction.probabilities["MEL"]
+
+
+def test_opacity_blends_image_and_heatmap() -> None:
+    image = np.full((8, 8, 3), 200, np.uint8)
+    cam = np.ones((4, 4), np.float32)
+    assert np.array_equal(render(image, cam, "overlay", 0.0), image)
+    assert np.array_equal(render(image, cam, "overlay", 1.0), render(image, cam, "heatmap", 0.0))
+    with pytest.raises(ValueError, match="opacity"):
+        render(image, cam, "overlay", 1.5)
+    with pytest.raises(ValueError, match="display mode"):
+        render(image, cam, "sepia", 0.5)
+
+
+def test_default_target_is_the_predicted_class(explainer: GradCamExplainer) -> None:
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    result = explainer.explain(image)
+    assert result.target_class == result.prediction.top_class

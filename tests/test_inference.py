@@ -1,0 +1,192 @@
+"""dermanet.inference without Ray: checkpoints, risk policy, predictor and registry."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dermanet.classes import CLASS_NAMES
+from dermanet.data.transforms import eval_transform, to_model_input
+from dermanet.inference import (
+    CHECKPOINT_FORMAT_VERSION,
+    CheckpointError,
+    ModelRegistry,
+    NoCheckpointsError,
+    Predictor,
+    RiskPolicy,
+    UnknownModelError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dermanet.models import create_model
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "tiny.pt", create_model(TINY), img_size=48)
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = create_model(TINY).eval()
+    path = save_checkpoint(
+        tmp_path / "m.pt",
+        model,
+        img_size=48,
+        metrics={"bacc": np.float32(0.5), "per_class": [1, 2.5]},
+        provenance={"run": Path("/runs/1")},
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # the temp file was renamed away
+    raw = torch.load(path, weights_only=True, map_location="cpu")
+    assert raw["format_version"] == CHECKPOINT_FORMAT_VERSION
+    assert raw["class_names"] == list(CLASS_NAMES) and raw["img_size"] == 48
+    assert raw["metrics"] == {"bacc": 0.5, "per_class": [1, 2.5]}
+    assert raw["provenance"]["run"] == "/runs/1" and "torch_version" in raw["provenance"]
+    loaded = load_checkpoint(path)
+    assert not loaded.model.training and loaded.config == model.config
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x).logits, model(x).logits)
+
+
+def test_half_checkpoint_is_smaller_and_loads_as_float32(tmp_path: Path) -> None:
+    model = create_model(TINY).eval()
+    full = save_checkpoint(tmp_path / "full.pt", model, img_size=48)
+    half = save_checkpoint(tmp_path / "half.pt", model, img_size=48, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_checkpoint(half)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x).logits, model(x).logits, atol=2e-2, rtol=0)
+
+
+def test_checkpoint_errors_say_what_is_wrong(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a DermaNet checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="no 'format_version'"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    data = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({**data, "format_version": CHECKPOINT_FORMAT_VERSION + 1}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="upgrade dermanet"):
+        load_checkpoint(tmp_path / "new.pt")
+    torch.save({**data, "class_names": ["benign", "malignant"]}, tmp_path / "classes.pt")
+    with pytest.raises(CheckpointError, match="class contract"):
+        load_checkpoint(tmp_path / "classes.pt")
+
+
+def test_risk_formula_and_lights() -> None:
+    policy = RiskPolicy()
+    probs = dict.fromkeys(CLASS_NAMES, 0.0) | {"MEL": 0.2, "BCC": 0.1, "SCC": 0.05, "NV": 0.65}
+    result = policy.assess(probs)
+    assert result.risk == pytest.approx(1.5 * 0.2 + 1.3 * 0.1 + 0.05)
+    assert result.traffic_light == "yellow"
+    assert result.malignant == pytest.approx(result.risk) and result.benign == pytest.approx(
+        1 - result.risk
+    )
+    vector = np.zeros(len(CLASS_NAMES))
+    vector[CLASS_NAMES.index("MEL")] = 0.1  # risk 0.15: not below green_below
+    assert policy.assess(vector).traffic_light == "yellow"
+    vector[CLASS_NAMES.index("MEL")] = 0.0999
+    assert policy.assess(vector).traffic_light == "green"
+    vector[CLASS_NAMES.index("MEL")] = 0.9  # risk 1.35: red, bars clipped
+    red = policy.assess(vector)
+    assert (red.traffic_light, red.malignant, red.benign) == ("red", 1.0, 0.0)
+
+
+def test_risk_policy_configuration() -> None:
+    env = {
+        "DERMANET_RISK_WEIGHTS": "MEL=2,BCC=1",
+        "DERMANET_RISK_GREEN_BELOW": "0.1",
+        "DERMANET_RISK_YELLOW_BELOW": "0.5",
+    }
+    policy = RiskPolicy.from_env(env)
+    assert policy.to_dict() == {
+        "weights": {"MEL": 2.0, "BCC": 1.0},
+        "green_below": 0.1,
+        "yellow_below": 0.5,
+    }
+    assert RiskPolicy.from_mapping(policy.to_dict()) == policy
+    with pytest.raises(ValueError, match="unknown classes"):
+        RiskPolicy(weights={"MELANOMA": 1.0})
+    with pytest.raises(ValueError, match="green_below <= yellow_below"):
+        RiskPolicy(green_below=0.7, yellow_below=0.6)
+    with pytest.raises(ValueError, match="8 probabilities"):
+        RiskPolicy().assess([0.5, 0.5])
+
+
+def test_predictor_uses_the_evaluation_transform(tiny_checkpoint: Path) -> None:
+    predictor = Predictor.from_path(tiny_checkpoint)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    expected = to_model_input(
+        eval_transform(48, predictor.checkpoint.mean, predictor.checkpoint.std), image
+    )
+    np.testing.assert_array_equal(predictor.preprocess(image), expected)
+    images = [rng.integers(0, 255, (40 + 10 * i, 60, 3), dtype=np.uint8) for i in range(3)]
+    batch = predictor.predict_batch(images)
+    for image, prediction in zip(images, batch, strict=True):
+        assert list(prediction.probabilities) == list(CLASS_NAMES)
+        assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-9)
+        single = predictor.predict(image).probabilities
+        assert single == pytest.approx(prediction.probabilities, abs=1e-6)
+        assert prediction.top_class == max(single, key=single.get)
+        assert prediction.risk == predictor.risk_policy.assess(prediction.probabilities)
+    with pytest.raises(ValueError, match="RGB uint8"):
+        predictor.preprocess(np.zeros((10, 10), np.uint8))
+
+
+def _checkpoint(folder: Path, name: str, mtime: float) -> Path:
+    path = save_checkpoint(folder / f"{name}.pt", create_model(TINY), img_size=48)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_registry_lists_and_chooses_a_default(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("DERMANET_DEFAULT_MODEL", raising=False)
+    now = time.time()
+    _checkpoint(tmp_path, "older", now - 100)
+    _checkpoint(tmp_path, "newer", now)
+    (tmp_path / "broken.pt").write_bytes(b"junk")
+    (tmp_path / "notes.txt").write_text("ignored")
+    registry = ModelRegistry(tmp_path)
+    infos = {info.model_id: info for info in registry.list()}
+    assert sorted(infos) == ["broken", "newer", "older"]
+    assert infos["older"].img_size == 48 and infos["older"].config["layers"] == [1, 1, 1, 1]
+    assert not infos["broken"].usable and "not a DermaNet checkpoint" in infos["broken"].error
+    assert registry.default().model_id == "newer" and "newest" in registry.default().reason
+    _checkpoint(tmp_path, "default", now - 1000)
+    assert registry.default().model_id == "default"
+    assert ModelRegistry(tmp_path, default_model="older").default().model_id == "older"
+    monkeypatch.setenv("DERMANET_DEFAULT_MODEL", "older")
+    assert ModelRegistry(tmp_path).default().model_id == "older"
+    assert registry.load("older").img_size == 48
+
+
+def test_registry_never_turns_ids_into_paths(tmp_path: Path) -> None:
+    inner = tmp_path / "registry"
+    inner.mkdir()
+    _checkpoint(inner, "ok", time.time())
+    _checkpoint(tmp_path, "outside", time.time())  # a real checkpoint beside the registry
+    registry = ModelRegistry(inner)
+    for bad in ["../outside", str(tmp_path / "outside.pt"), "ok.pt", "OK", ""]:
+        with pytest.raises(UnknownModelError, match="unknown model id"):
+            registry.get(bad)
+    assert registry.get("ok").model_id == "ok"
+
+
+def test_empty_registry_says_how_to_get_a_model(tmp_path: Path) -> None:
+    for folder in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(NoCheckpointsError, match=r"jobs/train.py.*DERMANET_MODEL_DIR"):
+            ModelRegistry(folder).default()

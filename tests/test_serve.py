@@ -1,0 +1,207 @@
+"""The Serve app over real HTTP: one private Ray + Serve for the whole session."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermanet.classes import CLASS_NAMES
+from dermanet.data.images import decode_image
+from dermanet.inference import Predictor, compute_cams, load_checkpoint
+
+pytest_plugins = ["conftest_serve"]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def random_jpeg(seed: int, size: tuple[int, int] = (96, 80)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), "JPEG", quality=90)
+
+
+@pytest.fixture(scope="module")
+def client(serve_url: str):
+    with httpx.Client(base_url=serve_url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def direct(model_registry: Path) -> dict[str, Predictor]:
+    """dermanet.inference run in-process on the same checkpoints, for comparisons."""
+    return {
+        name: Predictor(load_checkpoint(model_registry / f"{name}.pt"))
+        for name in ("default", "tiny-random")
+    }
+
+
+def classify(client: httpx.Client, data: bytes, **params) -> httpx.Response:
+    return client.post("/v1/classify", files={"file": ("lesion.jpg", data)}, params=params)
+
+
+def test_health_models_and_docs(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "default_model": "default"}
+    listing = client.get("/v1/models").json()
+    assert listing["default"] == "default" and "default" in listing["default_reason"]
+    models = {m["id"]: m for m in listing["models"]}
+    assert sorted(models) == ["default", "tiny-random"]
+    assert models["default"]["img_size"] == 128 and models["tiny-random"]["img_size"] == 64
+    assert models["default"]["provenance"]["data"] == "SYNTHETIC planted lesions"
+    assert "path" not in models["default"]  # server paths stay private
+    assert listing["class_names"] == list(CLASS_NAMES)
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/healthz", "/v1/models", "/v1/classify", "/v1/gradcam"} <= set(paths)
+
+
+@pytest.mark.parametrize("model", ["default", "tiny-random"])
+def test_classify_equals_direct_inference(client, direct, model: str) -> None:
+    data = random_jpeg(1)
+    body = classify(client, data, model=model).json()
+    expected = direct[model].predict(decode_image(data))
+    assert body["model_id"] == model and body["filename"] == "lesion.jpg"
+    assert list(body["probabilities"]) == list(CLASS_NAMES)
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert body["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
+    assert body["top_class"] == expected.top_class
+    for key in ("risk", "malignant", "benign"):
+        assert body[key] == pytest.approx(getattr(expected.risk, key), abs=1e-6)
+    assert body["traffic_light"] == expected.risk.traffic_light
+    assert body["latency_ms"] > 0
+    raw = client.post(
+        "/v1/classify",
+        content=data,
+        headers={"content-type": "image/jpeg"},
+        params={"model": model},
+    )
+    assert raw.json()["probabilities"] == pytest.approx(body["probabilities"], abs=1e-6)
+
+
+def test_several_images_in_one_request(client, direct) -> None:
+    images = [random_jpeg(seed) for seed in range(3)]
+    files = [("file", (f"img{i}.jpg", data)) for i, data in enumerate(images)]
+    body = client.post("/v1/classify", files=files).json()
+    assert body["model_id"] == "default" and len(body["results"]) == 3
+    for i, (result, data) in enumerate(zip(body["results"], images, strict=True)):
+        assert result["filename"] == f"img{i}.jpg"
+        expected = direct["default"].predict(decode_image(data)).probabilities
+        assert result["probabilities"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_32_concurrent_requests_match_sequential_answers(client) -> None:
+    images = [random_jpeg(100 + i, size=(64 + i, 64)) for i in range(32)]
+    sequential = [classify(client, data).json() for data in images]
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda data: classify(client, data), images))
+    assert [r.status_code for r in responses] == [200] * 32
+    for response, alone in zip(responses, sequential, strict=True):
+        body = response.json()
+        assert body["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-6)
+        assert body["top_class"] == alone["top_class"]
+    assert max(r.json()["batch_size"] for r in responses) > 1  # @serve.batch really batched
+
+
+def _modes() -> dict[str, bytes]:
+    rgb = Image.fromarray(np.random.default_rng(3).integers(0, 255, (60, 70, 3), dtype=np.uint8))
+    sixteen = Image.fromarray((np.random.default_rng(4).random((60, 70)) * 65535).astype(np.uint16))
+    return {
+        "grayscale": encode(rgb.convert("L")),
+        "rgba": encode(rgb.convert("RGBA")),
+        "palette": encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE)),
+        "16-bit": encode(sixteen),
+        "cmyk": encode(rgb.convert("CMYK"), "JPEG", quality=95),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_image_modes_are_converted_not_rejected(client, direct, mode: str) -> None:
+    data = _modes()[mode]
+    response = classify(client, data)
+    assert response.status_code == 200, response.text
+    expected = direct["default"].predict(decode_image(data)).probabilities
+    assert response.json()["probabilities"] == pytest.approx(expected, abs=1e-6)
+
+
+def _malformed() -> list[tuple[str, str, dict, int, str]]:
+    jpeg = random_jpeg(7, size=(300, 300))
+    bomb = encode(Image.new("L", (3000, 3000)))  # 9 MP in a few KB; the test limit is 4 MP
+    multipart = lambda data, name="lesion.jpg": {"files": {"file": (name, data)}}  # noqa: E731
+    raw = lambda data, ctype="image/jpeg": {"content": data, "headers": {"content-type": ctype}}  # noqa: E731
+    good = multipart(random_jpeg(8))
+    return [
+        ("empty raw body", "/v1/classify", raw(b""), 400, "empty"),
+        ("empty file", "/v1/classify", multipart(b""), 400, "empty"),
+        ("not an image", "/v1/classify", multipart(b"\x00\x01garbage" * 50), 422, "not an image"),
+        ("truncated jpeg", "/v1/classify", multipart(jpeg[: len(jpeg) // 2]), 422, "truncated"),
+        ("text named .jpg", "/v1/classify", multipart(b"hello doctor", "x.jpg"), 422, "not an"),
+        ("body too large", "/v1/classify", raw(b"\xff" * (3 * 1024 * 1024)), 413, "limit"),
+        ("pixel bomb", "/v1/classify", multipart(bomb), 413, "over the limit"),
+        ("text content type", "/v1/classify", raw(b"hi", "text/plain"), 415, "content type"),
+        (
+            "no file field",
+            "/v1/classify",
+            {"data": {"image": "x"}, "files": {"other": ("a", b"x")}},
+            400,
+            "field 'file'",
+        ),
+        (
+            "too many files",
+            "/v1/classify",
+            {"files": [("file", (f"{i}.jpg", b"x")) for i in range(17)]},
+            400,
+            "files",
+        ),
+        ("unknown model", "/v1/classify?model=resnet9000", good, 404, "unknown model id"),
+        ("path as model", "/v1/classify?model=../registry/default", good, 404, "unknown model"),
+        ("unknown class index", "/v1/gradcam?target_class=8", good, 422, "unknown class"),
+        ("unknown class name", "/v1/gradcam?target_class=melanoma", good, 422, "unknown class"),
+        ("bad mode", "/v1/gradcam?mode=sepia", good, 422, "unknown mode"),
+        ("bad opacity", "/v1/gradcam?opacity=2", good, 422, "opacity"),
+        ("gradcam truncated", "/v1/gradcam", multipart(jpeg[:200]), 422, "truncated"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "words"),
+    [case[1:] for case in _malformed()],
+    ids=[c[0] for c in _malformed()],
+)
+def test_malformed_uploads_get_4xx_and_the_server_stays_up(
+    client, path: str, kwargs: dict, status: int, words: str
+) -> None:
+    response = client.post(path, **kwargs)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert words in str(detail), detail
+    assert classify(client, random_jpeg(9)).status_code == 200
+
+
+def test_gradcam_png_and_raw_cam(client, model_registry: Path) -> None:
+    data = random_jpeg(11, size=(200, 150))
+    png = client.post("/v1/gradcam", files={"file": ("a.jpg", data)}, data={"mode": "side_by_side"})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (400, 150)
+    top = png.headers["x-dermanet-top-class"]
+    assert png.headers["x-dermanet-target-class"] == top  # predicted class by default
+    body = client.post(
+        "/v1/gradcam",
+        files={"file": ("a.jpg", data)},
+        params={"target_class": "MEL", "include_cam": "true", "opacity": "0.3"},
+    ).json()
+    assert body["target_class"] == "MEL" and body["cam_shape"] == [128, 128]
+    assert Image.open(io.BytesIO(base64.b64decode(body["png_base64"]))).format == "PNG"
+    predictor = Predictor(load_checkpoint(model_registry / "default.pt"))
+    x = predictor.to_tensor([decode_image(data)])
+    expected = compute_cams(predictor.model, x, [CLASS_NAMES.index("MEL")])[0]
+    np.testing.assert_allclose(np.array(body["cam"]), expected, atol=2e-3)
