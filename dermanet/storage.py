@@ -78,3 +78,8 @@ def write_json(location: str | Path, payload: Any) -> None:
 
 def read_json(location: str | Path) -> Any:
     return json.loads(read_bytes(location))
+
+
+def copy_file(source: str | Path, target: str | Path) -> None:
+    """Copy one file between any two locations (local paths or URIs)."""
+    write_bytes(target, read_bytes(source))

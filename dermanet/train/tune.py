@@ -1,0 +1,197 @@
+"""Hyperparameter search with Ray Tune over supervised Ray Train runs (jobs/tune.py).
+
+Each trial is `run_training` (a TorchTrainer) inside a Tune function trainable, with Ray's
+TuneReportCallback forwarding every epoch's metrics to Tune (STACK.md: `Tuner(trainer)` is gone
+in the Train V2 API). ASHA stops weak trials early; Optuna proposes configs from finished ones.
+Re-running the same experiment restores it (`Tuner.restore`): finished trials are not rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from dermanet.eval.plots import save_figure
+from dermanet.storage import copy_file, is_uri, join
+from dermanet.train.reporting import MODEL_FILE
+from dermanet.train.supervised import TrainSettings, run_training
+
+log = logging.getLogger(__name__)
+DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "configs" / "tune_space.yaml"
+SEARCHABLE = {f.name for f in dataclasses.fields(TrainSettings)} - {"extra_callbacks"}
+
+
+@dataclass
+class TuneSettings:
+    """jobs/tune.py's flags. `base` holds the fixed TrainSettings every trial starts from."""
+
+    base: TrainSettings
+    space: str = str(DEFAULT_SPACE)
+    name: str = "dermanet-tune"
+    storage_path: str = "outputs"
+    num_samples: int = 8
+    max_concurrent: int = 1
+    grace_period: int = 1
+    reduction_factor: int = 2
+    search_alg: str = "optuna"  # optuna | random
+    trial_cpus: float = 0.1
+    registry: str | None = None
+    seed: int = 0
+
+
+def load_space(path: str | Path) -> dict[str, Any]:
+    """YAML search space -> Tune distributions; unknown fields are refused by name."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    unknown = sorted(set(raw) - SEARCHABLE)
+    if unknown:
+        raise ValueError(
+            f"{path}: {unknown} are not training settings; valid: {sorted(SEARCHABLE)}"
+        )
+    space: dict[str, Any] = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, dict):
+            space[name] = spec
+            continue
+        kind = spec.get("type")
+        if kind == "loguniform":
+            space[name] = tune.loguniform(float(spec["low"]), float(spec["high"]))
+        elif kind == "uniform":
+            space[name] = tune.uniform(float(spec["low"]), float(spec["high"]))
+        elif kind == "choice":
+            space[name] = tune.choice(list(spec["values"]))
+        elif kind == "grid":
+            space[name] = tune.grid_search(list(spec["values"]))
+        else:
+            raise ValueError(f"{path}: {name} has unknown type {kind!r} "
+                             "(loguniform, uniform, choice, grid)")  # fmt: skip
+    return space
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One trial: a full supervised run whose epochs Tune sees as iterations."""
+    base = TrainSettings(**config["base"])
+    overrides = {k: v for k, v in config.items() if k != "base"}
+    trial_id = tune.get_context().get_trial_id()  # runs land in <experiment>/trials/<id>/
+    settings = dataclasses.replace(base, **overrides, name=trial_id, max_failures=0)
+    run_training(settings, run_callbacks=[TuneReportCallback()])
+
+
+def _plain(settings: TrainSettings) -> dict[str, Any]:
+    return {f: getattr(settings, f) for f in SEARCHABLE}
+
+
+def run_tune(settings: TuneSettings) -> pd.DataFrame:
+    """Run (or resume) the search; write results table, curves, best config, best checkpoint."""
+    metric = settings.base.monitor
+    storage = (
+        settings.storage_path
+        if is_uri(settings.storage_path)
+        else str(Path(settings.storage_path).expanduser().resolve())
+    )
+    experiment = join(storage, settings.name)
+    trials_dir = join(experiment, "trials")
+    trainable = tune.with_resources(_trial, {"CPU": settings.trial_cpus})
+    if tune.Tuner.can_restore(experiment):
+        log.info("resuming the search in %s (finished trials are kept)", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        searcher = (
+            OptunaSearch(seed=settings.seed)
+            if settings.search_alg == "optuna"
+            # Given our own generator, Tune does not apply max_concurrent_trials to it.
+            else BasicVariantGenerator(
+                random_state=settings.seed, max_concurrent=settings.max_concurrent
+            )
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "base": _plain(dataclasses.replace(settings.base, storage_path=trials_dir)),
+                **load_space(settings.space),
+            },
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode="max",
+                num_samples=settings.num_samples,
+                max_concurrent_trials=settings.max_concurrent,
+                search_alg=searcher,
+                scheduler=ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=settings.base.epochs,
+                    grace_period=settings.grace_period,
+                    reduction_factor=settings.reduction_factor,
+                ),
+            ),
+            run_config=tune.RunConfig(name=settings.name, storage_path=storage),
+        )
+    results = tuner.fit()
+    table = trial_table(results, metric)
+    _write_outputs(results, table, metric, experiment, settings)
+    return table
+
+
+def trial_table(results: tune.ResultGrid, metric: str) -> pd.DataFrame:
+    """One row per trial: searched config, best metric, epochs run, status."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None:
+            history = pd.DataFrame()
+        config = {k: v for k, v in (result.config or {}).items() if k != "base"}
+        best = history[metric].max() if metric in history else math.nan
+        epochs = int(history["training_iteration"].max()) if "training_iteration" in history else 0
+        status = "ERROR" if result.error else ("TERMINATED" if result.metrics else "PENDING")
+        rows.append({"trial": Path(result.path).name, **config, f"best {metric}": best,
+                     "epochs": epochs, "status": status})  # fmt: skip
+    return pd.DataFrame(rows).sort_values(f"best {metric}", ascending=False, na_position="last")
+
+
+def _write_outputs(
+    results: tune.ResultGrid, table: pd.DataFrame, metric: str, experiment: str, s: TuneSettings
+) -> None:
+    out = Path(experiment) if not is_uri(experiment) else Path(f"tune-{s.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "trials.csv", index=False)
+    (out / "trials.md").write_text(table.to_string(index=False) + "\n")
+    save_figure(_curves_figure(results, metric), out / "trial_curves.png")
+    best = results.get_best_result(metric=metric, mode="max", scope="all")
+    best_settings = {**best.config["base"], **{k: v for k, v in best.config.items() if k != "base"}}
+    best_settings.pop("storage_path", None)
+    best_settings.pop("name", None)
+    (out / "best_config.yaml").write_text(yaml.safe_dump(best_settings, sort_keys=True))
+    if s.registry:
+        # The epoch with the best metric; Train keeps it (CheckpointConfig keeps the top 2).
+        history = best.metrics_dataframe
+        row = history.loc[history[metric].idxmax()]
+        copy_file(join(row["checkpoint_path"], MODEL_FILE), join(s.registry, f"{s.name}-best.pt"))
+    log.info("best trial %s: %s = %.4f", Path(best.path).name, metric, best.metrics.get(metric))
+
+
+def _curves_figure(results: tune.ResultGrid, metric: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in results:
+        history = result.metrics_dataframe
+        if history is not None and metric in history:
+            ax.plot(history["training_iteration"], history[metric], marker="o",
+                    label=Path(result.path).name[-12:])  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("Trials (ASHA stops the weak ones early)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,130 @@
+"""Ray Tune over Ray Train trials: ASHA stops weak trials, best config trains, restore resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dermanet.train.supervised import TrainSettings, load_settings_yaml, run_training
+from dermanet.train.tune import TuneSettings, load_space, run_tune
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "dermanet_tiny.yaml")
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+
+def test_space_yaml_is_validated(tmp_path: Path) -> None:
+    bad = tmp_path / "space.yaml"
+    bad.write_text("learning_rate: {type: uniform, low: 0, high: 1}\n")
+    with pytest.raises(ValueError, match=r"\['learning_rate'\] are not training settings"):
+        load_space(bad)
+    bad.write_text("lr: {type: gaussian}\n")
+    with pytest.raises(ValueError, match="unknown type 'gaussian'"):
+        load_space(bad)
+
+
+def _first_trial_finished(experiment: Path, epochs: int) -> bool:
+    for progress in experiment.glob("_trial_*/progress.csv"):
+        if len(pd.read_csv(progress)) >= epochs:
+            return True
+    return False
+
+
+def test_search_stops_weak_trials_and_resumes(ray_local, tmp_path: Path) -> None:
+    from dermanet.data.synthetic import generate_synthetic_dataset
+
+    data = tmp_path / "data"
+    generate_synthetic_dataset(data, num_images=240, size=48, seed=3)
+    space = tmp_path / "space.yaml"
+    # Trials run in grid order: one that cannot learn (finished before the interruption), then
+    # a good one and another hopeless one, which ASHA must cut at epoch 1. (ASHA's rung records
+    # do not survive Tuner.restore: Ray pickles the scheduler when the search is created.)
+    space.write_text(
+        "lr: {type: grid, values: [1.0e-9, 0.004, 1.0e-9]}\nbatch_size: 16\nimg_size: 40\n"
+    )
+    runs, registry = tmp_path / "runs", tmp_path / "registry"
+    args = [
+        "--csv",
+        str(data / "metadata.csv"),
+        "--images",
+        str(data / "images"),
+        "--space",
+        str(space),
+        "--epochs",
+        "3",
+        "--num-samples",
+        "1",
+        "--search-alg",
+        "random",
+        "--model-config",
+        TINY,
+        "--num-workers",
+        "1",
+        "--storage-path",
+        str(runs),
+        "--name",
+        "search",
+        "--registry",
+        str(registry),
+    ]
+    experiment = runs / "search"
+
+    # 1. The job, as a user runs it, interrupted with Ctrl-C once the first trial is done.
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    job = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "tune.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 400
+    while not _first_trial_finished(experiment, 3):
+        assert job.poll() is None, "jobs/tune.py ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the first trial did not finish in time"
+        time.sleep(2)
+    job.send_signal(signal.SIGINT)
+    job.wait(timeout=180)
+    finished = [
+        p.parent.name for p in experiment.glob("_trial_*/progress.csv") if len(pd.read_csv(p)) >= 3
+    ]
+    assert len(finished) == 1
+
+    # 2. The same experiment again: restored, the finished trial is not rerun.
+    table = run_tune(
+        TuneSettings(
+            base=TrainSettings(
+                csv=args[1], images=args[3], model_config=TINY, epochs=3, num_workers=1
+            ),
+            space=str(space),
+            name="search",
+            storage_path=str(runs),
+            search_alg="random",
+            registry=str(registry),
+        )
+    )
+    assert len(table) == 3
+    progress = pd.read_csv(experiment / finished[0] / "progress.csv")
+    assert progress["training_iteration"].tolist() == [1, 2, 3]  # not rerun after restore
+    assert (table["epochs"] < 3).sum() >= 1, f"ASHA stopped nothing:\n{table}"
+
+    for name in ("trials.csv", "trials.md", "trial_curves.png", "best_config.yaml"):
+        assert (experiment / name).is_file()
+    best = yaml.safe_load((experiment / "best_config.yaml").read_text())
+    assert best["lr"] == pytest.approx(0.004)
+    assert (registry / "search-best.pt").is_file()
+
+    # 3. The best config is a valid jobs/train.py --config file.
+    values = load_settings_yaml(experiment / "best_config.yaml")
+    outcome = run_training(
+        TrainSettings(**{**values, "epochs": 1, "storage_path": str(tmp_path / "again")})
+    )
+    assert Path(outcome.best_checkpoint).is_file()
