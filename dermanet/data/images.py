@@ -7,6 +7,7 @@ import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -156,12 +157,15 @@ def decode_image_fast(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
     return decode_image(data, max_pixels=max_pixels)
 
 
-def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
-    """Shrink so the short side is `short_side` (never enlarge: that only adds bytes)."""
+def shrink_image(image: np.ndarray, side: int, edge: Literal["short", "long"]) -> np.ndarray:
+    """Shrink so the short (or long) edge is at most `side`; never enlarge (that only adds bytes).
+
+    Shards use the short edge (training crops need it), rendered Grad-CAM PNGs the long one.
+    """
     import cv2
 
     height, width = image.shape[:2]
-    scale = short_side / min(height, width)
+    scale = side / (min(height, width) if edge == "short" else max(height, width))
     if scale >= 1.0:
         return image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))

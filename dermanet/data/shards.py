@@ -28,7 +28,7 @@ from dermanet.data.images import (
     ImageDecodeError,
     decode_image,
     encode_jpeg,
-    resize_short_side,
+    shrink_image,
 )
 from dermanet.data.ray_io import dataset_from_frame
 from dermanet.storage import (
@@ -92,7 +92,7 @@ def _encode_batch(batch: pd.DataFrame, short_side: int, quality: int) -> pd.Data
             image = decode_image(read_bytes(path))
             heights.append(image.shape[0])
             widths.append(image.shape[1])
-            jpegs.append(encode_jpeg(resize_short_side(image, short_side), quality))
+            jpegs.append(encode_jpeg(shrink_image(image, short_side, "short"), quality))
             errors.append(None)
         except (ImageDecodeError, OSError) as exc:
             jpegs.append(None)

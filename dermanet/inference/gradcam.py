@@ -20,6 +20,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from dermanet.classes import CLASS_NAMES
+from dermanet.data.images import shrink_image
 from dermanet.inference.predictor import Prediction, Predictor, resolve_class
 from dermanet.models import DermResNetSE
 
@@ -173,16 +174,6 @@ def render(image: np.ndarray, cam: np.ndarray, mode: str = "overlay", opacity: f
     return RENDERERS[mode](image, cam, float(opacity))
 
 
-def downscale(image: np.ndarray, max_side: int) -> np.ndarray:
-    """Shrink so the longest side is at most `max_side` (never enlarges)."""
-    height, width = image.shape[:2]
-    scale = max_side / max(height, width)
-    if scale >= 1:
-        return image
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
 def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -228,7 +219,7 @@ class GradCamExplainer:
             if index is None:
                 index = CLASS_NAMES.index(prediction.top_class)
             cam = compute_cams(self.predictor.model, self.predictor.to_tensor([image]), [index])[0]
-        picture = render(downscale(image, self.max_side), cam, mode, float(opacity))
+        picture = render(shrink_image(image, self.max_side, "long"), cam, mode, float(opacity))
         name = CLASS_NAMES[index]
         return Explanation(
             png=encode_png(picture),
