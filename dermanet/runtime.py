@@ -30,3 +30,17 @@ def init_ray(
         return
     ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=log_to_driver)
     log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+
+
+def check_storage_location(location: str) -> None:
+    """Refuse a relative storage path in a job submitted to a cluster.
+
+    Under `ray job submit` the current directory is Ray's temporary copy of the working dir:
+    results written there vanish. Locally, relative paths are fine.
+    """
+    if os.environ.get("RAY_ADDRESS") and "://" not in location and not os.path.isabs(location):
+        raise ValueError(
+            f"storage path {location!r} is relative, but this job runs on a Ray cluster whose "
+            "working directory is temporary; pass an absolute path on shared storage or an "
+            "s3:// / gs:// URI (e.g. --storage-path s3://my-bucket/runs)"
+        )

@@ -18,7 +18,7 @@ import sys
 
 from dermanet.data.catalogue import CatalogueError
 from dermanet.models import DEFAULT_CONFIG_PATH
-from dermanet.runtime import init_ray
+from dermanet.runtime import check_storage_location, init_ray
 from dermanet.train.supervised import TrainSettings
 from dermanet.train.tune import DEFAULT_SPACE, TuneSettings, run_tune
 
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         base.validate()
+        check_storage_location(settings.storage_path)
         init_ray(address=args.address)
         table = run_tune(settings)
     except (CatalogueError, FileNotFoundError, ValueError) as exc:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,17 @@ def _plain(settings: TrainSettings) -> dict[str, Any]:
     return {f: getattr(settings, f) for f in SEARCHABLE}
 
 
+def _absolute(settings: TrainSettings) -> TrainSettings:
+    """Trials run in their own folders: relative local paths must be made absolute first."""
+    fields = ("shards", "csv", "images", "model_config", "pretrain_ckpt")
+    values = {
+        f: str(Path(v).expanduser().resolve())
+        for f in fields
+        if (v := getattr(settings, f)) is not None and not is_uri(v)
+    }
+    return dataclasses.replace(settings, **values)
+
+
 def run_tune(settings: TuneSettings) -> pd.DataFrame:
     """Run (or resume) the search; write results table, curves, best config, best checkpoint."""
     metric = settings.base.monitor
@@ -119,7 +132,9 @@ def run_tune(settings: TuneSettings) -> pd.DataFrame:
         tuner = tune.Tuner(
             trainable,
             param_space={
-                "base": _plain(dataclasses.replace(settings.base, storage_path=trials_dir)),
+                "base": _plain(
+                    dataclasses.replace(_absolute(settings.base), storage_path=trials_dir)
+                ),
                 **load_space(settings.space),
             },
             tune_config=tune.TuneConfig(
@@ -162,8 +177,11 @@ def trial_table(results: tune.ResultGrid, metric: str) -> pd.DataFrame:
 def _write_outputs(
     results: tune.ResultGrid, table: pd.DataFrame, metric: str, experiment: str, s: TuneSettings
 ) -> None:
-    out = Path(experiment) if not is_uri(experiment) else Path(f"tune-{s.name}")
-    out.mkdir(parents=True, exist_ok=True)
+    if table[f"best {metric}"].isna().all():
+        raise RuntimeError(
+            f"every trial failed before reporting {metric}; see the errors in {experiment}"
+        )
+    out = Path(tempfile.mkdtemp(prefix="dermanet-tune-"))  # then copied to the experiment
     table.to_csv(out / "trials.csv", index=False)
     (out / "trials.md").write_text(table.to_string(index=False) + "\n")
     save_figure(_curves_figure(results, metric), out / "trial_curves.png")
@@ -172,6 +190,9 @@ def _write_outputs(
     best_settings.pop("storage_path", None)
     best_settings.pop("name", None)
     (out / "best_config.yaml").write_text(yaml.safe_dump(best_settings, sort_keys=True))
+    for file in out.iterdir():
+        copy_file(file, join(experiment, file.name))
+    shutil.rmtree(out, ignore_errors=True)
     if s.registry:
         # The epoch with the best metric; Train keeps it (CheckpointConfig keeps the top 2).
         history = best.metrics_dataframe
