@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv test lint format clean
+.PHONY: venv test lint format clean demo browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,7 +22,15 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint
+# The main job: local Ray + Serve (shipped weights) + Streamlit dashboard; Ctrl-C stops it.
+demo: $(STAMP)
+	$(PY) -m dermanet.demo $(DEMO_ARGS)
+
+# Debian's Chromium for the browser test (the test skips with the reason when it is absent).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } || echo "chromium not installed: the browser test will skip"
+
+test: lint browser
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:

@@ -1,0 +1,253 @@
+"""The dashboard's only way to the models: a small HTTP client of the Serve API (`/v1`).
+
+Every failure becomes a `ServeError` whose message a person can act on: the server cannot be
+reached (`ServeUnavailable`, with the URL and how to start it), or it answered 4xx/5xx (the
+server's `detail`). Risk, traffic light and bars are taken from the server as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from dermanet.classes import CLASS_NAMES
+
+SERVE_URL_ENV = "DERMANET_SERVE_URL"
+DEFAULT_SERVE_URL = "http://127.0.0.1:8000"
+MAX_FILES_PER_REQUEST = 16  # the server's default `max_files`
+START_HINT = "start it with `make demo` or `python -m dermanet.serving`, or fix the URL"
+
+
+def default_serve_url(env: Mapping[str, str] | None = None) -> str:
+    """$DERMANET_SERVE_URL, else http://127.0.0.1:8000."""
+    env = os.environ if env is None else env
+    return normalize_url(env.get(SERVE_URL_ENV) or DEFAULT_SERVE_URL)
+
+
+def normalize_url(url: str) -> str:
+    """`host:port` or `http(s)://host:port/` → `http(s)://host:port` (no trailing slash)."""
+    text = str(url).strip().rstrip("/")
+    if not text:
+        raise ServeError(f"the server URL is empty; e.g. {DEFAULT_SERVE_URL}")
+    if "://" not in text:
+        text = "http://" + text
+    scheme = text.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise ServeError(f"the server URL must start with http:// or https://, got {url!r}")
+    return text
+
+
+class ServeError(Exception):
+    """A request the server refused (status set) or could not answer; `str()` says why."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ServeUnavailable(ServeError):
+    """Nothing answered at the URL (refused, timed out, DNS) or it is not DermaNet."""
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """`GET /v1/models`: the registry's checkpoints, the default and the server's risk policy."""
+
+    default: str
+    default_reason: str
+    models: list[dict[str, Any]]
+    class_names: list[str]
+    risk_policy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def usable_ids(self) -> list[str]:
+        return [m["id"] for m in self.models if m.get("usable", True)]
+
+    @property
+    def unusable(self) -> list[dict[str, Any]]:
+        return [m for m in self.models if not m.get("usable", True)]
+
+    def info(self, model_id: str) -> dict[str, Any]:
+        return next((m for m in self.models if m["id"] == model_id), {})
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> ModelListing:
+        return cls(
+            default=str(body["default"]),
+            default_reason=str(body.get("default_reason", "")),
+            models=list(body.get("models", [])),
+            class_names=list(body.get("class_names", CLASS_NAMES)),
+            risk_policy=dict(body.get("risk_policy") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One image's answer from `POST /v1/classify`, exactly as the server computed it."""
+
+    model_id: str
+    filename: str
+    probabilities: dict[str, float]
+    top_class: str
+    top_probability: float
+    risk: float
+    traffic_light: str
+    malignant: float
+    benign: float
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Classification:
+        return cls(
+            model_id=str(body["model_id"]),
+            filename=str(body.get("filename", "")),
+            probabilities={name: float(body["probabilities"][name]) for name in CLASS_NAMES},
+            top_class=str(body["top_class"]),
+            top_probability=float(body["top_probability"]),
+            risk=float(body["risk"]),
+            traffic_light=str(body["traffic_light"]),
+            malignant=float(body["malignant"]),
+            benign=float(body["benign"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GradCamImage:
+    """`POST /v1/gradcam` as a PNG plus the response headers that describe it."""
+
+    png: bytes
+    model_id: str
+    target_class: str
+    target_probability: float
+    top_class: str
+    mode: str
+    opacity: float
+
+
+class ServeClient:
+    """Synchronous client of the DermaNet HTTP API (one short-lived connection pool)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout_s: float = 120.0,
+        connect_timeout_s: float = 3.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.base_url = normalize_url(base_url) if base_url else default_serve_url()
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ServeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- routes -------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._json(self._request("GET", "/healthz"))
+
+    def models(self) -> ModelListing:
+        body = self._json(self._request("GET", "/v1/models"))
+        try:
+            return ModelListing.from_json(body)
+        except (KeyError, TypeError) as exc:
+            raise ServeUnavailable(
+                f"{self.base_url} answered /v1/models without a model listing ({exc}); "
+                "is this a DermaNet server?"
+            ) from None
+
+    def classify(
+        self, images: Sequence[tuple[str, bytes]], model: str | None = None
+    ) -> list[Classification]:
+        """Classify (name, bytes) pairs, in requests of at most 16 images (server batching)."""
+        results: list[Classification] = []
+        for start in range(0, len(images), MAX_FILES_PER_REQUEST):
+            chunk = images[start : start + MAX_FILES_PER_REQUEST]
+            files = [("file", (name, data)) for name, data in chunk]
+            params = {"model": model} if model else {}
+            body = self._json(self._request("POST", "/v1/classify", files=files, params=params))
+            items = body.get("results", [body])
+            results.extend(Classification.from_json(item) for item in items)
+        return results
+
+    def gradcam(
+        self,
+        name: str,
+        data: bytes,
+        model: str | None = None,
+        target_class: str | None = None,
+        mode: str = "overlay",
+        opacity: float = 0.5,
+    ) -> GradCamImage:
+        params: dict[str, Any] = {"mode": mode, "opacity": f"{float(opacity):.3f}"}
+        if model:
+            params["model"] = model
+        if target_class:
+            params["target_class"] = target_class
+        response = self._request("POST", "/v1/gradcam", files={"file": (name, data)}, params=params)
+        headers = response.headers
+        return GradCamImage(
+            png=response.content,
+            model_id=headers.get("x-dermanet-model", model or ""),
+            target_class=headers.get("x-dermanet-target-class", target_class or ""),
+            target_probability=float(headers.get("x-dermanet-target-probability", "nan")),
+            top_class=headers.get("x-dermanet-top-class", ""),
+            mode=mode,
+            opacity=float(opacity),
+        )
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ServeUnavailable(
+                f"the DermaNet server at {self.base_url} did not answer in time; it may be "
+                "starting or overloaded, try again in a moment"
+            ) from None
+        except httpx.HTTPError as exc:
+            reason = type(exc).__name__
+            raise ServeUnavailable(
+                f"cannot reach the DermaNet server at {self.base_url} ({reason}); {START_HINT}"
+            ) from None
+        if response.status_code >= 400:
+            raise ServeError(_detail(response), status=response.status_code)
+        return response
+
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            raise ServeUnavailable(
+                f"{self.base_url} answered {response.request.url.path} with something other "
+                "than JSON; is this a DermaNet server?"
+            ) from None
+        if not isinstance(body, dict):
+            raise ServeUnavailable(f"{self.base_url} answered with unexpected JSON: {body!r:.200}")
+        return body
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if detail is None:
+        detail = response.text[:300] or response.reason_phrase
+    if not isinstance(detail, str):
+        detail = str(detail)
+    return f"the server refused the request ({response.status_code}): {detail}"

@@ -1,0 +1,285 @@
+"""Case reports: one image, its prediction, all probabilities, Grad-CAM, model id and date.
+
+`render_html` writes one self-contained HTML file (images inline as data URIs); `render_pdf`
+writes a one-page PDF with fpdf2 (pure Python). Both carry the research-tool notice.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from dermanet.classes import CLASS_DESCRIPTIONS
+from dermanet.ui.client import Classification, GradCamImage, ModelListing, ServeClient
+from dermanet.ui.storage import StoredImage, UploadStore
+from dermanet.ui.views import (
+    CSS,
+    LIGHT_COLOURS,
+    LIGHT_LABELS,
+    MODE_LABELS,
+    NOTICE,
+    probability_rows,
+    risk_bars_html,
+    traffic_light_html,
+)
+
+
+class ReportUnavailable(RuntimeError):
+    """A report format that cannot be produced here (e.g. fpdf2 not installed)."""
+
+
+@dataclass(frozen=True)
+class CaseReport:
+    """Everything a report shows; images are the bytes as uploaded / as the server rendered."""
+
+    image_name: str
+    image: bytes
+    image_mime: str
+    result: Classification
+    gradcam_png: bytes | None = None
+    gradcam_target: str | None = None
+    gradcam_mode: str | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    risk_policy: dict[str, Any] = field(default_factory=dict)
+    created: dt.datetime = field(default_factory=lambda: dt.datetime.now().astimezone())
+
+    @property
+    def created_text(self) -> str:
+        return self.created.strftime("%Y-%m-%d %H:%M %Z").strip()
+
+
+def build_case_report(
+    serve_url: str,
+    store: UploadStore,
+    image: StoredImage,
+    result: Classification,
+    listing: ModelListing,
+    gradcam: GradCamImage | None = None,
+) -> CaseReport:
+    """The report of what the dashboard shows: its Grad-CAM render if one is on screen, else
+    the server's overlay for the predicted class (one request)."""
+    data = store.read(image.image_id)
+    if gradcam is None:
+        with ServeClient(serve_url) as client:
+            gradcam = client.gradcam(image.original_name, data, model=result.model_id)
+    return CaseReport(
+        image_name=image.original_name,
+        image=data,
+        image_mime=image.mime,
+        result=result,
+        gradcam_png=gradcam.png,
+        gradcam_target=gradcam.target_class,
+        gradcam_mode=gradcam.mode,
+        model_info=listing.info(result.model_id),
+        risk_policy=listing.risk_policy,
+    )
+
+
+def report_filename(report: CaseReport, extension: str) -> str:
+    """`dermanet-report-<image stem>-<YYYYmmdd-HHMM>.<ext>` with a filesystem-safe stem."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", report.image_name.rsplit(".", 1)[0]).strip("._")
+    return f"dermanet-report-{stem[:40] or 'image'}-{report.created:%Y%m%d-%H%M}.{extension}"
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _policy_text(policy: dict[str, Any]) -> str:
+    weights = policy.get("weights") or {}
+    if not weights:
+        return ""
+    terms = " + ".join(f"{w:g}·P({name})" for name, w in weights.items())
+    return (
+        f"risk = {terms}; green below {policy.get('green_below', '?')}, yellow below "
+        f"{policy.get('yellow_below', '?')}, red otherwise (the server's policy)."
+    )
+
+
+def render_html(report: CaseReport) -> str:
+    """A self-contained HTML page (no external resources)."""
+    r = report.result
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(row['Class'])}</td><td>{esc(row['Name'])}</td>"
+        f"<td>{'yes' if row['Malignant'] else ''}</td>"
+        f"<td class='num'>{row['Probability']:.2%}</td></tr>"
+        for row in probability_rows(r)
+    )
+    gradcam = ""
+    if report.gradcam_png:
+        target = report.gradcam_target or r.top_class
+        mode = MODE_LABELS.get(report.gradcam_mode or "", report.gradcam_mode or "")
+        gradcam = (
+            f"<figure><img alt='Grad-CAM' src='{_data_uri(report.gradcam_png, 'image/png')}'>"
+            f"<figcaption>Grad-CAM for {esc(target)} "
+            f"({esc(CLASS_DESCRIPTIONS.get(target, target))}), {esc(mode)}</figcaption></figure>"
+        )
+    info = report.model_info
+    provenance = (info.get("provenance") or {}).get("data", "")
+    model_note = f" ({esc(str(provenance))})" if provenance else ""
+    policy = _policy_text(report.risk_policy)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>DermaNet case report: {esc(report.image_name)}</title>
+{CSS}
+<style>
+body {{font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color:#111827;
+  max-width: 900px; margin: 2rem auto; padding: 0 1rem;}}
+h1 {{font-size:1.5rem; margin-bottom:.2rem;}}
+.meta td {{padding:.15rem 1rem .15rem 0; color:#374151;}}
+.figs {{display:flex; gap:1rem; flex-wrap:wrap; margin:1rem 0;}}
+figure {{margin:0;}} figure img {{max-width:420px; max-height:360px; border-radius:6px;
+  border:1px solid #e5e7eb;}}
+figcaption {{font-size:.85rem; color:#6b7280;}}
+table.probs {{border-collapse:collapse; min-width:28rem;}}
+table.probs td, table.probs th {{border-bottom:1px solid #e5e7eb; padding:.3rem .6rem;
+  text-align:left;}}
+td.num {{text-align:right; font-variant-numeric:tabular-nums;}}
+</style></head><body>
+<h1>DermaNet case report</h1>
+<div class="dn-notice"><b>⚠ {esc(NOTICE)}</b></div>
+<table class="meta">
+<tr><td>Image</td><td>{esc(report.image_name)}</td></tr>
+<tr><td>Model</td><td>{esc(r.model_id)}{model_note}</td></tr>
+<tr><td>Date</td><td>{esc(report.created_text)}</td></tr>
+</table>
+<div class="figs">
+<figure><img alt="uploaded image" src="{_data_uri(report.image, report.image_mime)}">
+<figcaption>Uploaded image</figcaption></figure>
+{gradcam}
+</div>
+<h2>Prediction</h2>
+<p>{traffic_light_html(r.traffic_light, r.risk, big=True)}</p>
+<p>Most likely: <b>{esc(CLASS_DESCRIPTIONS.get(r.top_class, r.top_class))}</b>
+({esc(r.top_class)}, {r.top_probability:.1%})</p>
+{risk_bars_html(r)}
+<p class="dn-muted">{esc(policy)}</p>
+<h2>Probabilities of all classes</h2>
+<table class="probs"><tr><th>Class</th><th>Name</th><th>Malignant</th><th>Probability</th></tr>
+{rows}</table>
+<p class="dn-muted">Generated by DermaNet on {esc(report.created_text)}.</p>
+</body></html>
+"""
+
+
+def _latin1(text: str) -> str:
+    """fpdf2's core fonts are Latin-1: replace what they cannot show."""
+    text = str(text).replace("·", "x").replace("—", "-").replace("…", "...").replace("⚠", "!")
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def _hex_rgb(colour: str) -> tuple[int, int, int]:
+    colour = colour.lstrip("#")
+    return int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16)
+
+
+def _rgb(data: bytes) -> Image.Image:
+    """Any JPEG/PNG (16-bit, palette, alpha) as 8-bit RGB, which every PDF reader shows."""
+    with Image.open(io.BytesIO(data)) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def render_pdf(report: CaseReport) -> bytes:
+    """A one-page A4 PDF (fpdf2)."""
+    try:
+        from fpdf import FPDF
+    except ImportError:
+        raise ReportUnavailable(
+            "PDF reports need the fpdf2 package: `.venv/bin/pip install fpdf2`; HTML works"
+        ) from None
+    r = report.result
+    pdf = FPDF(format="A4", unit="mm")
+    pdf.set_auto_page_break(auto=True, margin=12)
+    pdf.set_title(_latin1(f"DermaNet case report: {report.image_name}"))
+    pdf.set_creator("DermaNet")
+    pdf.add_page()
+    width = pdf.w - pdf.l_margin - pdf.r_margin
+    pdf.set_font("Helvetica", "B", 17)
+    pdf.cell(width, 9, "DermaNet case report", new_x="LMARGIN", new_y="NEXT")
+    pdf.set_fill_color(255, 251, 235)
+    pdf.set_text_color(120, 53, 15)
+    pdf.set_font("Helvetica", "B", 9)
+    pdf.multi_cell(width, 5, _latin1(NOTICE), fill=True, new_x="LMARGIN", new_y="NEXT")
+    pdf.set_text_color(17, 24, 39)
+    pdf.ln(2)
+    pdf.set_font("Helvetica", "", 10)
+    for key, value in (
+        ("Image", report.image_name),
+        ("Model", r.model_id),
+        ("Date", report.created_text),
+    ):
+        pdf.cell(22, 6, key)
+        pdf.cell(width - 22, 6, _latin1(value), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(2)
+    top = pdf.get_y()
+    side = 80.0
+    pdf.image(_rgb(report.image), x=pdf.l_margin, y=top, w=side, h=side, keep_aspect_ratio=True)
+    if report.gradcam_png:
+        x = pdf.l_margin + side + 6
+        pdf.image(_rgb(report.gradcam_png), x=x, y=top, w=side, h=side, keep_aspect_ratio=True)
+        pdf.set_xy(x, top + side + 1)
+        pdf.set_font("Helvetica", "I", 8)
+        target = report.gradcam_target or r.top_class
+        mode = MODE_LABELS.get(report.gradcam_mode or "", report.gradcam_mode or "")
+        pdf.cell(side, 4, _latin1(f"Grad-CAM for {target}, {mode}"))
+    pdf.set_xy(pdf.l_margin, top + side + 7)
+    # traffic light
+    pdf.set_fill_color(*_hex_rgb(LIGHT_COLOURS.get(r.traffic_light, "#9ca3af")))
+    y = pdf.get_y()
+    pdf.ellipse(pdf.l_margin, y + 0.5, 5, 5, style="F")
+    pdf.set_x(pdf.l_margin + 7)
+    pdf.set_font("Helvetica", "B", 12)
+    label = LIGHT_LABELS.get(r.traffic_light, r.traffic_light)
+    pdf.cell(width - 7, 6, _latin1(f"{label} (risk {r.risk:.2f})"), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", "", 10)
+    name = CLASS_DESCRIPTIONS.get(r.top_class, r.top_class)
+    line = f"Most likely: {name} ({r.top_class}, {r.top_probability:.1%})"
+    pdf.cell(width, 6, _latin1(line), new_x="LMARGIN", new_y="NEXT")
+    # the two bars
+    for bar, value, colour in (
+        ("Benign", r.benign, (47, 143, 106)),
+        ("Malignant", r.malignant, (194, 65, 12)),
+    ):
+        y = pdf.get_y() + 1
+        pdf.set_xy(pdf.l_margin, y)
+        pdf.cell(24, 5, bar)
+        track = width - 24 - 18
+        pdf.set_fill_color(238, 240, 243)
+        pdf.rect(pdf.l_margin + 24, y, track, 5, style="F")
+        pdf.set_fill_color(*colour)
+        fill = max(0.0, min(1.0, value)) * track
+        if fill > 0:
+            pdf.rect(pdf.l_margin + 24, y, fill, 5, style="F")
+        pdf.set_xy(pdf.l_margin + 24 + track, y)
+        pdf.cell(18, 5, f"{value:.1%}", align="R", new_x="LMARGIN", new_y="NEXT")
+    policy = _policy_text(report.risk_policy)
+    if policy:
+        pdf.set_font("Helvetica", "I", 8)
+        pdf.multi_cell(width, 4, _latin1(policy), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(3)
+    pdf.set_font("Helvetica", "B", 11)
+    pdf.cell(width, 6, "Probabilities of all classes", new_x="LMARGIN", new_y="NEXT")
+    with pdf.table(
+        col_widths=(18, 70, 22, 26), width=136, align="LEFT", text_align="LEFT", line_height=5.5
+    ) as table:
+        pdf.set_font("Helvetica", "B", 9)
+        table.row(["Class", "Name", "Malignant", "Probability"])
+        pdf.set_font("Helvetica", "", 9)
+        for row in probability_rows(r):
+            table.row(
+                [
+                    row["Class"],
+                    _latin1(row["Name"]),
+                    "yes" if row["Malignant"] else "",
+                    f"{row['Probability']:.2%}",
+                ]
+            )
+    return bytes(pdf.output())

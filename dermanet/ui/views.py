@@ -1,0 +1,143 @@
+"""HTML pieces of the dashboard (traffic light, benign/malignant bars, tables) and its CSS.
+
+Pure functions of the server's answer, escaped, so the page and the case report agree and
+tests can read them. Nothing here computes risk: the numbers are the server's.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from dermanet.classes import CLASS_DESCRIPTIONS, CLASS_NAMES, is_malignant
+from dermanet.ui.client import Classification
+
+NOTICE = (
+    "Research software, not a medical device. DermaNet does not diagnose: never use its output "
+    "for clinical decisions."
+)
+LIGHT_COLOURS = {"green": "#1e9e5a", "yellow": "#e0a800", "red": "#d63a3a"}
+LIGHT_LABELS = {"green": "Low risk", "yellow": "Intermediate risk", "red": "High risk"}
+MODE_LABELS = {"overlay": "Overlay", "heatmap": "Heatmap", "side_by_side": "Side by side"}
+
+CSS = """
+<style>
+.dn-light {display:inline-flex; align-items:center; gap:.45rem; font-weight:600;
+  font-size:.9rem; padding:.15rem .6rem; border-radius:999px; background:#f3f4f6;}
+.dn-dot {width:.85rem; height:.85rem; border-radius:50%; display:inline-block;
+  box-shadow:0 0 0 2px rgba(0,0,0,.08) inset;}
+.dn-light-green {color:#17603a; background:#e3f5ea;}
+.dn-light-yellow {color:#7a5a00; background:#fff4d1;}
+.dn-light-red {color:#8e1f1f; background:#fde4e4;}
+.dn-light-big {font-size:1.15rem; padding:.35rem .9rem;}
+.dn-light-big .dn-dot {width:1.2rem; height:1.2rem;}
+.dn-bars {margin:.4rem 0 .6rem 0;}
+.dn-bar-row {display:grid; grid-template-columns:6.5rem 1fr 3.6rem; align-items:center;
+  gap:.6rem; margin:.45rem 0;}
+.dn-bar-label {font-weight:600; color:#374151;}
+.dn-bar-track {background:#eef0f3; border-radius:6px; height:1.35rem; overflow:hidden;}
+.dn-bar-fill {height:100%; border-radius:6px;}
+.dn-bar-benign {background:#2f8f6a;}
+.dn-bar-malignant {background:#c2410c;}
+.dn-bar-value {text-align:right; font-variant-numeric:tabular-nums; font-weight:600;}
+.dn-top {font-size:1.05rem; margin:.2rem 0 .1rem 0;}
+.dn-muted {color:#6b7280; font-size:.85rem;}
+.dn-card-name {font-size:.82rem; color:#374151; overflow:hidden; text-overflow:ellipsis;
+  white-space:nowrap; margin:.1rem 0 .2rem 0;}
+.dn-notice {border-left:4px solid #d97706; background:#fffbeb; padding:.55rem .8rem;
+  border-radius:4px; color:#78350f; font-size:.9rem; margin-bottom:.6rem;}
+</style>
+"""
+
+
+def notice_html() -> str:
+    return f'<div class="dn-notice" role="note"><b>⚠ {html.escape(NOTICE)}</b></div>'
+
+
+def traffic_light_html(
+    light: str, risk: float | None = None, big: bool = False, compact: bool = False
+) -> str:
+    """A coloured dot with its label, e.g. "High risk · score 0.71"; unknown lights are grey.
+
+    `compact` (gallery cards) shows the label only; the score is in the tooltip.
+    """
+    light = str(light)
+    colour = LIGHT_COLOURS.get(light, "#9ca3af")
+    label = LIGHT_LABELS.get(light, "Not classified")
+    score = f"risk score {risk:.2f}" if risk is not None else ""
+    shown = f"{label} · {score}" if score and not compact else label
+    size = " dn-light-big" if big else ""
+    title = f"traffic light {light}" + (f", {score}" if score else "")
+    return (
+        f'<span class="dn-light dn-light-{html.escape(light)}{size}" data-light="'
+        f'{html.escape(light)}" title="{html.escape(title)}">'
+        f'<span class="dn-dot" style="background:{colour}"></span>{html.escape(shown)}</span>'
+    )
+
+
+def risk_bars_html(result: Classification) -> str:
+    """The two bars of the original dashboard: benign and malignant (server values)."""
+    rows = []
+    for name, value, css in (
+        ("Benign", result.benign, "dn-bar-benign"),
+        ("Malignant", result.malignant, "dn-bar-malignant"),
+    ):
+        pct = max(0.0, min(1.0, float(value))) * 100
+        rows.append(
+            f'<div class="dn-bar-row" data-bar="{name.lower()}">'
+            f'<span class="dn-bar-label">{name}</span>'
+            f'<div class="dn-bar-track"><div class="dn-bar-fill {css}" style="width:{pct:.1f}%">'
+            f'</div></div><span class="dn-bar-value">{pct:.1f}%</span></div>'
+        )
+    return '<div class="dn-bars">' + "".join(rows) + "</div>"
+
+
+def top_class_html(result: Classification) -> str:
+    name = CLASS_DESCRIPTIONS.get(result.top_class, result.top_class)
+    return (
+        f'<div class="dn-top">Most likely: <b>{html.escape(name)}</b> '
+        f"({html.escape(result.top_class)}, {result.top_probability:.1%})</div>"
+    )
+
+
+def probability_rows(result: Classification) -> list[dict[str, Any]]:
+    """All classes, most probable first: code, name, malignant flag, probability."""
+    rows = [
+        {
+            "Class": name,
+            "Name": CLASS_DESCRIPTIONS.get(name, name),
+            "Malignant": is_malignant(name),
+            "Probability": float(result.probabilities[name]),
+        }
+        for name in CLASS_NAMES
+    ]
+    return sorted(rows, key=lambda row: row["Probability"], reverse=True)
+
+
+def class_label(name: str | None, predicted: str | None = None) -> str:
+    """Label of the Grad-CAM class choice; None means "the predicted class"."""
+    if name is None:
+        return f"Predicted class ({predicted})" if predicted else "Predicted class"
+    return f"{name} · {CLASS_DESCRIPTIONS.get(name, name)}"
+
+
+def model_label(model_id: str, default: str) -> str:
+    return f"{model_id} (default)" if model_id == default else model_id
+
+
+def model_summary(info: dict[str, Any]) -> str:
+    """One line about a checkpoint from `/v1/models` (size, input, a headline metric)."""
+    parts = []
+    if info.get("img_size"):
+        parts.append(f"input {info['img_size']} px")
+    metrics = info.get("metrics") or {}
+    for key in ("balanced_accuracy", "val_balanced_accuracy", "val/balanced_accuracy"):
+        if isinstance(metrics.get(key), int | float):
+            parts.append(f"balanced accuracy {metrics[key]:.3f}")
+            break
+    data = (info.get("provenance") or {}).get("data")
+    if data:
+        parts.append(f"data: {data}")
+    if info.get("modified_utc"):
+        parts.append(f"saved {str(info['modified_utc'])[:10]}")
+    return " · ".join(parts)

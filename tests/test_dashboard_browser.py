@@ -1,0 +1,160 @@
+"""The running dashboard in headless Chromium (Playwright driving Debian's /usr/bin/chromium).
+
+Uploads real images (derm-sample when present, else SYNTHETIC), clicks a card, turns Grad-CAM
+on and saves a screenshot to test-artifacts/dashboard.png, which the test then checks: the
+traffic light's colour is on it, and the viewer shows a Grad-CAM image that differs from the
+plain image. Skips with the reason when Chromium or Playwright is missing.
+DERMANET_UPDATE_SCREENSHOT=1 also refreshes the README's docs/images/dashboard.png (< 300 KB).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest_plugins = ["conftest_serve", "conftest_ui"]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(480)]
+UPDATE_README_ENV = "DERMANET_UPDATE_SCREENSHOT"  # =1: also refresh docs/images/dashboard.png
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+LIGHT_RGB = {"green": (0x1E, 0x9E, 0x5A), "yellow": (0xE0, 0xA8, 0x00), "red": (0xD6, 0x3A, 0x3A)}
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.skip(
+            f"{CHROMIUM} not found: install Debian's chromium (`apt-get install -y chromium`, "
+            "or `make browser`) to run the browser test"
+        )
+    sync_api = pytest.importorskip(
+        "playwright.sync_api",
+        reason="playwright is not installed: `.venv/bin/pip install playwright`",
+    )
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        yield browser
+        browser.close()
+
+
+def colour_pixels(png: bytes, rgb: tuple[int, int, int], tolerance: int = 12) -> int:
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+    return int((np.abs(pixels - np.array(rgb)).max(axis=-1) <= tolerance).sum())
+
+
+def test_dashboard_in_chromium(browser, dashboard_url: str, screenshot_images: list[Path]) -> None:
+    from dermanet.paths import PROJECT_ROOT
+
+    artifacts = PROJECT_ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    page = browser.new_page(
+        viewport={"width": 1440, "height": 1000}, device_scale_factor=1, accept_downloads=True
+    )
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(dashboard_url, wait_until="domcontentloaded")
+    page.get_by_text("Lesion dashboard").wait_for()
+    page.get_by_text("Research software, not a medical device").first.wait_for()
+
+    # upload several real images at once; the gallery shows them with traffic lights
+    page.locator("input[type=file]").set_input_files([str(p) for p in screenshot_images])
+    cards = page.locator(".dn-card-name")
+    page.wait_for_function(
+        f"document.querySelectorAll('.dn-card-name').length >= {len(screenshot_images)}",
+        timeout=TIMEOUT_MS,
+    )
+    assert cards.count() == len(screenshot_images)
+    names = {p.name for p in screenshot_images}
+    assert {cards.nth(i).inner_text() for i in range(cards.count())} == names
+
+    # click the card of the first image (the last one uploaded is selected after upload)
+    wanted = screenshot_images[0].name
+    card = page.locator("[class*='st-key-card-']").filter(has_text=wanted)
+    card.get_by_role("button", name="View").click()
+    page.locator("h3").filter(has_text=wanted).wait_for()
+    light = page.locator(".dn-light-big")
+    light.wait_for()
+    colour = light.get_attribute("data-light")
+    assert colour in LIGHT_RGB
+    viewer = page.locator("[data-testid='stImage']").first
+    plain = viewer.screenshot()
+
+    # Grad-CAM on (sidebar toggle): the overlay replaces the plain image
+    page.locator("[data-testid='stSidebar']").get_by_text("Grad-CAM").click()
+    page.get_by_text("Grad-CAM ·").first.wait_for()
+    page.get_by_text("Overlay").first.wait_for()
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(1500)  # let the image paint
+    overlay = page.locator("[data-testid='stImage']").first.screenshot()
+    assert overlay != plain
+
+    main = page.locator("[data-testid='stMain']")
+    height = main.evaluate("element => element.scrollHeight")
+    page.set_viewport_size({"width": 1440, "height": max(900, min(int(height) + 20, 2000))})
+    main.evaluate("element => element.scrollTo(0, 0)")
+    page.wait_for_timeout(500)
+    shot = artifacts / "dashboard.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot: {shot}")
+    data = shot.read_bytes()
+    assert colour_pixels(data, LIGHT_RGB[colour]) > 50  # the traffic light is on the picture
+    # the overlay's jet colours (deep blue, red) dominate the viewer, not the plain skin tones
+    assert _jet_fraction(overlay) > _jet_fraction(plain) + 0.05
+
+    # the case report downloads (built on click, with the Grad-CAM on screen)
+    reports = {}
+    for label in ("HTML", "PDF"):
+        button = page.locator("[data-testid='stDownloadButton']").filter(has_text=label)
+        with page.expect_download(timeout=TIMEOUT_MS) as download:
+            button.locator("button").click()
+        reports[label] = Path(download.value.path()).read_bytes()
+        assert download.value.suggested_filename.startswith("dermanet-report-")
+    assert b"DermaNet case report" in reports["HTML"] and b"data:image/png" in reports["HTML"]
+    assert wanted.encode() in reports["HTML"] and b"Research software" in reports["HTML"]
+    assert reports["PDF"].startswith(b"%PDF")
+    page.close()
+    if os.environ.get(UPDATE_README_ENV) == "1":
+        _save_small(data, PROJECT_ROOT / "docs" / "images" / "dashboard.png")
+
+
+def _jet_fraction(png: bytes) -> float:
+    """Share of strongly saturated pixels (Grad-CAM's colour map), plain skin has few."""
+    hsv = np.asarray(Image.open(io.BytesIO(png)).convert("HSV")).astype(np.float32)
+    return float(((hsv[..., 1] > 170) & (hsv[..., 2] > 90)).mean())
+
+
+def _save_small(png: bytes, target: Path, limit: int = 300_000) -> None:
+    """Copy the screenshot for the README, shrunk until it is under `limit` bytes."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    scale = 1.0
+    while True:
+        size = (round(image.width * scale), round(image.height * scale))
+        small = image.resize(size, Image.Resampling.LANCZOS) if scale < 1 else image
+        small = small.quantize(
+            colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        )
+        buffer = io.BytesIO()
+        small.save(buffer, format="PNG", optimize=True)
+        if buffer.tell() <= limit or scale < 0.3:
+            break
+        scale *= 0.85
+    tmp = target.with_suffix(".tmp.png")
+    tmp.write_bytes(buffer.getvalue())
+    shutil.move(tmp, target)

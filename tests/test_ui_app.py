@@ -1,0 +1,162 @@
+"""ui/app.py in Streamlit's AppTest, against the session's real Ray Serve (SYNTHETIC images)."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from dermanet.classes import CLASS_NAMES
+from dermanet.paths import PROJECT_ROOT
+
+pytest_plugins = ["conftest_serve", "conftest_ui"]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+APP = str(PROJECT_ROOT / "ui" / "app.py")
+
+
+def run(target) -> AppTest:
+    """Run the app (an AppTest, or a widget after an interaction) and fail on any exception."""
+    at = target.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def markdown(at: AppTest, needle: str) -> list[str]:
+    return [m.value for m in at.markdown if needle in m.value and "<style>" not in m.value]
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c for image in at.get("image") for c in image.captions if c]
+
+
+def server_answer(serve_url: str, data: bytes, model: str = "default") -> dict:
+    files = {"file": ("x.jpg", data)}
+    return httpx.post(f"{serve_url}/v1/classify", files=files, params={"model": model}).json()
+
+
+def test_dashboard_workflow(ui_env: Path, ui_images: list[Path], serve_url: str) -> None:
+    at = run(AppTest.from_file(APP, default_timeout=180))
+    assert markdown(at, "Research software, not a medical device")
+    assert "Upload one or more" in at.info[0].value
+    assert at.selectbox(key="model").value == "default"  # the server's default at start
+    assert at.selectbox(key="model").options == ["default (default)", "tiny-random"]
+
+    # upload several at once: kept under generated names, gallery filled, newest selected
+    png = io.BytesIO()
+    Image.open(ui_images[2]).save(png, format="PNG")
+    files = [
+        (ui_images[0].name, ui_images[0].read_bytes(), "image/jpeg"),
+        (ui_images[1].name, ui_images[1].read_bytes(), "image/jpeg"),
+        ("lesion three.png", png.getvalue(), "image/png"),
+        ("broken.png", b"not an image at all", "image/png"),
+    ]
+    run(at.file_uploader[0].set_value(files))
+    stored = sorted(p.name for p in ui_env.glob("*") if not p.name.endswith((".json", "thumb.jpg")))
+    assert len(stored) == 3 and all(len(Path(n).stem) == 32 for n in stored)
+    assert any("broken.png: not a readable" in w.value for w in at.warning)
+    views = [b for b in at.button if b.key.startswith("view-")]
+    assert len(views) == 3 and len(markdown(at, 'class="dn-card-name"')) == 3
+    for card in markdown(at, 'class="dn-card-name"'):
+        assert any(f"dn-light-{light}" in card for light in ("green", "yellow", "red"))
+    assert at.subheader[0].value == "lesion three.png"  # the last upload is selected
+
+    # selection by clicking a card, then the bars and the expander carry the server's numbers
+    state = at.session_state["dn"]
+    target = next(i for i in state.predictions if i[0] != state.selected)[0]
+    run(at.button(key=f"view-{target}").click())
+    assert at.session_state["dn"].selected == target
+    name = next(i.original_name for i in _store(ui_env) if i.image_id == target)
+    assert at.subheader[0].value == name
+    expected = server_answer(serve_url, (ui_env / _stored_name(ui_env, target)).read_bytes())
+    bars = markdown(at, 'class="dn-bars"')[0]
+    assert f"{expected['benign'] * 100:.1f}%" in bars
+    assert f"{expected['malignant'] * 100:.1f}%" in bars
+    big = markdown(at, "dn-light-big")[0]
+    assert f"dn-light-{expected['traffic_light']}" in big and f"score {expected['risk']:.2f}" in big
+    assert at.expander[0].label == "Probabilities of all classes"
+    table = at.dataframe[0].value
+    assert sorted(table["Class"]) == sorted(CLASS_NAMES)
+    for row in table.itertuples():
+        assert row.Probability == pytest.approx(expected["probabilities"][row.Class], abs=1e-6)
+    assert [b.label for b in at.get("download_button")] == ["HTML", "PDF"]
+
+    # Grad-CAM: toggle, display mode above the image, opacity, class (predicted by default)
+    run(at.toggle(key="gradcam").set_value(True))
+    top = expected["top_class"]
+    assert at.segmented_control(key="cam_mode").value == "overlay"
+    assert at.selectbox(key="cam_class").value is None
+    assert at.selectbox(key="cam_class").options[0] == f"Predicted class ({top})"
+    assert any(c.startswith(f"Grad-CAM · {top} (") and c.endswith("Overlay") for c in captions(at))
+    cams = at.session_state["dn"].gradcams
+    overlay = cams[(target, "default", "", "overlay", 0.5)].png
+    run(at.slider(key="cam_opacity").set_value(0.9))
+    stronger = at.session_state["dn"].gradcams[(target, "default", "", "overlay", 0.9)].png
+    assert stronger != overlay
+    run(at.segmented_control(key="cam_mode").set_value("heatmap"))
+    assert any(c.endswith("Heatmap") for c in captions(at))
+    assert at.slider(key="cam_opacity").disabled
+    run(at.segmented_control(key="cam_mode").set_value("side_by_side"))
+    side = at.session_state["dn"].gradcams[(target, "default", "", "side_by_side", 0.9)].png
+    width = Image.open(io.BytesIO(side)).size[0]
+    assert width == 2 * Image.open(io.BytesIO(overlay)).size[0]
+    run(at.selectbox(key="cam_class").set_value("MEL"))
+    assert any(c.startswith("Grad-CAM · MEL (") for c in captions(at))
+
+    # checkpoint switch: every image is re-classified by the chosen model
+    run(at.selectbox(key="model").set_value("tiny-random"))
+    state = at.session_state["dn"]
+    assert {key for key in state.predictions if key[1] == "tiny-random"} == {
+        (i.image_id, "tiny-random") for i in _store(ui_env)
+    }
+    other = server_answer(
+        serve_url, (ui_env / _stored_name(ui_env, target)).read_bytes(), "tiny-random"
+    )
+    assert f"{other['benign'] * 100:.1f}%" in markdown(at, 'class="dn-bars"')[0]
+    assert any(c.startswith("Grad-CAM · MEL (") for c in captions(at))
+    assert "tiny-random" in next(c.value for c in at.caption if c.value.startswith("Model"))
+
+    # remove the selected image: files gone, another image selected
+    run(at.button(key=f"remove-{target}").click())
+    assert target not in {i.image_id for i in _store(ui_env)}
+    assert not list(ui_env.glob(f"{target}*"))
+    assert len([b for b in at.button if b.key.startswith("view-")]) == 2
+    assert at.session_state["dn"].selected != target
+
+    # About page, with the server's risk policy
+    run(at.radio(key="page").set_value("About"))
+    assert at.header[0].value == "About DermaNet"
+    assert markdown(at, "1.5·P(MEL) + 1.3·P(BCC) + 1·P(SCC)")
+    assert markdown(at, "Research software, not a medical device")
+    assert not markdown(at, 'class="dn-card-name"')
+
+
+def test_unreachable_server_shows_a_message(ui_env: Path, monkeypatch, serve_url: str) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("DERMANET_SERVE_URL", dead)
+    at = run(AppTest.from_file(APP, default_timeout=60))
+    message = at.error[0].value
+    assert "not reachable" in message and dead in message and "make demo" in message
+    assert not at.file_uploader and markdown(at, "Research software")
+    run(at.radio(key="page").set_value("About"))  # About still works without a server
+    assert at.header[0].value == "About DermaNet"
+    run(at.radio(key="page").set_value("Dashboard"))
+    run(at.text_input(key="serve_url").set_value(serve_url))  # fixed from the sidebar
+    assert not at.error and at.file_uploader and at.selectbox(key="model").value == "default"
+
+
+def _store(folder: Path):
+    from dermanet.ui.storage import UploadStore
+
+    return UploadStore(folder).list()
+
+
+def _stored_name(folder: Path, image_id: str) -> str:
+    return next(i.stored_name for i in _store(folder) if i.image_id == image_id)

@@ -1,0 +1,220 @@
+"""dermanet.ui without a server: upload storage, the API client's errors, state, reports."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermanet.classes import CLASS_NAMES
+from dermanet.ui.client import Classification, ServeClient, ServeError, ServeUnavailable
+from dermanet.ui.gallery import DashboardState
+from dermanet.ui.report import CaseReport, render_html, render_pdf, report_filename
+from dermanet.ui.storage import UploadRejected, UploadStore, display_name
+from dermanet.ui.views import probability_rows, risk_bars_html, traffic_light_html
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (40, 30), seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def answer(light: str = "red", model: str = "default", name: str = "a.jpg") -> dict:
+    probs = dict.fromkeys(CLASS_NAMES, 0.02)
+    probs["MEL"] = 0.86
+    return {
+        "model_id": model,
+        "filename": name,
+        "probabilities": probs,
+        "top_class": "MEL",
+        "top_probability": 0.86,
+        "risk": 1.35,
+        "traffic_light": light,
+        "malignant": 1.0,
+        "benign": 0.0,
+    }
+
+
+# --- storage ------------------------------------------------------------------------------------
+def test_upload_store_generates_safe_names_and_sidecars(tmp_path) -> None:
+    store = UploadStore(tmp_path / "up")
+    kept = store.save("../../etc/pass\x00wd<script>.JPG", image_bytes())
+    assert kept.original_name == "passwd<script>.JPG"  # no folders, no control characters
+    assert kept.stored_name == f"{kept.image_id}.jpg" and len(kept.image_id) == 32
+    assert sorted(p.name for p in (tmp_path / "up").iterdir()) == sorted(
+        [kept.stored_name, f"{kept.image_id}.json", f"{kept.image_id}.thumb.jpg"]
+    )
+    assert json.loads((tmp_path / "up" / f"{kept.image_id}.json").read_text())["width"] == 40
+    assert store.read(kept.image_id) == image_bytes()
+    # a PNG named .jpg is stored as what it is
+    png = store.save("x.jpg", image_bytes("PNG", seed=1))
+    assert png.stored_name.endswith(".png") and png.mime == "image/png"
+    assert {s.image_id for s in store.list()} == {png.image_id, kept.image_id}
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "words"),
+    [
+        ("notes.txt", b"hello", "only .jpg"),
+        ("a.gif", b"GIF89a", "only .jpg"),
+        ("empty.png", b"", "empty"),
+        ("fake.jpg", b"hello doctor" * 10, "not a readable"),
+        ("big.png", b"\x89PNG" + b"\0" * 3000, "over the upload limit"),
+        ("truncated.jpg", image_bytes(size=(200, 200))[:9000], "damaged"),
+        ("bmp.png", None, "not JPEG or PNG"),
+        ("huge.png", "huge", "megapixels"),
+    ],
+)
+def test_upload_store_rejects_with_a_reason(tmp_path, name, data, words) -> None:
+    if data is None:
+        out = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(out, format="BMP")
+        data = out.getvalue()
+    elif data == "huge":
+        out = io.BytesIO()
+        Image.new("L", (3000, 2000)).save(out, format="PNG")
+        data = out.getvalue()
+    store = UploadStore(tmp_path, max_bytes=2048 if name == "big.png" else None, max_pixels=5e6)
+    with pytest.raises(UploadRejected, match=words):
+        store.save(name, data)
+    assert store.list() == []
+
+
+def test_upload_store_dedupes_removes_and_refuses_path_ids(tmp_path) -> None:
+    store = UploadStore(tmp_path)
+    first = store.save("a.jpg", image_bytes())
+    assert store.save("again.jpg", image_bytes()) == first
+    assert store.get("../../etc/passwd") is None and store.get(first.image_id) == first
+    with pytest.raises(KeyError):
+        store.read("../" + first.image_id)
+    assert store.remove(first.image_id) and not store.remove(first.image_id)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_upload_limit_from_environment(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DERMANET_UPLOAD_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("DERMANET_UPLOAD_MAX_MB", "0.5")
+    store = UploadStore()
+    assert store.root == (tmp_path / "env").resolve() and store.max_bytes == 512 * 1024
+    monkeypatch.setenv("DERMANET_UPLOAD_MAX_MB", "lots")
+    with pytest.raises(ValueError, match="DERMANET_UPLOAD_MAX_MB"):
+        UploadStore()
+
+
+def test_display_name_is_bounded() -> None:
+    assert display_name("C:\\Users\\x\\" + "a" * 200 + ".jpeg").endswith("….jpeg")
+    assert len(display_name("b" * 300 + ".png")) <= 80
+    assert display_name("\x00\x01") == "image"
+
+
+# --- client -------------------------------------------------------------------------------------
+def mock_client(handler) -> ServeClient:
+    return ServeClient("127.0.0.1:9/", transport=httpx.MockTransport(handler))
+
+
+def test_client_unreachable_says_where_and_what_to_do() -> None:
+    client = ServeClient("http://127.0.0.1:9", connect_timeout_s=1)
+    with pytest.raises(ServeUnavailable, match=r"cannot reach .*127\.0\.0\.1:9.*make demo"):
+        client.models()
+    with pytest.raises(ServeError, match="http://"):
+        ServeClient("ftp://example")
+
+
+def test_client_maps_4xx_detail_and_batches_of_16() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/gradcam":
+            return httpx.Response(422, json={"detail": "unknown class 'XYZ'"})
+        n = request.content.count(b'name="file"')
+        calls.append(n)
+        if n == 1:
+            return httpx.Response(200, json=answer())
+        return httpx.Response(200, json={"results": [answer()] * n})
+
+    client = mock_client(handler)
+    assert client.base_url == "http://127.0.0.1:9"
+    results = client.classify([(f"{i}.jpg", b"x") for i in range(20)], model="m")
+    assert calls == [16, 4] and len(results) == 20 and results[0].traffic_light == "red"
+    with pytest.raises(ServeError, match=r"\(422\): unknown class 'XYZ'") as info:
+        client.gradcam("a.jpg", b"x", target_class="XYZ")
+    assert info.value.status == 422
+
+
+def test_client_not_dermanet() -> None:
+    client = mock_client(lambda request: httpx.Response(200, text="<html>hello</html>"))
+    with pytest.raises(ServeUnavailable, match="DermaNet server"):
+        client.models()
+
+
+# --- state --------------------------------------------------------------------------------------
+def test_state_uploads_selection_and_per_image_fallback(tmp_path) -> None:
+    store = UploadStore(tmp_path)
+    state = DashboardState()
+    outcome = state.add_uploads(
+        store,
+        [("f1", "a.jpg", image_bytes(seed=1)), ("f2", "b.txt", b"x"), ("f3", "c.png", b"no")],
+    )
+    assert len(outcome.stored) == 1 and len(outcome.rejected) == 2
+    assert state.add_uploads(store, [("f1", "a.jpg", image_bytes(seed=1))]).stored == []
+    good = store.save("d.jpg", image_bytes(seed=2))
+    assert state.current(store.list()).image_id == state.selected
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.content.count(b'name="file"') > 1:
+            return httpx.Response(422, json={"detail": "d.jpg: not an image"})
+        if b"d.jpg" in request.content:
+            return httpx.Response(422, json={"detail": "not an image"})
+        return httpx.Response(200, json=answer())
+
+    images = store.list()
+    assert state.classify_missing(mock_client(handler), store, images, "default") == 2
+    assert state.prediction(outcome.stored[0].image_id, "default").top_class == "MEL"
+    assert "not an image" in state.error(good.image_id, "default")
+    assert state.classify_missing(mock_client(handler), store, images, "default") == 0
+    state.select(good.image_id)
+    state.remove(store, good.image_id)
+    assert state.selected is None and state.error(good.image_id, "default") is None
+    assert state.current(store.list()).image_id == outcome.stored[0].image_id
+
+
+# --- views and reports --------------------------------------------------------------------------
+def test_views_use_the_servers_numbers() -> None:
+    result = Classification.from_json(answer("yellow"))
+    light = traffic_light_html(result.traffic_light, result.risk)
+    assert "dn-light-yellow" in light and "1.35" in light and "Intermediate" in light
+    bars = risk_bars_html(result)
+    assert 'data-bar="benign"' in bars and "width:100.0%" in bars and "0.0%" in bars
+    rows = probability_rows(result)
+    assert next(r["Class"] for r in rows) == "MEL" and len(rows) == len(CLASS_NAMES)
+
+
+def test_case_report_html_and_pdf(tmp_path) -> None:
+    result = Classification.from_json(answer(name="<img src=x onerror=alert(1)>.jpg"))
+    report = CaseReport(
+        image_name="<img src=x onerror=alert(1)>.jpg",
+        image=image_bytes(size=(120, 90)),
+        image_mime="image/jpeg",
+        result=result,
+        gradcam_png=image_bytes("PNG", size=(120, 90)),
+        gradcam_target="MEL",
+        gradcam_mode="overlay",
+        risk_policy={"weights": {"MEL": 1.5}, "green_below": 0.15, "yellow_below": 0.6},
+    )
+    page = render_html(report)
+    assert "<img src=x" not in page and "&lt;img src=x" in page
+    for words in ("Research software", "dn-light-red", "Melanoma", "86.00%", "default", "1.5·P"):
+        assert words in page
+    assert page.count("data:image/") == 2 and "http" not in page.split("<body>")[1]
+    pdf = render_pdf(report)
+    assert pdf.startswith(b"%PDF") and len(pdf) > 2000
+    name = report_filename(report, "pdf")
+    assert name.startswith("dermanet-report-img_src_x_onerror_alert_1-") and name.endswith(".pdf")
