@@ -161,3 +161,25 @@ def test_killed_worker_is_retried_from_checkpoint(
     assert (
         load_checkpoint(outcome.best_checkpoint).provenance["pretrain_ckpt"].endswith("backbone.pt")
     )
+
+
+def test_weighted_smoothed_loss_weights_each_sample_by_its_own_class() -> None:
+    from dermanet.train.classifier_module import weighted_smoothed_cross_entropy
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    weights = torch.tensor([0.2, 1.0, 5.0, 13.0])
+    # No smoothing: exactly PyTorch's class-weighted cross-entropy.
+    torch.testing.assert_close(
+        weighted_smoothed_cross_entropy(logits, labels, weights, 0.0),
+        torch.nn.functional.cross_entropy(logits, labels, weight=weights),
+    )
+    # Equal weights: exactly PyTorch's label smoothing.
+    torch.testing.assert_close(
+        weighted_smoothed_cross_entropy(logits, labels, torch.ones(4), 0.1),
+        torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1),
+    )
+    # A lone sample's loss does not depend on the other classes' weights (PyTorch's does).
+    one = (logits[:1], labels[:1])
+    unweighted = weighted_smoothed_cross_entropy(*one, torch.ones(4), 0.1)
+    torch.testing.assert_close(weighted_smoothed_cross_entropy(*one, weights, 0.1), unweighted)
