@@ -17,8 +17,13 @@ import sys
 
 from dermanet.data.catalogue import CatalogueError
 from dermanet.models import DEFAULT_CONFIG_PATH
-from dermanet.runtime import init_ray
-from dermanet.train.supervised import PRECISIONS, TrainSettings, run_training
+from dermanet.runtime import check_storage_location, init_ray
+from dermanet.train.supervised import (
+    PRECISIONS,
+    TrainSettings,
+    load_settings_yaml,
+    run_training,
+)
 
 DEFAULTS = TrainSettings()
 
@@ -27,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        help="YAML of training settings (e.g. jobs/tune.py's best_config.yaml); flags override it",
     )
     data = p.add_argument_group("data")
     data.add_argument("--shards", help="prepared shards (jobs/prepare_data.py output; path or URI)")
@@ -81,12 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**load_settings_yaml(args.config))
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     fields = set(TrainSettings.__dataclass_fields__)
     settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in fields})
     try:
         settings.validate()
+        check_storage_location(settings.storage_path)
         init_ray(address=args.address)
         outcome = run_training(settings)
     except (CatalogueError, FileNotFoundError, ValueError) as exc:

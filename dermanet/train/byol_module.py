@@ -86,8 +86,10 @@ class BYOLModule(pl.LightningModule):
             )
         out = self.byol(batch["view1"], batch["view2"])
         n = batch["view1"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
-        self.log("train/embedding_std", embedding_std(out.z1.detach()), batch_size=n)
+        # Step values for TensorBoard, epoch means (all ranks) for the per-epoch metrics.csv.
+        per_epoch = {"on_step": True, "on_epoch": True, "sync_dist": True, "batch_size": n}
+        self.log("train/loss", out.loss, prog_bar=True, **per_epoch)
+        self.log("train/embedding_std", embedding_std(out.z1.detach()), **per_epoch)
         self.log("train/momentum", self.momentum_at(self.global_step), batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return out.loss

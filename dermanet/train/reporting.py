@@ -3,6 +3,7 @@
 Every checkpoint directory holds:
     checkpoint.ckpt        full Lightning state (optimizer, scheduler, epoch) for resuming
     model.pt               the self-describing DermaNet checkpoint (DESIGN.md) for inference
+                           (or what an `export_fn` writes instead: BYOL's backbone.pt)
     confusion_matrix.png   the validation confusion matrix of that epoch (when there is one)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,10 @@ CONFUSION_PNG = "confusion_matrix.png"
 class RayTrainReporter(pl.Callback):
     """On each train-epoch end (after validation): save, then `ray.train.report`.
 
-    `model_attr` names the DermResNetSE on the LightningModule ("model" for the classifier);
-    `model_fn` can instead return it (BYOL's online backbone).
+    By default rank 0 writes `model.pt` from the DermResNetSE that `model_fn` returns
+    (`module.model`, the classifier's). A job whose artefact is not a classifier passes
+    `export_fn(module, folder, metrics)` instead, which writes its own file(s) into the
+    checkpoint folder (BYOL: `backbone.pt`, the online backbone).
     """
 
     def __init__(
@@ -40,12 +44,14 @@ class RayTrainReporter(pl.Callback):
         model_fn: Any = None,
         confusion_png_dir: str | None = None,
         metrics_csv: str | None = None,
+        export_fn: Callable[[pl.LightningModule, Path, dict[str, float]], Any] | None = None,
     ):
         self.img_size = img_size
         self.provenance = provenance
         self.model_fn = model_fn or (lambda module: module.model)
         self.confusion_png_dir = confusion_png_dir
         self.metrics_csv = metrics_csv
+        self.export_fn = export_fn or self._save_model
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {
@@ -59,13 +65,7 @@ class RayTrainReporter(pl.Callback):
             trainer.save_checkpoint(folder / LIGHTNING_CKPT)  # collective: every rank calls it
             checkpoint = None
             if rank == 0:
-                save_checkpoint(
-                    folder / MODEL_FILE,
-                    self.model_fn(pl_module),
-                    img_size=self.img_size,
-                    metrics=metrics,
-                    provenance=self.provenance,
-                )
+                self.export_fn(pl_module, folder, metrics)
                 self._save_confusion(pl_module, folder, trainer.current_epoch)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -73,6 +73,17 @@ class RayTrainReporter(pl.Callback):
                 append_metrics_row(self.metrics_csv, metrics)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _save_model(
+        self, pl_module: pl.LightningModule, folder: Path, metrics: dict[str, float]
+    ) -> None:
+        save_checkpoint(
+            folder / MODEL_FILE,
+            self.model_fn(pl_module),
+            img_size=self.img_size,
+            metrics=metrics,
+            provenance=self.provenance,
+        )
 
     def _save_confusion(self, pl_module: pl.LightningModule, folder: Path, epoch: int) -> None:
         matrix = getattr(pl_module, "last_confusion", None)

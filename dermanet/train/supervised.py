@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import pandas as pd
 import ray
 import ray.train
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.loggers import TensorBoardLogger
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
-from ray.train.torch import TorchTrainer
+from ray.train import CheckpointConfig
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import CatalogueError
@@ -41,15 +34,26 @@ from dermanet.data.readers import read_catalogue
 from dermanet.data.shards import read_manifest
 from dermanet.data.splits import assign_splits, class_weights_from_counts
 from dermanet.models import DEFAULT_CONFIG_PATH, ModelConfig
-from dermanet.storage import is_uri, join
+from dermanet.storage import copy_file, join
 from dermanet.train.classifier_module import ClassifierModule
 from dermanet.train.monitor import GradientMonitor
-from dermanet.train.reporting import LIGHTNING_CKPT, MODEL_FILE, RayTrainReporter
+from dermanet.train.ray_common import (
+    METRICS_CSV,
+    PRECISIONS,
+    experiment_dir,
+    lightning_trainer,
+    local_log_dir,
+    plain_settings,
+    plot_history,
+    raise_on_failure,
+    resolve_precision,
+    resume_checkpoint_path,
+    torch_trainer,
+)
+from dermanet.train.reporting import MODEL_FILE, RayTrainReporter
 from dermanet.train.throughput import EpochThroughput
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
-METRICS_CSV = "metrics.csv"
 CURVES = ("val/balanced_accuracy", "val/macro_auroc", "val/loss", "train/loss_epoch")
 
 
@@ -100,6 +104,19 @@ class TrainSettings:
             raise ValueError("--epochs >= 1, --batch-size >= 2 and --num-workers >= 1 required")
 
 
+def load_settings_yaml(path: str | Path) -> dict[str, Any]:
+    """Training settings from YAML (e.g. jobs/tune.py's best_config.yaml), checked by name."""
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    known = {f.name for f in dataclasses.fields(TrainSettings)} - {"extra_callbacks"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown training settings {unknown}")
+    return values
+
+
 @dataclass
 class TrainOutcome:
     """Where a finished run left its artefacts, and its best validation metrics."""
@@ -109,16 +126,6 @@ class TrainOutcome:
     last_checkpoint: str
     best_metrics: dict[str, float]
     epochs_completed: int
-
-
-def experiment_dir(settings: TrainSettings) -> str:
-    """`<storage>/<name>`: Ray's run folder, where best.pt / last.pt / logs also go."""
-    storage = (
-        settings.storage_path
-        if is_uri(settings.storage_path)
-        else str(Path(settings.storage_path).expanduser().resolve())
-    )
-    return join(storage, settings.name)
 
 
 def _load_data(settings: TrainSettings) -> tuple[dict[str, ray.data.Dataset], dict[str, int]]:
@@ -138,15 +145,6 @@ def _load_data(settings: TrainSettings) -> tuple[dict[str, ray.data.Dataset], di
         sources = {s: read_catalogue_files(catalogue, split=s) for s in ("train", "val")}
         sizes = catalogue["split"].value_counts().to_dict()
     return sources, {"weights": class_weights_from_counts(counts).tolist(), **sizes}
-
-
-def _plain(settings: TrainSettings) -> dict[str, Any]:
-    """Settings as plain values (no callback objects), for provenance and worker config."""
-    return {
-        f.name: getattr(settings, f.name)
-        for f in dataclasses.fields(settings)
-        if f.name != "extra_callbacks"
-    }
 
 
 def _model_config(settings: TrainSettings) -> dict[str, Any]:
@@ -196,23 +194,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         callbacks.append(
             EarlyStopping(settings.monitor, mode="max", patience=settings.early_stopping_patience)
         )
-    trainer = pl.Trainer(
+    trainer = lightning_trainer(
         max_epochs=settings.epochs,
-        accelerator="gpu" if settings.use_gpu else "cpu",
-        devices="auto",
-        strategy=RayDDPStrategy(find_unused_parameters=False),
-        plugins=[RayLightningEnvironment()],
+        use_gpu=settings.use_gpu,
         precision=settings.precision,
-        gradient_clip_val=settings.grad_clip or None,
+        grad_clip=settings.grad_clip,
         callbacks=callbacks,
-        logger=TensorBoardLogger(log_dir, name="tensorboard", version=""),
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=10,
-        use_distributed_sampler=False,
-        enable_progress_bar=ray.train.get_context().get_world_rank() == 0,
+        log_dir=log_dir,
     )
-    trainer = prepare_trainer(trainer)
     device_batches = {"device": "auto"}
     train_batches = NormalizedBatches(
         ray.train.get_dataset_shard("train").iter_torch_batches(
@@ -228,23 +217,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_size=settings.batch_size, **device_batches
         )
     )
-    resume_from = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        local = Path(tempfile.mkdtemp(prefix="dermanet-resume-"))
-        checkpoint.to_directory(str(local))
-        resume_from = str(local / LIGHTNING_CKPT)
     trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches,
-                ckpt_path=resume_from)  # fmt: skip
+                ckpt_path=resume_checkpoint_path())  # fmt: skip
 
 
-def run_training(settings: TrainSettings) -> TrainOutcome:
-    """Build and run the TorchTrainer; export best.pt and last.pt next to Ray's run folder."""
+def run_training(settings: TrainSettings, run_callbacks: list[Any] | None = None) -> TrainOutcome:
+    """Build and run the TorchTrainer; export best.pt and last.pt next to Ray's run folder.
+
+    `run_callbacks` go to Ray's RunConfig (Ray Tune passes its TuneReportCallback here).
+    """
     settings.validate()
-    precision = settings.precision
-    if not settings.use_gpu and precision == "16-mixed":
-        log.warning("16-mixed needs a GPU; using bf16-mixed on CPU")
-        settings = dataclasses.replace(settings, precision="bf16-mixed")
+    settings = dataclasses.replace(
+        settings, precision=resolve_precision(settings.precision, settings.use_gpu)
+    )
     sources, info = _load_data(settings)
     pipeline = PipelineConfig(img_size=settings.img_size, num_cpus=settings.data_cpus / 2)
     datasets = {
@@ -252,22 +237,21 @@ def run_training(settings: TrainSettings) -> TrainOutcome:
         "val": build_pipeline(sources["val"], "eval", pipeline),
     }
     steps_per_epoch = max(1, info["train"] // (settings.batch_size * settings.num_workers))
-    output = experiment_dir(settings)
-    log_dir = output if not is_uri(output) else tempfile.mkdtemp(prefix="dermanet-logs-")
+    output = experiment_dir(settings.storage_path, settings.name)
     provenance = {
         "job": "train",
         "experiment": settings.name,
         "data": settings.shards or settings.csv,
         "pretrain_ckpt": settings.pretrain_ckpt,
-        "settings": _plain(settings),
+        "settings": plain_settings(settings),
     }
     config = {
-        "settings": {**_plain(settings), "extra_callbacks": settings.extra_callbacks},
+        "settings": {**plain_settings(settings), "extra_callbacks": settings.extra_callbacks},
         "model_config": _model_config(settings),
         "class_weights": info["weights"],
         "warmup_steps": int(settings.warmup_epochs * steps_per_epoch),
         "total_steps": steps_per_epoch * settings.epochs,
-        "log_dir": str(Path(log_dir) / "logs"),
+        "log_dir": str(local_log_dir(output)),
         "provenance": provenance,
     }
     log.info(
@@ -275,75 +259,46 @@ def run_training(settings: TrainSettings) -> TrainOutcome:
         info["train"], info["val"], steps_per_epoch,
         dict(zip(CLASS_NAMES, np.round(info["weights"], 2), strict=True)),
     )  # fmt: skip
-    resources = {"CPU": settings.cpus_per_worker}
-    if settings.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=settings.num_workers,
-            use_gpu=settings.use_gpu,
-            resources_per_worker=resources,
+        config,
+        datasets,
+        output=output,
+        storage_path=settings.storage_path,
+        name=settings.name,
+        num_workers=settings.num_workers,
+        use_gpu=settings.use_gpu,
+        cpus_per_worker=settings.cpus_per_worker,
+        max_failures=settings.max_failures,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=2,
+            checkpoint_score_attribute=settings.monitor,
+            checkpoint_score_order="max",
         ),
-        run_config=RunConfig(
-            name=settings.name,
-            storage_path=str(Path(output).parent) if not is_uri(output) else settings.storage_path,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2,
-                checkpoint_score_attribute=settings.monitor,
-                checkpoint_score_order="max",
-            ),
-            failure_config=FailureConfig(max_failures=settings.max_failures),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
+        run_callbacks=run_callbacks,
     )
     result = trainer.fit()
     outcome = _export(result, output, settings.monitor)
-    _plot_curves(Path(config["log_dir"]))
+    plot_history(Path(config["log_dir"]), list(CURVES), "training_curves.png")
     return outcome
-
-
-def _plot_curves(log_dir: Path) -> None:
-    """training_curves.png beside metrics.csv (local log folders only)."""
-    from dermanet.eval.plots import save_figure, training_curves_figure
-
-    csv = log_dir / METRICS_CSV
-    if csv.is_file():
-        history = pd.read_csv(csv)
-        save_figure(training_curves_figure(history, list(CURVES)), log_dir / "training_curves.png")
 
 
 def _export(result: ray.train.Result, output: str, monitor: str) -> TrainOutcome:
     """Copy the best and the latest model.pt out of Ray's checkpoint folders."""
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint; see the logs in {output}")
+    last = raise_on_failure(result, output)
     scored = [(c, m) for c, m in result.best_checkpoints if monitor in m]
     best, best_metrics = max(scored, key=lambda cm: cm[1][monitor]) if scored else (
-        result.checkpoint, result.metrics or {},
+        last, result.metrics or {},
     )  # fmt: skip
     paths = {}
-    for label, checkpoint in (("best", best), ("last", result.checkpoint)):
+    for label, checkpoint in (("best", best), ("last", last)):
         target = join(output, f"{label}.pt")
         with checkpoint.as_directory() as folder:
-            _copy_out(Path(folder) / MODEL_FILE, target)
+            copy_file(Path(folder) / MODEL_FILE, target)
         paths[label] = target
     metrics = {k: float(v) for k, v in best_metrics.items() if isinstance(v, int | float)}
     last_epoch = int((result.metrics or {}).get("epoch", -1)) + 1
     return TrainOutcome(output, paths["best"], paths["last"], metrics, last_epoch)
-
-
-def _copy_out(source: Path, target: str) -> None:
-    if is_uri(target):
-        from dermanet.storage import write_bytes
-
-        write_bytes(target, source.read_bytes())
-    else:
-        os.makedirs(Path(target).parent, exist_ok=True)
-        shutil.copyfile(source, target)
 
 
 __all__ = ["CatalogueError", "TrainOutcome", "TrainSettings", "run_training"]
