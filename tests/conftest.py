@@ -55,14 +55,15 @@ def derm_sample_catalogue(derm_sample: Path) -> pd.DataFrame:
 def ray_local():
     """One embedded Ray for the whole test session (starting Ray costs ~4 s and ~1 GB).
 
-    4 logical CPUs on this 2-core machine, so Ray Data tasks and Train workers never wait
-    on each other forever (STACK.md: Ray hangs instead of failing when CPUs run out).
+    8 logical CPUs on this 2-core machine, so Ray Data tasks, Train workers and Serve replicas
+    (the Serve fixture's Ray is this same one when it starts first) never wait on each other
+    forever (STACK.md: Ray hangs instead of failing when CPUs run out).
     """
     import ray
 
     from dermanet.runtime import init_ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -143,7 +143,7 @@ def serve_url(model_registry: Path) -> Iterator[str]:
     port = int(os.environ.get("DERMANET_SERVE_PORT") or _free_port())
     temp_dir = tempfile.mkdtemp(prefix="drn-ray-", dir="/tmp")  # short: socket path limit
     try:
-        yield start_local(settings, port=port, num_cpus=4, temp_dir=temp_dir)
+        yield start_local(settings, port=port, num_cpus=8, temp_dir=temp_dir)  # see ray_local
     finally:
         stop_local()
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -106,7 +106,7 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
     history = pd.read_csv(Path(outcome.output) / "logs" / "metrics.csv")
     assert history["epoch"].tolist() == [0, 1, 2, 3]
     losses = history["train/loss_epoch"].tolist()
-    assert losses[-1] < losses[0] * 0.8, f"training loss did not fall: {losses}"
+    assert losses[-1] < losses[0] and min(losses) < 0.85 * losses[0], f"loss did not fall: {losses}"
     assert outcome.best_metrics["val/balanced_accuracy"] > 0.25  # chance is 0.125
     assert (Path(outcome.output) / "logs" / "training_curves.png").is_file()
     assert (Path(outcome.output) / "logs" / "confusion_matrix" / "epoch_003.png").is_file()

@@ -155,10 +155,14 @@ def prepare_shards(
     )
     fs, _ = resolve_filesystem(output)
     for split in SPLITS:
-        part = encoded.map_batches(_select, fn_kwargs={"split": split}, batch_format="pandas")
+        part = encoded.map_batches(
+            _select, fn_kwargs={"split": split}, batch_format="pandas", num_cpus=0.25
+        )
         _, path = resolve_filesystem(shard_dir(output, split))
         part.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
-    failures = encoded.map_batches(_select, fn_kwargs={"split": None}, batch_format="pandas")
+    failures = encoded.map_batches(
+        _select, fn_kwargs={"split": None}, batch_format="pandas", num_cpus=0.25
+    )
     errors = failures.to_pandas()
     written = encoded.select_columns(["split", "label", "error"]).to_pandas()
     counts = written.loc[written["error"].isna()]

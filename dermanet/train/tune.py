@@ -27,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from dermanet.eval.plots import save_figure
 from dermanet.storage import copy_file, is_uri, join
+from dermanet.train.ray_common import plain_settings
 from dermanet.train.reporting import MODEL_FILE
 from dermanet.train.supervised import TrainSettings, run_training
 
@@ -91,10 +92,6 @@ def _trial(config: dict[str, Any]) -> None:
     run_training(settings, run_callbacks=[TuneReportCallback()])
 
 
-def _plain(settings: TrainSettings) -> dict[str, Any]:
-    return {f: getattr(settings, f) for f in SEARCHABLE}
-
-
 def _absolute(settings: TrainSettings) -> TrainSettings:
     """Trials run in their own folders: relative local paths must be made absolute first."""
     fields = ("shards", "csv", "images", "model_config", "pretrain_ckpt")
@@ -132,7 +129,7 @@ def run_tune(settings: TuneSettings) -> pd.DataFrame:
         tuner = tune.Tuner(
             trainable,
             param_space={
-                "base": _plain(
+                "base": plain_settings(
                     dataclasses.replace(_absolute(settings.base), storage_path=trials_dir)
                 ),
                 **load_space(settings.space),
