@@ -43,11 +43,6 @@ def is_nonempty_dir(location: str | Path) -> bool:
     return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
 
 
-def make_dirs(location: str | Path) -> None:
-    fs, path = resolve_filesystem(location)
-    fs.create_dir(path, recursive=True)
-
-
 def delete_dir_contents(location: str | Path) -> None:
     fs, path = resolve_filesystem(location)
     if fs.get_file_info(path).type == pafs.FileType.Directory:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -56,14 +55,6 @@ def index_image_folder(folder: str | Path) -> dict[str, Path]:
 
 def _preference(path: Path) -> tuple[int, int, str]:
     return (int(Path(path).stem.endswith(DOWNSAMPLED_SUFFIX)), len(str(path)), str(path))
-
-
-def list_images(folders: Iterable[str | Path]) -> list[Path]:
-    """All image files under the folders, sorted; for unlabeled (BYOL) data."""
-    paths: list[Path] = []
-    for folder in folders:
-        paths.extend(index_image_folder(folder).values())
-    return sorted(paths)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
