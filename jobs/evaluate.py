@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from dermanet.cli import add_address_argument
 from dermanet.data.catalogue import SPLITS, CatalogueError
 from dermanet.eval.evaluate import EvaluateSettings, run_evaluation
 from dermanet.inference.checkpoint import CheckpointError
@@ -39,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip temperature scaling on the val split",
     )
     p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--export",
+        help="also write the model with its fitted temperature and these scores to this .pt "
+        "(e.g. weights/default.pt: Serve then serves calibrated probabilities)",
+    )
+    p.add_argument("--half", action="store_true", help="--export in float16 (half the size)")
+    add_address_argument(p)
     return p
 
 
@@ -48,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if (args.shards is None) == (args.csv is None) or (args.csv and not args.images):
         print("error: give --shards, or --csv with --images", file=sys.stderr)
+        return 2
+    if args.export and not args.export.endswith(".pt"):
+        print(
+            "error: --export needs a .pt file name (the model registry lists *.pt)", file=sys.stderr
+        )
+        return 2
+    if args.half and not args.export:
+        print("error: --half applies to --export; give --export PATH.pt", file=sys.stderr)
         return 2
     settings = EvaluateSettings(
         checkpoint=args.checkpoint,
@@ -60,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         tta=args.tta,
         calibrate=args.calibrate,
         batch_size=args.batch_size,
+        export=args.export,
+        half=args.half,
     )
     try:
         init_ray(address=args.address)

@@ -147,6 +147,32 @@ def test_predictor_uses_the_evaluation_transform(tiny_checkpoint: Path) -> None:
         predictor.preprocess(np.zeros((10, 10), np.uint8))
 
 
+def test_stored_temperature_calibrates_served_probabilities(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model(TINY).eval()
+    raw = Predictor.from_path(save_checkpoint(tmp_path / "raw.pt", model, img_size=48))
+    path = save_checkpoint(tmp_path / "cal.pt", model, img_size=48, temperature=2.5)
+    calibrated = Predictor.from_path(path)
+    assert raw.checkpoint.temperature == 1.0 and calibrated.checkpoint.temperature == 2.5
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(raw.preprocess(image))[None]).logits.double()
+    np.testing.assert_allclose(raw.probabilities([image])[0], torch.softmax(logits, 1)[0])
+    np.testing.assert_allclose(
+        calibrated.probabilities([image])[0], torch.softmax(logits / 2.5, 1)[0], rtol=1e-6
+    )
+    assert max(calibrated.predict(image).probabilities.values()) < max(
+        raw.predict(image).probabilities.values()
+    )  # T > 1 softens
+    assert ModelRegistry(tmp_path).get("cal").to_dict()["calibration_temperature"] == 2.5
+    with pytest.raises(ValueError, match="temperature"):
+        save_checkpoint(tmp_path / "bad.pt", model, img_size=48, temperature=0.0)
+    data = torch.load(path, weights_only=True)
+    torch.save({**data, "calibration": {"temperature": -1.0}}, tmp_path / "neg.pt")
+    with pytest.raises(CheckpointError, match="temperature"):
+        load_checkpoint(tmp_path / "neg.pt")
+
+
 def _checkpoint(folder: Path, name: str, mtime: float) -> Path:
     path = save_checkpoint(folder / f"{name}.pt", create_model(TINY), img_size=48)
     os.utime(path, (mtime, mtime))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import signal
 import sys
@@ -20,7 +22,11 @@ from dermanet.inference.checkpoint import load_checkpoint
 from dermanet.models import create_model
 from dermanet.train.supervised import TrainSettings, run_training
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml")
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "dermanet_tiny.yaml")
+_spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
+evaluate_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(evaluate_job)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # callbacks travel to workers
 
 
@@ -124,6 +130,31 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
     x = torch.randn(3, 3, 48, 48)
     torch.testing.assert_close(loaded.model(x).logits, reference(x).logits)
     assert loaded.img_size == 48 and loaded.provenance["experiment"] == "synthetic"
+
+    # jobs/evaluate.py scores it, fits a temperature on val and exports a servable checkpoint.
+    report_dir, shipped = tmp_path / "eval", tmp_path / "registry" / "shipped.pt"
+    data = synthetic_train_data
+    code = evaluate_job.main(
+        ["--checkpoint", str(outcome.best_checkpoint), "--csv", str(data / "metadata.csv"),
+         "--images", str(data / "images"), "--output", str(report_dir), "--tta",
+         "--export", str(shipped), "--half"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["images"] == len(pd.read_csv(report_dir / "predictions.csv"))
+    assert report["temperature"] > 0 and 0 <= report["ece_after"] <= 1
+    for name in ("report.md", "confusion_matrix.png", "roc_curves.png", "truth.csv"):
+        assert (report_dir / name).is_file()
+    exported = load_checkpoint(shipped)
+    assert exported.temperature == pytest.approx(report["temperature"])
+    assert exported.metrics["test_balanced_accuracy"] == pytest.approx(
+        report["official"]["balanced_accuracy"]
+    )
+    assert exported.provenance["exported_from"] == str(outcome.best_checkpoint)
+    assert evaluate_job.main(["--checkpoint", str(shipped), "--output", str(report_dir)]) == 2
+    flags = ["--csv", str(data / "metadata.csv"), "--images", str(data / "images")]
+    bad_export = ["--checkpoint", str(shipped), *flags, "--output", str(tmp_path), "--export", "m"]
+    assert evaluate_job.main(bad_export) == 2
 
     # Re-running the same experiment with more epochs continues at epoch 4: none lost or repeated.
     resumed = run_training(_settings(synthetic_train_data, tmp_path, epochs=6))

@@ -35,7 +35,7 @@ from dermanet.eval.calibration import expected_calibration_error, fit_temperatur
 from dermanet.eval.isic_scorer import isic_submission, official_score
 from dermanet.eval.metrics import classification_metrics, confusion_matrix, softmax
 from dermanet.eval.plots import confusion_matrix_figure, roc_figure, save_figure
-from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint
+from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class EvaluateSettings:
     tta: bool = False
     calibrate: bool = True
     batch_size: int = 64
+    export: str | None = None  # write the calibrated checkpoint + these metrics here
+    half: bool = False  # export in float16
 
 
 def predict_logits(
@@ -156,7 +158,51 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "report.md").write_text(render_markdown(report))
     log.info("balanced accuracy %.4f on %d images", score.overall, len(labels))
+    if settings.export:
+        export_checkpoint(loaded, report, settings)
     return report
+
+
+def export_checkpoint(
+    loaded: LoadedCheckpoint, report: dict[str, Any], settings: EvaluateSettings
+) -> Path:
+    """Ship a model: the evaluated weights, the fitted temperature and the scores, one file.
+
+    Serving applies the temperature, and `/v1/models` shows the metrics, so what a clinician
+    sees is what was measured here.
+    """
+    split = settings.split
+    metrics = {
+        **loaded.metrics,
+        f"{split}_balanced_accuracy": report["official"]["balanced_accuracy"],
+        f"{split}_macro_auroc": report["metrics"]["macro_auroc"],
+        f"{split}_top1": report["metrics"]["top1"],
+        f"{split}_macro_f1": report["metrics"]["macro_f1"],
+        f"{split}_melanoma_auc": report["melanoma"]["auc"],
+        f"{split}_melanoma_sens_at_80_spec": report["melanoma"]["sensitivity_at_80_specificity"],
+        f"{split}_ece_before": report["ece_before"],
+        f"{split}_ece_after": report["ece_after"],
+        f"{split}_tta": settings.tta,
+        "temperature": report["temperature"],
+    }
+    provenance = {
+        **loaded.provenance,
+        "exported_from": str(settings.checkpoint),
+        "evaluated_on": f"{split} split of {settings.shards or settings.csv}",
+    }
+    path = save_checkpoint(
+        settings.export,
+        loaded.model,
+        img_size=loaded.img_size,
+        mean=loaded.mean,
+        std=loaded.std,
+        metrics=metrics,
+        provenance=provenance,
+        half=settings.half,
+        temperature=report["temperature"],
+    )
+    log.info("exported %s (temperature %.3f)", path, report["temperature"])
+    return path
 
 
 def render_markdown(report: dict[str, Any]) -> str:

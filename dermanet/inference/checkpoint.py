@@ -44,6 +44,7 @@ class LoadedCheckpoint:
     std: tuple[float, ...]
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0  # probabilities = softmax(logits / temperature)
     format_version: int = CHECKPOINT_FORMAT_VERSION
     path: Path | None = None
 
@@ -58,14 +59,18 @@ def save_checkpoint(
     metrics: dict | None = None,
     provenance: dict | None = None,
     half: bool = False,
+    temperature: float = 1.0,
 ) -> Path:
     """Write `model` and its metadata to one file, atomically (temp file + rename).
 
     `half=True` stores floating-point weights as float16 (half the size); loading casts back.
-    Readers never see a partial file: the temp name does not end in `.pt`.
+    `temperature` (fitted on held-out data by jobs/evaluate.py) calibrates served
+    probabilities. Readers never see a partial file: the temp name does not end in `.pt`.
     """
     if int(img_size) < 8:
         raise ValueError(f"img_size must be at least 8 pixels, got {img_size}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ValueError(f"mean and std need 3 values each and std > 0; got {mean}, {std}")
     path = Path(path)
@@ -79,6 +84,7 @@ def save_checkpoint(
         "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
         "state_dict": state,
         "metrics": to_plain(metrics or {}, "metrics"),
+        "calibration": {"temperature": float(temperature)},
         "provenance": to_plain(
             {
                 "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -171,6 +177,13 @@ def read_checkpoint_dict(path: str | Path, *, mmap: bool = False) -> dict[str, A
             f"{path} was trained for classes {list(data['class_names'])}, but DermaNet's class "
             f"contract is {list(CLASS_NAMES)}; retrain or convert the checkpoint"
         )
+    temperature = (data.get("calibration") or {}).get("temperature", 1.0)
+    if not (
+        isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise CheckpointError(
+            f"{path}: calibration temperature {temperature!r} is not a number > 0"
+        )
     return data
 
 
@@ -201,6 +214,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         std=tuple(float(v) for v in norm["std"]),
         metrics=dict(data.get("metrics") or {}),
         provenance=dict(data.get("provenance") or {}),
+        temperature=stored_temperature(data),
         format_version=int(data["format_version"]),
         path=path,
     )
+
+
+def stored_temperature(data: dict[str, Any]) -> float:
+    """The calibration temperature of a validated checkpoint dict; 1.0 (raw softmax) if none."""
+    return float((data.get("calibration") or {}).get("temperature", 1.0))

@@ -93,12 +93,16 @@ class Predictor:
         return torch.from_numpy(np.stack([self.preprocess(im) for im in images])).to(self.device)
 
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Softmax probabilities (N, NUM_CLASSES), float64 for exact sums."""
+        """Calibrated softmax probabilities (N, NUM_CLASSES), float64 for exact sums.
+
+        Logits are divided by the checkpoint's fitted temperature (1.0 when it has none), so a
+        served 0.8 means right about 80% of the time on the data it was calibrated on.
+        """
         if not images:
             return np.zeros((0, NUM_CLASSES))
         with torch.inference_mode():
             logits = self.model(self.to_tensor(images)).logits.float()
-        return torch.softmax(logits.double(), dim=1).cpu().numpy()
+        return torch.softmax(logits.double() / self.checkpoint.temperature, dim=1).cpu().numpy()
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict a batch of RGB uint8 images in one forward pass."""

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dermanet.inference.checkpoint import CheckpointError, LoadedCheckpoint, read_checkpoint_dict
+from dermanet.inference.checkpoint import (
+    CheckpointError,
+    LoadedCheckpoint,
+    read_checkpoint_dict,
+    stored_temperature,
+)
 from dermanet.inference.checkpoint import load_checkpoint as _load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class ModelInfo:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
     error: str | None = None
 
     @property
@@ -73,6 +79,7 @@ class ModelInfo:
             "config": dict(self.config),
             "metrics": dict(self.metrics),
             "provenance": dict(self.provenance),
+            "calibration_temperature": self.temperature,
             "usable": self.usable,
             "error": self.error,
         }
@@ -201,4 +208,5 @@ def _describe(path: Path, stat: os.stat_result) -> ModelInfo:
         config=summary,
         metrics=dict(data.get("metrics") or {}),
         provenance=dict(data.get("provenance") or {}),
+        temperature=stored_temperature(data),
     )
