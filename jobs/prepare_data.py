@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from dermanet.cli import add_address_argument
 from dermanet.data.catalogue import CatalogueError
 from dermanet.data.prepare import PrepareSettings, run_prepare
 from dermanet.data.shards import ShardsExistError
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-file", type=int, default=2048, help="minimum rows per Parquet file")
     p.add_argument("--limit", type=int, help="keep only a random N images (quick experiments)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already at --output")
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    add_address_argument(p)
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     return p
 

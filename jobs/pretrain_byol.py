@@ -19,6 +19,7 @@ import sys
 
 from ray.train import TrainingFailedError
 
+from dermanet.cli import add_run_arguments
 from dermanet.data.catalogue import SPLITS, CatalogueError
 from dermanet.runtime import check_storage_location, init_ray
 from dermanet.train.pretrain import OPTIMIZERS, PretrainSettings, run_pretraining
@@ -100,37 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--histogram-every-n-steps", type=int, default=0,
         help="TensorBoard weight/gradient histograms every N steps (0 off)",
     )  # fmt: skip
-    run = p.add_argument_group("run")
-    run.add_argument(
-        "--storage-path", default=DEFAULTS.storage_path,
-        help="folder or URI for checkpoints, backbone.pt and logs",
-    )  # fmt: skip
-    run.add_argument(
-        "--name", "--experiment-name", dest="name", default=DEFAULTS.name,
-        help="experiment name (the resume key)",
-    )  # fmt: skip
+    run = add_run_arguments(p, DEFAULTS, "folder or URI for checkpoints, backbone.pt and logs")
     run.add_argument(
         "--log-dir", help="folder for metrics.csv, byol_curves.png, TensorBoard, NaN dumps "
         "(None: <storage-path>/<name>/logs)",
     )  # fmt: skip
-    run.add_argument(
-        "--num-workers", "--workers", dest="num_workers", type=int,
-        default=DEFAULTS.num_workers, help="Ray Train workers (one process and shard each)",
-    )  # fmt: skip
-    run.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    run.add_argument(
-        "--cpus-per-worker", type=float, default=DEFAULTS.cpus_per_worker,
-        help="CPUs reserved per training worker",
-    )  # fmt: skip
-    run.add_argument(
-        "--data-cpus", type=float, default=DEFAULTS.data_cpus,
-        help="CPUs per decode+augment task x2",
-    )  # fmt: skip
-    run.add_argument(
-        "--max-failures", type=int, default=DEFAULTS.max_failures,
-        help="worker-group retries (each resumes from the last checkpoint)",
-    )  # fmt: skip
-    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
     return p
 
 

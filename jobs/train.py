@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 
+from dermanet.cli import add_run_arguments
 from dermanet.data.catalogue import CatalogueError
 from dermanet.models import DEFAULT_CONFIG_PATH
 from dermanet.runtime import check_storage_location, init_ray
@@ -73,19 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument(
         "--on-nan", choices=("stop", "skip"), default="stop", help="on a non-finite step"
     )
-    run = p.add_argument_group("run")
-    run.add_argument(
-        "--storage-path", default="outputs", help="folder or URI for checkpoints and logs"
-    )
-    run.add_argument("--name", default=DEFAULTS.name, help="experiment name (resume key)")
-    run.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
-    run.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    run.add_argument(
-        "--cpus-per-worker", type=float, default=0.5, help="CPUs reserved per training worker"
-    )
-    run.add_argument("--data-cpus", type=float, default=1.0, help="CPUs per decode task x2")
-    run.add_argument("--max-failures", type=int, default=1, help="worker-group retries")
-    run.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    add_run_arguments(p, DEFAULTS, "folder or URI for checkpoints and logs")
     return p
 
 

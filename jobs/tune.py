@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 
+from dermanet.cli import add_address_argument
 from dermanet.data.catalogue import CatalogueError
 from dermanet.models import DEFAULT_CONFIG_PATH
 from dermanet.runtime import check_storage_location, init_ray
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="dermanet-tune", help="experiment name (resume key)")
     p.add_argument("--registry", help="model registry folder to copy the best checkpoint into")
     p.add_argument("--seed", type=int, default=0, help="search seed")
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    add_address_argument(p)
     return p
 
 
