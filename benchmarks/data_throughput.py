@@ -36,6 +36,8 @@ from dermanet.data.shards import prepare_shards
 from dermanet.paths import sample_available, sample_dir
 from dermanet.runtime import init_ray
 
+SOURCES = ("loader", "raw", "shards")
+
 
 class RawJpegBatches(Dataset):
     """Baseline: a map-style dataset whose item is a whole batch of raw files."""
@@ -76,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (baseline)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        choices=SOURCES,
+        default=list(SOURCES),
+        help="which sources to run (e.g. only 'shards' under a profiler); ratios need 'loader'",
+    )
     args = p.parse_args(argv)
     if not sample_available():
         print(f"derm-sample not found at {sample_dir()}: set DERMANET_SAMPLE_DIR", file=sys.stderr)
@@ -99,22 +108,24 @@ def main(argv: list[str] | None = None) -> int:
             persistent_workers=False,
         )
         sources = {
-            f"DataLoader raw JPEG ({args.workers} workers)": lambda loader=loader: count_images(
-                loader
+            ("loader", f"DataLoader raw JPEG ({args.workers} workers)"): (
+                lambda loader=loader: count_images(loader)
             ),
-            "Ray Data raw files": lambda config=config: count_images(
+            ("raw", "Ray Data raw files"): lambda config=config: count_images(
                 build_pipeline(read_catalogue_files(cat), "train", config).iter_torch_batches(
                     batch_size=args.batch_size
                 )
             ),
-            "Ray Data Parquet shards": lambda config=config: count_images(
+            ("shards", "Ray Data Parquet shards"): lambda config=config: count_images(
                 build_pipeline(read_shards(shards, "train"), "train", config).iter_torch_batches(
                     batch_size=args.batch_size
                 )
             ),
         }
         baseline = None
-        for name, run in sources.items():
+        for (key, name), run in sources.items():
+            if key not in args.sources:
+                continue
             rates = [timed(run) for _ in range(args.repeats)]
             median = statistics.median(rates)
             baseline = baseline or median

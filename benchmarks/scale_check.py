@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 
     n_train = sum(counts["train"].values())
     host = f"{platform.node()}, {os.cpu_count()} CPU cores, {'GPU' if use_gpu else 'no GPU'}"
-    print(f"\n{datetime.date.today()}; {host}; shared machine (other jobs running).")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"\n{datetime.date.today()}; {host}; load average at the end (1/5/15 min): {load}.")
     print(f"{n_train} training images (stratified subset of {args.shards}), {args.img_size} px, "
           f"batch {args.batch_size}/worker, {args.model_config}, {args.epochs} epochs per run, "
           f"Ray with {args.num_cpus} logical CPUs, 0.5 CPU per Train worker\n")  # fmt: skip

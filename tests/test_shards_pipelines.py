@@ -85,6 +85,12 @@ def test_rerun_is_refused_without_overwrite(ray_local, synthetic_with_corrupt, t
     report = prepare_shards(small, uri, short_side=32, overwrite=True)
     assert report.written + report.skipped == len(small)
     assert len(_shard_rows(str(tmp_path / "uri-shards"))) == report.written
+    # Streaming reads the URI too: every row of every split, with only the training columns.
+    streamed = {split: read_shards(uri, split).take_all() for split in ("train", "val", "test")}
+    assert sum(len(rows) for rows in streamed.values()) == report.written
+    assert set(streamed["train"][0]) == {"jpeg", "label_index", "index"}
+    with pytest.raises(FileNotFoundError, match=r"run jobs/prepare_data\.py"):
+        read_shards(f"file://{tmp_path}/nothing-here", "train")
 
 
 def _collect(ds, batch_size: int = 16) -> list[dict]:

@@ -24,6 +24,9 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray.data
 import torch
 
@@ -40,7 +43,7 @@ from dermanet.data.transforms import (
     to_uint8_chw,
     train_transform,
 )
-from dermanet.storage import read_bytes
+from dermanet.storage import read_bytes, resolve_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +63,55 @@ class PipelineConfig:
     rows_per_block: int = 256  # decode work is cut into blocks of this many rows
     num_cpus: float = 1.0  # CPUs each decode/augment task reserves
     concurrency: int | None = None  # max parallel decode tasks; None lets Ray Data decide
+    reserve_per_operator: bool = False  # Ray Data's per-operator CPU reservation (see below)
     mean: tuple[float, ...] = DERM_MEAN
     std: tuple[float, ...] = DERM_STD
 
 
 def read_shards(output: str, split: str) -> ray.data.Dataset:
-    """Stream one split of prepared shards (only the columns training needs)."""
+    """Stream one split of prepared shards (only the columns training needs), one file per task.
+
+    Files are listed here and each is read by a quarter-CPU task. Ray's `read_parquet` lists
+    files in a task that needs a whole free CPU (not configurable), which on a small machine
+    can wait forever beside training workers and Serve replicas, and it packs all files of a
+    split into one read task.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return ray.data.read_parquet(shard_dir(output, split), columns=SOURCE_COLUMNS)
+    files = list_parquet_files(shard_dir(output, split))
+    if not files:
+        raise FileNotFoundError(
+            f"no Parquet files for split {split!r} under {shard_dir(output, split)}; "
+            "run jobs/prepare_data.py first"
+        )
+    listing = dataset_from_frame(pd.DataFrame({"file": files}), rows_per_block=1)
+    return listing.map_batches(
+        _read_parquet_files, batch_size=1, batch_format="pandas", num_cpus=IO_CPUS
+    )
+
+
+def list_parquet_files(location: str) -> list[str]:
+    """Sorted `*.parquet` files under a folder or URI (sorted: evaluation order is stable)."""
+    filesystem, path = resolve_filesystem(location)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        return []
+    prefix = location.rstrip("/")
+    return sorted(
+        prefix + info.path[len(path.rstrip("/")) :]
+        for info in infos
+        if info.is_file and info.path.endswith(".parquet")
+    )
+
+
+def _read_parquet_files(batch: pd.DataFrame) -> pa.Table:
+    filesystem, _ = resolve_filesystem(batch["file"].iloc[0])
+    tables = [
+        pq.read_table(resolve_filesystem(f)[1], columns=SOURCE_COLUMNS, filesystem=filesystem)
+        for f in batch["file"]
+    ]
+    return pa.concat_tables(tables)
 
 
 def read_catalogue_files(catalogue: pd.DataFrame, split: str | None = None) -> ray.data.Dataset:
@@ -170,6 +213,10 @@ def build_pipeline(
     """
     if mode == "eval":
         source.context.execution_options.preserve_order = True
+    # Ray Data reserves a share of the CPUs for every operator (list files, read, repartition,
+    # decode). On a 2-core machine that held decode+augment, the only heavy operator, to ~1
+    # task at a time (profile in docs/benchmarks.md); without the split it uses every CPU.
+    source.context.op_resource_reservation_enabled = config.reserve_per_operator
     blocks = source.repartition(target_num_rows_per_block=config.rows_per_block)
     return blocks.map_batches(
         decode_transform_batch,
