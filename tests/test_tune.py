@@ -32,7 +32,7 @@ def test_space_yaml_is_validated(tmp_path: Path) -> None:
 
 
 def _first_trial_finished(experiment: Path, epochs: int) -> bool:
-    for progress in experiment.glob("_trial_*/progress.csv"):
+    for progress in experiment.glob("trial_*/progress.csv"):
         if len(pd.read_csv(progress)) >= epochs:
             return True
     return False
@@ -94,7 +94,7 @@ def test_search_stops_weak_trials_and_resumes(ray_local, tmp_path: Path) -> None
     job.send_signal(signal.SIGINT)
     job.wait(timeout=180)
     finished = [
-        p.parent.name for p in experiment.glob("_trial_*/progress.csv") if len(pd.read_csv(p)) >= 3
+        p.parent.name for p in experiment.glob("trial_*/progress.csv") if len(pd.read_csv(p)) >= 3
     ]
     assert len(finished) == 1
 
@@ -115,6 +115,10 @@ def test_search_stops_weak_trials_and_resumes(ray_local, tmp_path: Path) -> None
     progress = pd.read_csv(experiment / finished[0] / "progress.csv")
     assert progress["training_iteration"].tolist() == [1, 2, 3]  # not rerun after restore
     assert (table["epochs"] < 3).sum() >= 1, f"ASHA stopped nothing:\n{table}"
+    stopped = table["status"] == "stopped early"
+    assert stopped.sum() == (table["epochs"] < 3).sum(), table
+    assert (table.loc[~stopped, "status"] == "completed").all(), table
+    assert all(name.startswith("trial_") and len(name) < 20 for name in table["trial"]), table
 
     for name in ("trials.csv", "trials.md", "trial_curves.png", "best_config.yaml"):
         assert (experiment / name).is_file()

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 import yaml
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
@@ -92,6 +93,11 @@ def _trial(config: dict[str, Any]) -> None:
     run_training(settings, run_callbacks=[TuneReportCallback()])
 
 
+def trial_dirname(trial: Trial) -> str:
+    """Short trial folders (Tune's default name embeds the whole flattened base config)."""
+    return f"trial_{trial.trial_id}"
+
+
 def _absolute(settings: TrainSettings) -> TrainSettings:
     """Trials run in their own folders: relative local paths must be made absolute first."""
     fields = ("shards", "csv", "images", "model_config", "pretrain_ckpt")
@@ -146,17 +152,22 @@ def run_tune(settings: TuneSettings) -> pd.DataFrame:
                     grace_period=settings.grace_period,
                     reduction_factor=settings.reduction_factor,
                 ),
+                trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(name=settings.name, storage_path=storage),
         )
     results = tuner.fit()
-    table = trial_table(results, metric)
+    table = trial_table(results, metric, max_epochs=settings.base.epochs)
     _write_outputs(results, table, metric, experiment, settings)
     return table
 
 
-def trial_table(results: tune.ResultGrid, metric: str) -> pd.DataFrame:
-    """One row per trial: searched config, best metric, epochs run, status."""
+def trial_table(results: tune.ResultGrid, metric: str, max_epochs: int) -> pd.DataFrame:
+    """One row per trial: searched config, best metric, epochs run, status.
+
+    Status: "completed" (ran all `max_epochs`), "stopped early" (ASHA cut it), "error", or
+    "no result" (never reported a metric).
+    """
     rows = []
     for result in results:
         history = result.metrics_dataframe
@@ -165,7 +176,15 @@ def trial_table(results: tune.ResultGrid, metric: str) -> pd.DataFrame:
         config = {k: v for k, v in (result.config or {}).items() if k != "base"}
         best = history[metric].max() if metric in history else math.nan
         epochs = int(history["training_iteration"].max()) if "training_iteration" in history else 0
-        status = "ERROR" if result.error else ("TERMINATED" if result.metrics else "PENDING")
+        status = (
+            "error"
+            if result.error
+            else "no result"
+            if not epochs
+            else "completed"
+            if epochs >= max_epochs
+            else "stopped early"
+        )
         rows.append({"trial": Path(result.path).name, **config, f"best {metric}": best,
                      "epochs": epochs, "status": status})  # fmt: skip
     return pd.DataFrame(rows).sort_values(f"best {metric}", ascending=False, na_position="last")
@@ -206,10 +225,11 @@ def _curves_figure(results: tune.ResultGrid, metric: str):
         history = result.metrics_dataframe
         if history is not None and metric in history:
             ax.plot(history["training_iteration"], history[metric], marker="o",
-                    label=Path(result.path).name[-12:])  # fmt: skip
+                    label=Path(result.path).name)  # fmt: skip
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title("Trials (ASHA stops the weak ones early)")
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
