@@ -183,7 +183,12 @@ def submit(head: LocalHead, job_args: list[str], timeout: float = 420) -> str:
             stop = [RAY, "job", "stop", "--address", head.dashboard, "--no-wait", job]
             subprocess.run(stop, env=client_env(), timeout=60)
             raise
-        if "No available agent" not in run.stdout + run.stderr:
+        output = run.stdout + run.stderr
+        not_ready = "No available agent" in output or (
+            # A freshly started (or busy) head can drop the upload request; no job exists yet.
+            "ConnectionError" in output and not _job_id(output)
+        )
+        if not not_ready:
             break
         time.sleep(10)
     out = run.stdout + run.stderr
