@@ -106,11 +106,10 @@ def list_parquet_files(location: str) -> list[str]:
 
 
 def _read_parquet_files(batch: pd.DataFrame) -> pa.Table:
-    filesystem, _ = resolve_filesystem(batch["file"].iloc[0])
-    tables = [
-        pq.read_table(resolve_filesystem(f)[1], columns=SOURCE_COLUMNS, filesystem=filesystem)
-        for f in batch["file"]
-    ]
+    tables = []
+    for file in batch["file"]:
+        filesystem, path = resolve_filesystem(file)
+        tables.append(pq.read_table(path, columns=SOURCE_COLUMNS, filesystem=filesystem))
     return pa.concat_tables(tables)
 
 

@@ -183,8 +183,7 @@ def export_checkpoint(
         f"{split}_ece_before": report["ece_before"],
         f"{split}_ece_after": report["ece_after"],
         f"{split}_tta": settings.tta,
-        "temperature": report["temperature"],
-    }
+    }  # the temperature travels once, as the checkpoint's calibration
     provenance = {
         **loaded.provenance,
         "exported_from": str(settings.checkpoint),
