@@ -51,7 +51,9 @@ def classify(client: httpx.Client, data: bytes, **params) -> httpx.Response:
 
 
 def test_health_models_and_docs(client: httpx.Client) -> None:
-    assert client.get("/healthz").json() == {"status": "ok", "default_model": "default"}
+    health = client.get("/healthz").json()  # readiness: the default model answered a probe
+    assert health["status"] == "ok" and health["ready"] and health["default_model"] == "default"
+    assert client.get("/healthz/live").json() == {"status": "live"}
     listing = client.get("/v1/models").json()
     assert listing["default"] == "default" and "default" in listing["default_reason"]
     models = {m["id"]: m for m in listing["models"]}
@@ -62,7 +64,8 @@ def test_health_models_and_docs(client: httpx.Client) -> None:
     assert listing["class_names"] == list(CLASS_NAMES)
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/healthz", "/v1/models", "/v1/classify", "/v1/gradcam"} <= set(paths)
+    assert {"/healthz", "/healthz/live", "/healthz/ready", "/v1/models"} <= set(paths)
+    assert {"/v1/classify", "/v1/gradcam"} <= set(paths)
 
 
 @pytest.mark.parametrize("model", ["default", "tiny-random"])

@@ -33,6 +33,7 @@ from dermanet.ui.views import (
     notice_html,
     probability_rows,
     risk_bars_html,
+    server_problem,
     top_class_html,
     traffic_light_html,
 )
@@ -54,13 +55,14 @@ with st.sidebar:
     url = st.text_input("Server URL", value=default_serve_url(), key="serve_url")
 
 listing: ModelListing | None = None
-problem = ""
+problem = problem_md = ""
 try:
     client = ServeClient(url)
     listing = client.models()
 except ServeError as exc:
     client = None
     problem = str(exc)
+    problem_md = server_problem(exc)
 
 model_id: str | None = None
 with st.sidebar:
@@ -135,7 +137,7 @@ if page == "About":
 # --- Dashboard ----------------------------------------------------------------------------------
 st.title("Lesion dashboard")
 if listing is None or client is None:
-    st.error(f"**The DermaNet server is not reachable.** {problem}", icon=":material/cloud_off:")
+    st.error(problem_md, icon=":material/cloud_off:")
     st.stop()
 if model_id is None:
     reasons = "; ".join(f"{m['id']}: {m.get('error')}" for m in listing.unusable)
@@ -172,7 +174,7 @@ try:
     with st.spinner(f"Classifying with {model_id}…"):
         state.classify_missing(client, store, images, model_id)
 except ServeError as exc:
-    st.error(f"**The DermaNet server is not reachable.** {exc}", icon=":material/cloud_off:")
+    st.error(server_problem(exc), icon=":material/cloud_off:")
     st.stop()
 
 current = state.current(images)

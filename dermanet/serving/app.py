@@ -26,15 +26,24 @@ def build_app(settings: ServeSettings | None = None) -> Application:
         "model_dir": str(registry.root),
         "risk": settings.risk.to_dict(),
         "max_image_pixels": settings.max_image_pixels,
+        "default_model": settings.default_model,
     }
+    backpressure = {"retry_after_s": settings.retry_after_s}
     classifier = Classifier.options(
-        max_ongoing_requests=max(32, 2 * settings.max_batch_size),
+        num_replicas=settings.classifier_replicas,
+        ray_actor_options={"num_cpus": settings.classifier_num_cpus},
+        max_ongoing_requests=settings.classifier_max_ongoing,
+        max_queued_requests=settings.max_queued_requests,
+        backpressure_config=backpressure,
         user_config={
             "max_batch_size": settings.max_batch_size,
             "batch_wait_timeout_s": settings.batch_wait_timeout_s,
         },
     ).bind(**common)
-    explainer = GradCam.bind(max_side=settings.gradcam_max_side, **common)
+    explainer = GradCam.options(
+        max_queued_requests=settings.gradcam_max_queued_requests,
+        backpressure_config=backpressure,
+    ).bind(max_side=settings.gradcam_max_side, **common)
     return Ingress.bind(classifier, explainer, settings.to_dict())
 
 

@@ -3,27 +3,39 @@
 Both decode the uploaded bytes themselves (so big images never travel between actors as
 pixels) and return errors as values, so one bad image cannot fail the rest of its batch.
 Models are picked per request by Serve model multiplexing; ids are registry ids.
+
+Resilience: each replica loads the default model before it takes traffic, uses as many torch
+threads as Ray gave it CPUs, and answers Serve's `check_health` only while every model it has
+loaded still passes a tiny forward pass; a model that fails to load is an error value (503).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
+import ray
 import torch
 from ray import serve
 
 from dermanet.data.images import ImageDecodeError, ImageTooLargeError, decode_image
+from dermanet.inference.checkpoint import CheckpointError
 from dermanet.inference.gradcam import GradCamExplainer
 from dermanet.inference.predictor import Predictor
-from dermanet.inference.registry import ModelRegistry
+from dermanet.inference.registry import ModelRegistry, RegistryError
 from dermanet.inference.risk import RiskPolicy
+from dermanet.serving.health import smoke_test
 
 log = logging.getLogger("ray.serve")
 
 MAX_MODELS_PER_REPLICA = 3
+LOAD_ERRORS = (RegistryError, CheckpointError, OSError)
 
 
 def _error(status: int, message: str) -> dict[str, Any]:
@@ -40,13 +52,35 @@ def _decode(data: bytes, max_pixels: int) -> Any:
         return _error(422, str(exc))
 
 
-class _RegistryBacked:
-    """Shared constructor: the registry folder, risk policy and pixel limit."""
+def _load_error(model_id: str, exc: Exception) -> dict[str, Any]:
+    return _error(503, f"model {model_id!r} could not be loaded on the server: {exc}")
 
-    def __init__(self, model_dir: str, risk: dict[str, Any], max_image_pixels: int):
-        self.registry = ModelRegistry(model_dir)
+
+def use_assigned_cpus() -> int:
+    """Torch threads = the CPUs Ray gave this replica (at least 1), so two half-CPU replicas on
+    two cores do not each spin up a thread per core and fight over them."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = max(1, math.floor(cpus))
+    torch.set_num_threads(threads)
+    return threads
+
+
+class _RegistryBacked:
+    """Shared constructor (registry, risk policy, pixel limit), model loading and health."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        risk: dict[str, Any],
+        max_image_pixels: int,
+        default_model: str | None = None,
+    ):
+        self.registry = ModelRegistry(model_dir, default_model)
         self.risk = RiskPolicy.from_mapping(risk)
         self.max_image_pixels = int(max_image_pixels)
+        self.threads = use_assigned_cpus()
+        # what this replica has loaded; entries vanish when multiplexing evicts the model
+        self.loaded: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
     def _predictor(self, model_id: str) -> Predictor:
         started = time.perf_counter()
@@ -55,15 +89,52 @@ class _RegistryBacked:
         log.info("loaded model %r in %.2f s", model_id, time.perf_counter() - started)
         return predictor
 
+    def _smoke_test(self, model: Any) -> None:
+        """One tiny pass through a loaded model object; raises when it does not answer."""
+        smoke_test(model)
+
+    async def _preload_default(self, load: Callable[[str], Awaitable[Any]]) -> None:
+        """Load the default model before taking traffic; a bad registry is logged, not fatal
+        (a replica that crash-loops on it would help nobody; /healthz/ready says what is wrong)."""
+        try:
+            model_id = self.registry.default().model_id
+            await load(model_id)
+        except LOAD_ERRORS as exc:
+            log.warning("no default model preloaded: %s", exc)
+
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising makes Serve replace the replica.
+        Healthy = every model loaded here still gives valid probabilities on a tiny input."""
+        for model_id, model in list(self.loaded.items()):
+            try:
+                await asyncio.to_thread(self._smoke_test, model)
+            except Exception as exc:
+                raise RuntimeError(f"model {model_id!r} stopped answering: {exc}") from exc
+
 
 @serve.deployment(
     name="Classifier",
+    num_replicas=2,  # a dying replica must not stop the answers
     max_ongoing_requests=32,  # >= max_batch_size, or batches silently cap at 5
-    ray_actor_options={"num_cpus": 1},
+    max_queued_requests=32,  # per caller; beyond it callers get BackPressureError (-> 503)
+    backpressure_config={"retry_after_s": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    ray_actor_options={"num_cpus": 0.5},
     user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.01},
 )
 class Classifier(_RegistryBacked):
     """Classifies uploaded images in batches (`@serve.batch`), one model per sub-batch."""
+
+    async def __init__(  # type: ignore[misc]  # Serve runs async constructors
+        self,
+        model_dir: str,
+        risk: dict[str, Any],
+        max_image_pixels: int,
+        default_model: str | None = None,
+    ):
+        super().__init__(model_dir, risk, max_image_pixels, default_model)
+        await self._preload_default(self.get_predictor)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch size and wait come from user_config, so the Serve config can change them live."""
@@ -72,13 +143,29 @@ class Classifier(_RegistryBacked):
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_predictor(self, model_id: str) -> Predictor:
-        return await asyncio.to_thread(self._predictor, model_id)
+        predictor = await asyncio.to_thread(self._predictor, model_id)
+        self.loaded[model_id] = predictor
+        return predictor
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def classify(self, uploads: list[bytes]) -> list[dict[str, Any]]:
         """Each item: {"ok": True, "prediction": {...}, "batch_size", "model_ms"} or an error."""
-        predictor = await self.get_predictor(serve.get_multiplexed_model_id())
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            predictor = await self.get_predictor(model_id)
+        except LOAD_ERRORS as exc:
+            return [_load_error(model_id, exc)] * len(uploads)
         return await asyncio.to_thread(self._classify, predictor, uploads)
+
+    async def probe(self) -> dict[str, Any]:
+        """Readiness: the requested model is loaded on this replica and answers a tiny input."""
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            predictor = await self.get_predictor(model_id)
+        except LOAD_ERRORS as exc:
+            return _load_error(model_id, exc)
+        forward_ms = await asyncio.to_thread(smoke_test, predictor)
+        return {"ok": True, "model_id": model_id, "forward_ms": round(forward_ms, 2)}
 
     def _classify(self, predictor: Predictor, uploads: list[bytes]) -> list[dict[str, Any]]:
         started = time.perf_counter()
@@ -100,25 +187,48 @@ class Classifier(_RegistryBacked):
 @serve.deployment(
     name="GradCam",
     max_ongoing_requests=4,
+    max_queued_requests=8,
+    backpressure_config={"retry_after_s": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
     ray_actor_options={"num_cpus": 0.5},
 )
 class GradCam(_RegistryBacked):
     """Renders Grad-CAM explanations; requests run one at a time per model (CAM hooks)."""
 
-    def __init__(self, model_dir: str, risk: dict[str, Any], max_image_pixels: int, max_side: int):
-        super().__init__(model_dir, risk, max_image_pixels)
+    async def __init__(  # type: ignore[misc]  # Serve runs async constructors
+        self,
+        model_dir: str,
+        risk: dict[str, Any],
+        max_image_pixels: int,
+        max_side: int,
+        default_model: str | None = None,
+    ):
+        super().__init__(model_dir, risk, max_image_pixels, default_model)
         self.max_side = int(max_side)
+        await self._preload_default(self.get_explainer)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_explainer(self, model_id: str) -> GradCamExplainer:
         predictor = await asyncio.to_thread(self._predictor, model_id)
-        return GradCamExplainer(predictor, max_side=self.max_side)
+        explainer = GradCamExplainer(predictor, max_side=self.max_side)
+        self.loaded[model_id] = explainer
+        return explainer
+
+    def _smoke_test(self, model: Any) -> None:
+        """A whole tiny explanation (forward, backward, render) under the explainer's lock."""
+        side = model.predictor.img_size
+        model.explain(np.full((side, side, 3), 128, dtype=np.uint8), None, "heatmap", 0.5)
 
     async def explain(
         self, data: bytes, target: str | None, mode: str, opacity: float, include_cam: bool
     ) -> dict[str, Any]:
         """{"ok": True, "png": bytes, "cam": float list or None, ...} or an error value."""
-        explainer = await self.get_explainer(serve.get_multiplexed_model_id())
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            explainer = await self.get_explainer(model_id)
+        except LOAD_ERRORS as exc:
+            return _load_error(model_id, exc)
         image = _decode(data, self.max_image_pixels)
         if isinstance(image, dict):
             return image

@@ -2,16 +2,27 @@
 
 It validates everything a person can get wrong (content type, size, model id, class, mode,
 opacity) and turns each problem into a 4xx JSON `{"detail": ...}`; models run elsewhere.
+Under faults it answers too: a full model queue is a quick 503 with `Retry-After`, a model
+replica that dies mid-request is retried once on another one, and `/healthz/ready` says
+whether the default model really answers.
 """
 
+import asyncio
 import base64
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 
 import dermanet
@@ -24,6 +35,7 @@ from dermanet.inference.registry import (
     NoCheckpointsError,
     UnknownModelError,
 )
+from dermanet.serving.health import LoadChecks
 from dermanet.serving.settings import ServeSettings
 from dermanet.serving.uploads import (
     ApiError,
@@ -66,7 +78,7 @@ ERRORS = {
         413: "body or image too large",
         415: "not multipart or an image content type",
         422: "not a readable image, unknown class, bad mode or opacity",
-        503: "model not usable or registry empty",
+        503: "model not usable, registry empty, or busy (then with Retry-After: try again)",
     }.items()
 }
 
@@ -80,7 +92,8 @@ api.add_middleware(BodyLimitMiddleware, default=ServeSettings().max_body_bytes)
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse({"detail": exc.message}, status_code=exc.status)
+    body, headers = exc.response_parts()
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 @api.exception_handler(BodyTooLarge)
@@ -94,6 +107,44 @@ def _registry_error(exc: Exception) -> ApiError:
     if isinstance(exc, (ModelUnavailableError, NoCheckpointsError)):
         return ApiError(503, str(exc))
     raise exc
+
+
+T = TypeVar("T")
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """The replica died or vanished under the request (not an error of the request itself)."""
+    lost = (RayActorError, ReplicaUnavailableError)
+    return isinstance(exc, lost) or isinstance(getattr(exc, "cause", None), lost)
+
+
+async def call_model(call: Callable[[], Awaitable[T]], what: str, retry_after_s: float) -> T:
+    """Await a model call; retry it once when its replica dies (classify and Grad-CAM are
+    idempotent, and Serve's router has by then struck the dead replica off); a full queue or a
+    deployment that is down become 503s with Retry-After instead of a 500."""
+    for attempt in (1, 2):
+        try:
+            return await call()
+        except BackPressureError as exc:
+            wait = exc.retry_after_s if exc.retry_after_s is not None else retry_after_s
+            raise ApiError(
+                503,
+                f"DermaNet is busy: the {what} queue is full; retry after {wait:g} s",
+                retry_after_s=wait,
+            ) from None
+        except DeploymentUnavailableError:
+            raise ApiError(
+                503, f"the {what} is not running; retry later", retry_after_s=retry_after_s
+            ) from None
+        except Exception as exc:
+            if not _replica_lost(exc):
+                raise
+            log.warning("%s replica lost during a request (attempt %d): %s", what, attempt, exc)
+    raise ApiError(
+        503,
+        f"the {what} replica stopped twice while answering; retry in a moment",
+        retry_after_s=retry_after_s,
+    )
 
 
 def _form_value(form: Any, name: str, fallback: Any) -> Any:
@@ -118,47 +169,102 @@ def _check_outcome(outcome: dict[str, Any], upload: Upload, several: bool) -> No
 
 @serve.deployment(
     name="Ingress",
-    max_ongoing_requests=64,  # the default 5 would starve the classifier's batches
+    # Far above the classifier's capacity, so overload reaches the classifier's bounded queue
+    # and is shed here as a JSON 503; the proxy sheds (plain-text 503) only past this.
+    max_ongoing_requests=256,
+    max_queued_requests=64,
+    backpressure_config={"retry_after_s": 1},
     ray_actor_options={"num_cpus": 0.25},
 )
 @serve.ingress(api)
 class Ingress:
-    """Routes: /healthz, /v1/models, /v1/classify, /v1/gradcam (docs at /docs)."""
+    """Routes: /healthz[/live|/ready], /v1/models, /v1/classify, /v1/gradcam (docs at /docs)."""
 
     def __init__(self, classifier: DeploymentHandle, explainer: DeploymentHandle, settings: dict):
         self.settings = ServeSettings.from_mapping(settings)
         self.registry = ModelRegistry(self.settings.model_dir, self.settings.default_model)
         self.classifier = classifier
         self.explainer = explainer
+        self.load_checks = LoadChecks()
         api.state.max_body_bytes = self.settings.max_body_bytes
         choice = self.registry.default()
         log.info("registry %s; default %r (%s)", self.registry.root, choice.model_id, choice.reason)
 
-    def _model_id(self, requested: str | None) -> str:
+    async def _model_id(self, requested: str | None) -> str:
+        """A usable registry id: listed, readable, and loading (checked once per file)."""
         try:
-            return self.registry.resolve(requested or None).model_id
+            info = self.registry.resolve(requested or None)
         except (UnknownModelError, ModelUnavailableError, NoCheckpointsError) as exc:
             raise _registry_error(exc) from None
+        error = await self.load_checks.error(info)
+        if error is not None:
+            raise ApiError(503, f"model {info.model_id!r} cannot be used: {error}")
+        return info.model_id
 
-    @api.get("/healthz", summary="Liveness and the default model")
-    async def healthz(self) -> JSONResponse:
+    def _call(self, call: Callable[[], Awaitable[T]], what: str) -> Awaitable[T]:
+        return call_model(call, what, self.settings.retry_after_s)
+
+    @api.get("/healthz/live", summary="Liveness: the HTTP process answers")
+    async def live(self) -> dict[str, Any]:
+        return {"status": "live"}
+
+    @api.get("/healthz/ready", summary="Readiness: the default model is loaded and answering")
+    async def ready(self) -> JSONResponse:
+        """200 when a classifier replica has the default model loaded and a tiny forward pass
+        passes, within ready_timeout_s; else 503 with what is wrong (busy: with Retry-After)."""
         try:
-            choice = self.registry.default()
-        except (UnknownModelError, NoCheckpointsError) as exc:
-            return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ok", "default_model": choice.model_id})
+            model_id = await self._model_id(None)
+        except ApiError as exc:  # no usable default: missing, unreadable or fails to load
+            return self._not_ready("unavailable", exc)
+        handle = self.classifier.options(multiplexed_model_id=model_id)
+        try:
+            probe = await asyncio.wait_for(
+                self._call(lambda: handle.probe.remote(), "classifier"),
+                self.settings.ready_timeout_s,
+            )
+        except TimeoutError:
+            message = (
+                f"no classifier replica answered a probe of {model_id!r} within "
+                f"{self.settings.ready_timeout_s:g} s (starting, or overloaded)"
+            )
+            return self._not_ready("not_ready", ApiError(503, message, self.settings.retry_after_s))
+        except ApiError as exc:
+            return self._not_ready("busy" if exc.retry_after_s else "unavailable", exc)
+        if not probe.get("ok"):
+            return self._not_ready("unavailable", ApiError(503, probe["error"]))
+        return JSONResponse(
+            {
+                "status": "ok",
+                "live": True,
+                "ready": True,
+                "default_model": model_id,
+                "forward_ms": probe["forward_ms"],
+            }
+        )
+
+    @api.get("/healthz", summary="Readiness (as /healthz/ready) and the default model")
+    async def healthz(self) -> JSONResponse:
+        return await self.ready()
+
+    @staticmethod
+    def _not_ready(status: str, exc: ApiError) -> JSONResponse:
+        body, headers = exc.response_parts()
+        body.update(status=status, live=True, ready=False)
+        return JSONResponse(body, status_code=503, headers=headers)
 
     @api.get("/v1/models", summary="Checkpoints in the registry and the default", responses=ERRORS)
     async def models(self) -> dict[str, Any]:
+        """Every file, with `usable: false` and the reason when it cannot be read or loaded."""
         try:
             infos = self.registry.list()
             choice = self.registry.default()
         except (UnknownModelError, NoCheckpointsError) as exc:
             raise _registry_error(exc) from None
+        checked = await asyncio.gather(*(self.load_checks.checked(info) for info in infos))
         return {
             "default": choice.model_id,
             "default_reason": choice.reason,
-            "models": [info.to_dict() for info in infos],
+            "models": [info.to_dict() for info in checked],
             "class_names": list(CLASS_NAMES),
             "risk_policy": self.settings.risk.to_dict(),
         }
@@ -177,9 +283,11 @@ class Ingress:
         started = time.perf_counter()
         uploads, form = await read_uploads(request, self.settings.max_files)
         check_sizes(uploads, self.settings.max_files)
-        model_id = self._model_id(_form_value(form, "model", model))
+        model_id = await self._model_id(_form_value(form, "model", model))
         handle = self.classifier.options(multiplexed_model_id=model_id)
-        outcomes = [await r for r in [handle.classify.remote(u.data) for u in uploads]]
+        outcomes = await asyncio.gather(
+            *(self._call(lambda u=u: handle.classify.remote(u.data), "classifier") for u in uploads)
+        )
         several = len(uploads) > 1
         for outcome, upload in zip(outcomes, uploads, strict=True):
             _check_outcome(outcome, upload, several)
@@ -218,7 +326,7 @@ class Ingress:
         started = time.perf_counter()
         uploads, form = await read_uploads(request, max_files=1)
         check_sizes(uploads, max_files=1)
-        model_id = self._model_id(_form_value(form, "model", model))
+        model_id = await self._model_id(_form_value(form, "model", model))
         target = _form_value(form, "target_class", target_class)
         mode = str(_form_value(form, "mode", mode)).replace("-", "_")
         if target is not None:
@@ -236,7 +344,10 @@ class Ingress:
             raise ApiError(422, f"opacity must be between 0 and 1, got {opacity}")
         want_cam = _as_bool(_form_value(form, "include_cam", include_cam), "include_cam")
         handle = self.explainer.options(multiplexed_model_id=model_id)
-        outcome = await handle.explain.remote(uploads[0].data, target, mode, opacity, want_cam)
+        outcome = await self._call(
+            lambda: handle.explain.remote(uploads[0].data, target, mode, opacity, want_cam),
+            "Grad-CAM",
+        )
         _check_outcome(outcome, uploads[0], several=False)
         latency_ms = round((time.perf_counter() - started) * 1000, 2)
         if want_cam:

@@ -25,6 +25,14 @@ class ServeSettings:
     max_batch_size: int = 16  # @serve.batch size (1 turns batching off)
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
     gradcam_max_side: int = 768  # rendered Grad-CAM PNGs are downscaled to this
+    # Resilience (serve/config.yaml's `deployments:` section overrides the first five):
+    classifier_replicas: int = 2  # >= 2: a dying replica is not the end of answers
+    classifier_num_cpus: float = 0.5  # per replica; 2 x 0.5 fit a 2-core machine
+    max_ongoing_requests: int = 0  # per Classifier replica, >= max_batch_size; 0: auto
+    max_queued_requests: int = 32  # Classifier queue per caller; beyond it: 503 (-1: no limit)
+    gradcam_max_queued_requests: int = 8  # Grad-CAM is slow: a short queue
+    retry_after_s: float = 1.0  # the Retry-After advised with a 503 (whole seconds on the wire)
+    ready_timeout_s: float = 5.0  # /healthz/ready waits this long for a classifier probe
     risk: RiskPolicy = field(default_factory=RiskPolicy)
 
     def __post_init__(self) -> None:
@@ -32,12 +40,35 @@ class ServeSettings:
             object.__setattr__(self, "risk", RiskPolicy.from_mapping(self.risk))
         positive = ("max_body_bytes", "max_image_pixels", "max_files", "max_batch_size")
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if 0 < self.max_ongoing_requests < self.max_batch_size or self.max_ongoing_requests < 0:
+            bad.append(
+                f"max_ongoing_requests={self.max_ongoing_requests} (0 for automatic, else >= "
+                f"max_batch_size={self.max_batch_size}, or batches silently stay smaller)"
+            )
         if self.batch_wait_timeout_s < 0:
             bad.append(f"batch_wait_timeout_s={self.batch_wait_timeout_s}")
+        if self.classifier_replicas < 1 or self.classifier_num_cpus < 0:
+            bad.append(
+                f"classifier_replicas={self.classifier_replicas}, "
+                f"classifier_num_cpus={self.classifier_num_cpus} (replicas >= 1, cpus >= 0)"
+            )
+        for name in ("max_queued_requests", "gradcam_max_queued_requests"):
+            if getattr(self, name) < 1 and getattr(self, name) != -1:
+                bad.append(f"{name}={getattr(self, name)} (-1 for no limit, else >= 1)")
+        if self.retry_after_s < 0:
+            bad.append(f"retry_after_s={self.retry_after_s} (>= 0)")
+        if self.ready_timeout_s <= 0:
+            bad.append(f"ready_timeout_s={self.ready_timeout_s} (> 0)")
         if self.gradcam_max_side < 16:
             bad.append(f"gradcam_max_side={self.gradcam_max_side} (needs >= 16)")
         if bad:
-            raise ValueError(f"invalid serving settings: {', '.join(bad)} (must be positive)")
+            raise ValueError(f"invalid serving settings: {'; '.join(bad)}")
+
+    @property
+    def classifier_max_ongoing(self) -> int:
+        """Requests a Classifier replica holds at once: two batches (one running, one filling)
+        unless set; this, times the replicas, plus the queue bounds an accepted request's wait."""
+        return self.max_ongoing_requests or max(32, 2 * self.max_batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}

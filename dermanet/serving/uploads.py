@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,24 @@ FILE_FIELD = "file"
 
 
 class ApiError(Exception):
-    """An HTTP error with a JSON body `{"detail": message}`; raised by request handling."""
+    """An HTTP error with a JSON body `{"detail": message}`; raised by request handling.
 
-    def __init__(self, status: int, message: str):
+    `retry_after_s` (503s the caller should retry) adds a `Retry-After` header, in whole
+    seconds as HTTP wants them, and the same number as `retry_after_s` in the body.
+    """
+
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after_s = None if retry_after_s is None else max(0, math.ceil(retry_after_s))
+
+    def response_parts(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """The JSON body and the extra headers of this error."""
+        if self.retry_after_s is None:
+            return {"detail": self.message}, {}
+        body = {"detail": self.message, "retry_after_s": self.retry_after_s}
+        return body, {"Retry-After": str(self.retry_after_s)}
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,19 @@
 """The dashboard's only way to the models: a small HTTP client of the Serve API (`/v1`).
 
 Every failure becomes a `ServeError` whose message a person can act on: the server cannot be
-reached (`ServeUnavailable`, with the URL and how to start it), or it answered 4xx/5xx (the
-server's `detail`). Risk, traffic light and bars are taken from the server as they are.
+reached (`ServeUnavailable`, with the URL and how to start it), it stayed busy (`ServeBusy`:
+503 with `Retry-After`, retried after the advised delay until a time budget runs out), or it
+answered 4xx/5xx (the server's `detail`). Risk, traffic light and bars are taken from the
+server as they are.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping, Sequence
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +25,9 @@ SERVE_URL_ENV = "DERMANET_SERVE_URL"
 DEFAULT_SERVE_URL = "http://127.0.0.1:8000"
 MAX_FILES_PER_REQUEST = 16  # the server's default `max_files`
 START_HINT = "start it with `make demo` or `python -m dermanet.serving`, or fix the URL"
+BUSY_BUDGET_S = 20.0  # how long the dashboard keeps retrying a busy server before it says so
+MAX_RETRY_AFTER_S = 10.0  # never sleep longer than this on one Retry-After
+MIN_RETRY_S = 0.5  # nor shorter ("Retry-After: 0" must not become a busy loop)
 
 
 def default_serve_url(env: Mapping[str, str] | None = None) -> str:
@@ -51,6 +59,19 @@ class ServeError(Exception):
 
 class ServeUnavailable(ServeError):
     """Nothing answered at the URL (refused, timed out, DNS) or it is not DermaNet."""
+
+
+class ServeBusy(ServeUnavailable):
+    """The server kept answering 503 + Retry-After (overloaded) until the retry budget ran out.
+
+    A ServeUnavailable (status None): the request itself is fine, so nothing about the images
+    is recorded as their error; the page says the server is busy and to try again shortly.
+    """
+
+    def __init__(self, message: str, attempts: int, waited_s: float):
+        super().__init__(message)
+        self.attempts = attempts
+        self.waited_s = waited_s
 
 
 @dataclass(frozen=True)
@@ -139,8 +160,12 @@ class ServeClient:
         timeout_s: float = 120.0,
         connect_timeout_s: float = 3.0,
         transport: httpx.BaseTransport | None = None,
+        busy_budget_s: float = BUSY_BUDGET_S,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.base_url = normalize_url(base_url) if base_url else default_serve_url()
+        self.busy_budget_s = float(busy_budget_s)
+        self._sleep = sleep
         self._client = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
@@ -212,8 +237,35 @@ class ServeClient:
 
     # --- plumbing ------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request; a 503 with Retry-After is retried after the advised delay (with a
+        little jitter, so many clients do not return at once) while the busy budget lasts.
+        Every DermaNet route is safe to repeat (classify and Grad-CAM change nothing)."""
+        waited = 0.0
+        attempts = 0
+        while True:
+            attempts += 1
+            response = self._send(method, path, **kwargs)
+            delay = _retry_after(response)
+            if delay is None:
+                break
+            delay = min(max(delay, MIN_RETRY_S), MAX_RETRY_AFTER_S) * random.uniform(1.0, 1.25)
+            if waited + delay > self.busy_budget_s:
+                raise ServeBusy(
+                    f"the DermaNet server at {self.base_url} is busy: it turned this request "
+                    f"away {attempts} times over {waited:.0f} s ({_detail(response)}); "
+                    "try again in a minute",
+                    attempts=attempts,
+                    waited_s=waited,
+                )
+            self._sleep(delay)
+            waited += delay
+        if response.status_code >= 400:
+            raise ServeError(_detail(response), status=response.status_code)
+        return response
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._client.request(method, path, **kwargs)
+            return self._client.request(method, path, **kwargs)
         except httpx.TimeoutException:
             raise ServeUnavailable(
                 f"the DermaNet server at {self.base_url} did not answer in time; it may be "
@@ -224,9 +276,6 @@ class ServeClient:
             raise ServeUnavailable(
                 f"cannot reach the DermaNet server at {self.base_url} ({reason}); {START_HINT}"
             ) from None
-        if response.status_code >= 400:
-            raise ServeError(_detail(response), status=response.status_code)
-        return response
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
@@ -239,6 +288,19 @@ class ServeClient:
         if not isinstance(body, dict):
             raise ServeUnavailable(f"{self.base_url} answered with unexpected JSON: {body!r:.200}")
         return body
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait when the server says "busy, come back" (503/429 + Retry-After), else
+    None; a 503 without Retry-After (e.g. a model that cannot load) is final."""
+    if response.status_code not in (429, 503):
+        return None
+    value = response.headers.get("retry-after", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # HTTP-date form or missing: not a retry advice we follow
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _detail(response: httpx.Response) -> str:

@@ -10,7 +10,7 @@ import html
 from typing import Any
 
 from dermanet.classes import CLASS_DESCRIPTIONS, CLASS_NAMES, is_malignant
-from dermanet.ui.client import Classification
+from dermanet.ui.client import Classification, ServeBusy, ServeError
 
 NOTICE = (
     "Research software, not a medical device. DermaNet does not diagnose: never use its output "
@@ -141,3 +141,11 @@ def model_summary(info: dict[str, Any]) -> str:
     if info.get("modified_utc"):
         parts.append(f"saved {str(info['modified_utc'])[:10]}")
     return " · ".join(parts)
+
+
+def server_problem(exc: ServeError) -> str:
+    """The page's one-line Markdown for a request the server did not answer: busy (it turned
+    us away after every advised retry) reads differently from unreachable."""
+    if isinstance(exc, ServeBusy):
+        return f"**The DermaNet server is busy.** {exc}"
+    return f"**The DermaNet server is not reachable.** {exc}"

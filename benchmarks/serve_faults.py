@@ -1,0 +1,256 @@
+"""Serving under faults: goodput under overload and answers while a replica dies, before/after.
+
+    .venv/bin/python -m benchmarks.serve_faults                     # ~6 min on 2 cores
+    .venv/bin/python -m benchmarks.serve_faults --seconds 5 --clients 8 32 --configs after  # try
+
+Starts its own local Ray + Serve (never touching another cluster) on the `weights/` registry
+and sends real derm-sample JPEGs (the ISIC-archive ones, 341x256) to /v1/classify from
+closed-loop clients that, like the dashboard, wait the advised Retry-After (plus up to 25 %
+jitter) after a 503. Two configurations in the same run:
+  before: one Classifier replica (1 CPU), no queue bound (how the app served until issue 17);
+  after:  the defaults: 2 replicas x 0.5 CPU, 32 queued per caller, 503 + Retry-After beyond.
+For each: goodput (200s per second), p50/p99 latency of the accepted requests and the shed
+count at each client level; then, with 8 clients, one Classifier replica is SIGKILLed and the
+failed requests and the longest time without a 200 are counted until Serve has replaced it.
+Refuses to measure while /tmp/dn/LONG_RUN exists (a training run owns the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from dermanet.inference import ModelRegistry
+from dermanet.paths import sample_available, sample_dir
+from dermanet.serving import ServeSettings
+from dermanet.serving.replicas import kill_replica, replica_names, wait_for_replacement
+from dermanet.serving.runner import start_local, stop_local
+
+LONG_RUN = Path("/tmp/dn/LONG_RUN")
+CONFIGS = {
+    "before": {"classifier_replicas": 1, "classifier_num_cpus": 1.0, "max_queued_requests": -1},
+    "after": {},
+}
+
+
+@dataclass
+class Window:
+    """Completions of one measured window."""
+
+    seconds: float
+    latencies_ok: list[float] = field(default_factory=list)
+    shed_latencies: list[float] = field(default_factory=list)
+    other: dict[str, int] = field(default_factory=dict)
+    ok_times: list[float] = field(default_factory=list)
+
+    @property
+    def goodput(self) -> float:
+        return len(self.latencies_ok) / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ok, q)) if self.latencies_ok else float("nan")
+
+    @property
+    def failed(self) -> int:
+        return sum(self.other.values())
+
+
+def real_jpegs(count: int) -> list[bytes]:
+    if not sample_available():
+        sys.exit(f"derm-sample not found at {sample_dir()} (set DERMANET_SAMPLE_DIR)")
+    meta = pd.read_csv(sample_dir() / "metadata.csv")
+    ids = meta[meta.origin == "ISIC_archive"].image.head(count)
+    return [(sample_dir() / "images" / f"{image}.jpg").read_bytes() for image in ids]
+
+
+@dataclass
+class Span:
+    """The measured span; `end` may be moved earlier while the load runs (kill phase)."""
+
+    start: float
+    end: float
+
+
+async def closed_loop(url: str, images: list[bytes], clients: int, span: Span, window: Window):
+    """`clients` clients send back to back until `span.end`; completions inside `span` count."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def one_client(index: int) -> None:
+            rng = random.Random(index)
+            while time.monotonic() < span.end:
+                data = images[rng.randrange(len(images))]
+                sent = time.monotonic()
+                try:
+                    response = await client.post("/v1/classify", files={"file": ("a.jpg", data)})
+                    status = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    response, status = None, type(exc).__name__
+                done = time.monotonic()
+                counted = span.start <= done <= span.end
+                if status == "200":
+                    if counted:
+                        window.latencies_ok.append(done - sent)
+                        window.ok_times.append(done)
+                elif status == "503" and response is not None and "retry-after" in response.headers:
+                    if counted:
+                        window.shed_latencies.append(done - sent)
+                    advised = float(response.headers["retry-after"])
+                    await asyncio.sleep(max(advised, 0.5) * rng.uniform(1.0, 1.25))
+                elif counted:
+                    window.other[status] = window.other.get(status, 0) + 1
+
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+
+
+def measure(url: str, images: list[bytes], clients: int, seconds: float, warmup: float) -> Window:
+    window = Window(seconds)
+    start = time.monotonic() + warmup
+    asyncio.run(closed_loop(url, images, clients, Span(start, start + seconds), window))
+    return window
+
+
+def kill_under_load(url: str, images: list[bytes], clients: int, max_s: float) -> dict:
+    """Kill one Classifier replica after 5 s of load; count until Serve has replaced it."""
+    window = Window(max_s)
+    begin = time.monotonic()
+    span = Span(begin, begin + max_s)
+    thread = threading.Thread(
+        target=lambda: asyncio.run(closed_loop(url, images, clients, span, window)), daemon=True
+    )
+    thread.start()
+    time.sleep(5.0)
+    replicas = replica_names("Classifier")
+    killed_at = time.monotonic()
+    kill_replica(replicas[0])
+    try:
+        wait_for_replacement("Classifier", replicas[0], len(replicas), timeout_s=max_s)
+        replaced_s = time.monotonic() - killed_at
+    except TimeoutError:
+        replaced_s = float("nan")
+    time.sleep(3.0)
+    span.end = min(span.end, time.monotonic())
+    thread.join(timeout=max_s + 60)
+    marks = sorted([killed_at, span.end, *(t for t in window.ok_times if t >= killed_at)])
+    silence = max(b - a for a, b in itertools.pairwise(m for m in marks if m <= span.end))
+    after = [t for t in window.ok_times if killed_at <= t <= span.end]
+    return {
+        "failed": window.failed + len(window.shed_latencies),
+        "failed_kinds": dict(window.other),
+        "silence_s": silence,
+        "replaced_s": replaced_s,
+        "ok_after_kill": len(after),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8124)
+    parser.add_argument("--model-dir", help="registry (default: $DERMANET_MODEL_DIR, weights/)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured window per level")
+    parser.add_argument("--warmup", type=float, default=4.0)
+    parser.add_argument("--kill-seconds", type=float, default=60.0, help="kill phase at most")
+    parser.add_argument("--kill-clients", type=int, default=8)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--num-cpus", type=float, default=2, help="logical CPUs for Ray")
+    args = parser.parse_args()
+    if LONG_RUN.exists():
+        sys.exit(f"{LONG_RUN} exists: a long run owns the CPU; measure later")
+
+    load_before = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    images = real_jpegs(args.images)
+    registry = ModelRegistry(args.model_dir)
+    model_id = registry.default().model_id
+    rows = []
+    kills = {}
+    for name in args.configs:
+        settings = ServeSettings.from_mapping(
+            {"model_dir": str(registry.root), **CONFIGS[name]}, base=ServeSettings.from_env()
+        )
+        scratch = Path(tempfile.mkdtemp(prefix="drn-faults-", dir="/tmp"))
+        try:
+            url = start_local(settings, port=args.port, num_cpus=args.num_cpus, temp_dir=scratch)
+            for clients in args.clients:
+                window = measure(url, images, clients, args.seconds, args.warmup)
+                rows.append((name, clients, window))
+                print(
+                    f"{name} c={clients}: {window.goodput:.1f}/s, p99 {window.pct(99):.2f} s, "
+                    f"shed {len(window.shed_latencies)}, failed {window.failed}",
+                    flush=True,
+                )
+            kills[name] = kill_under_load(url, images, args.kill_clients, args.kill_seconds)
+            print(f"{name} kill: {kills[name]}", flush=True)
+        finally:
+            stop_local()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    defaults = ServeSettings()
+    capacity = (
+        defaults.classifier_replicas * defaults.classifier_max_ongoing
+        + defaults.max_queued_requests
+    )
+    print()
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.node() or 'this machine'}: "
+        f"{os.cpu_count()} CPU cores, no GPU, load average before "
+        f"{load_before}; model {model_id!r} from "
+        f"{registry.root}; {len(images)} real derm-sample JPEGs (ISIC archive, 341x256); "
+        f"{args.seconds:g} s measured per level after {args.warmup:g} s warm-up"
+    )
+    print()
+    print(
+        "| config | clients | goodput /s | p50 s | p99 s | shed (503) | p99 of a 503 s | failed |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, clients, w in rows:
+        shed99 = np.percentile(w.shed_latencies, 99) if w.shed_latencies else float("nan")
+        print(
+            f"| {name} | {clients} | {w.goodput:.1f} | {w.pct(50):.2f} | {w.pct(99):.2f} "
+            f"| {len(w.shed_latencies)} | {shed99:.2f} | {w.failed} |"
+        )
+    print()
+    for name in args.configs:
+        by_clients = {c: w for n, c, w in rows if n == name}
+        if 32 in by_clients and 128 in by_clients:
+            ratio = by_clients[128].goodput / by_clients[32].goodput
+            print(f"{name}: goodput at 128 clients / at 32 = {ratio:.2f}")
+    if "after" in args.configs:
+        best = max((w.goodput for n, _, w in rows if n == "after"), default=float("nan"))
+        print(
+            f"after: an accepted request has at most {capacity} ahead of it "
+            f"(2 replicas x {defaults.classifier_max_ongoing} ongoing + "
+            f"{defaults.max_queued_requests} queued); at {best:.1f}/s that is "
+            f"{capacity / best:.1f} s of waiting (the p99 bound, plus one batch)"
+        )
+    print()
+    print(
+        "| config | clients | failed requests | longest time without a 200 (s) "
+        "| replica replaced after (s) | 200s after the kill |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, k in kills.items():
+        print(
+            f"| {name} | {args.kill_clients} | {k['failed']} {k['failed_kinds'] or ''} "
+            f"| {k['silence_s']:.1f} | {k['replaced_s']:.1f} | {k['ok_after_kill']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

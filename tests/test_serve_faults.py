@@ -1,0 +1,355 @@
+"""Serving under faults, over real HTTP on loopback: overload, a killed replica, a bad model.
+
+A second app ("faults", at /faults) runs on the session's Ray + Serve with tiny untrained
+models and deliberately small queues, so overload is cheap to cause; every load is bounded in
+requests and time. The dashboard client's retry rules are checked against a mock transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from ray import serve
+
+from dermanet.inference import save_checkpoint
+from dermanet.models import create_model
+from dermanet.serving import ServeSettings, build_app
+from dermanet.serving.replicas import (
+    kill_replica,
+    replica_names,
+    wait_for_replacement,
+    wait_for_running,
+)
+from dermanet.serving.runner import wait_ready
+from dermanet.ui.client import ServeBusy, ServeClient, ServeError
+
+pytest_plugins = ["conftest_serve"]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+APP = "faults"
+TINY = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"
+# 2 Classifier replicas x 4 ongoing + 4 queued: a 13th concurrent request is shed
+SETTINGS = {
+    "max_batch_size": 4,
+    "max_ongoing_requests": 4,
+    "max_queued_requests": 4,
+    "gradcam_max_queued_requests": 2,
+    "batch_wait_timeout_s": 0.005,
+    "retry_after_s": 1.0,
+}
+
+
+def jpeg(seed: int, size: tuple[int, int] = (120, 90)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def faults(serve_url: str, tmp_path_factory: pytest.TempPathFactory):
+    """The faults app on its own registry: `default` (64 px) and `second` (48 px)."""
+    registry = tmp_path_factory.mktemp("faults-registry")
+    torch.manual_seed(2)
+    save_checkpoint(registry / "default.pt", create_model(TINY), img_size=64)
+    save_checkpoint(registry / "second.pt", create_model(TINY), img_size=48)
+    settings = ServeSettings(model_dir=str(registry), **SETTINGS)
+    serve.run(build_app(settings), name=APP, route_prefix=f"/{APP}")
+    url = f"{serve_url}/{APP}"
+    try:
+        wait_ready(url, timeout_s=180)
+        wait_for_running("Classifier", 2, app=APP)
+        yield SimpleNamespace(url=url, registry=registry)
+    finally:
+        serve.delete(APP)
+
+
+@dataclass
+class Outcome:
+    status: int | None  # None: no HTTP answer at all (connection dropped, timeout)
+    seconds: float
+    done_at: float
+    retry_after: str | None = None
+    body: dict | None = None
+    error: str = ""
+
+
+async def _load(
+    url: str, path: str, clients: int, stop: threading.Event | None, per_client: int
+) -> list[Outcome]:
+    """`clients` closed-loop clients, each sending up to `per_client` requests (or until
+    `stop`); a 503 is not waited on, so the queue stays under pressure."""
+    outcomes: list[Outcome] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def one_client(index: int) -> None:
+            for i in range(per_client):
+                if stop is not None and stop.is_set():
+                    return
+                data = jpeg(1000 * index + i)
+                started = time.perf_counter()
+                try:
+                    r = await client.post(path, files={"file": ("x.jpg", data)})
+                    body = r.json() if r.headers.get("content-type") == "application/json" else None
+                    outcome = Outcome(
+                        r.status_code,
+                        time.perf_counter() - started,
+                        time.monotonic(),
+                        r.headers.get("retry-after"),
+                        body,
+                    )
+                except httpx.HTTPError as exc:
+                    outcome = Outcome(
+                        None, time.perf_counter() - started, time.monotonic(), error=repr(exc)
+                    )
+                outcomes.append(outcome)
+
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+    return outcomes
+
+
+def load(url, path="/v1/classify", clients=8, per_client=10, stop=None) -> list[Outcome]:
+    return asyncio.run(_load(url, path, clients, stop, per_client))
+
+
+class Background:
+    """Load in a thread until stopped (at most `per_client` requests per client)."""
+
+    def __init__(self, url: str, clients: int, per_client: int = 400):
+        self.stop = threading.Event()
+        self.outcomes: list[Outcome] = []
+        self.thread = threading.Thread(
+            target=lambda: self.outcomes.extend(
+                load(url, "/v1/classify", clients, per_client, self.stop)
+            ),
+            daemon=True,
+        )
+
+    def __enter__(self) -> Background:
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive(), "load did not stop"
+
+
+def longest_silence(outcomes: list[Outcome], start: float, end: float) -> float:
+    """The longest stretch in [start, end] with no 200 completing."""
+    marks = sorted([start, end, *(o.done_at for o in outcomes if o.status == 200)])
+    marks = [m for m in marks if start <= m <= end]
+    return max(b - a for a, b in itertools.pairwise(marks))
+
+
+# --- 1. load shedding ----------------------------------------------------------------------------
+def test_overload_answers_only_200_or_a_quick_503_with_retry_after(faults) -> None:
+    outcomes = load(faults.url, clients=48, per_client=6)
+    statuses = {o.status for o in outcomes}
+    assert statuses <= {200, 503}, [
+        (o.status, o.error, o.body) for o in outcomes if o.status not in (200, 503)
+    ][:5]
+    shed = [o for o in outcomes if o.status == 503]
+    served = [o for o in outcomes if o.status == 200]
+    assert shed and served, f"{len(shed)} shed, {len(served)} served of {len(outcomes)}"
+    for o in shed:
+        assert o.retry_after == "1" and o.body is not None, (o.retry_after, o.body)
+        assert o.body["retry_after_s"] == 1 and "busy" in o.body["detail"], o.body
+    assert all(set(o.body["probabilities"]) and o.body["model_id"] == "default" for o in served)
+    # shedding is quick: a refusal does not wait for the queue it was refused from
+    assert np.median([o.seconds for o in shed]) < np.median([o.seconds for o in served])
+    assert max(o.seconds for o in shed) < 10
+
+
+def test_dashboard_client_retries_after_the_advice_then_says_busy(faults) -> None:
+    with Background(faults.url, clients=40):
+        time.sleep(1.0)
+        refusals = []
+        for seed in range(30):  # with no budget, the first 503 is final: a clear message
+            try:
+                with ServeClient(faults.url, busy_budget_s=0) as once:
+                    once.classify([("a.jpg", jpeg(seed))])
+            except ServeBusy as exc:
+                refusals.append(exc)
+                break
+        assert refusals, "30 requests under 40-client overload were never shed"
+        assert "is busy" in str(refusals[0]) and "try again" in str(refusals[0])
+        assert refusals[0].status is None  # not the image's fault: nothing recorded against it
+        sleeps: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+            time.sleep(seconds)
+
+        with ServeClient(faults.url, busy_budget_s=60, sleep=sleep) as client:
+            results = client.classify([("b.jpg", jpeg(99))])
+    assert results[0].model_id == "default"
+    assert all(1.0 <= s <= 1.25 for s in sleeps), sleeps  # Retry-After: 1, plus jitter
+
+
+# --- 2. a replica dies under load ----------------------------------------------------------------
+def test_killing_a_classifier_replica_under_load_loses_no_request(faults) -> None:
+    before = replica_names("Classifier", app=APP)
+    assert len(before) == 2, before
+    with Background(faults.url, clients=8) as bg:
+        time.sleep(2.0)
+        killed_at = time.monotonic()
+        kill_replica(before[0])
+        wait_for_replacement("Classifier", before[0], 2, app=APP)  # Serve starts a new one
+        replaced_at = time.monotonic()
+        time.sleep(1.0)
+    failed = [(o.status, o.error, o.body) for o in bg.outcomes if o.status != 200]
+    assert not failed, failed[:5]
+    after_kill = [o for o in bg.outcomes if o.done_at > killed_at]
+    assert len(after_kill) >= 20, len(after_kill)
+    silence = longest_silence(bg.outcomes, killed_at, time.monotonic() - 1.0)
+    assert silence < 5.0, f"no 200 for {silence:.1f} s after the kill"
+    assert replaced_at - killed_at > 1.0  # the load really ran on one replica for a while
+
+
+def test_killing_the_gradcam_replica_leaves_classify_alone(faults) -> None:
+    (name,) = replica_names("GradCam", app=APP)
+    with Background(faults.url, clients=4) as bg:
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        kill_replica(name)
+        cam = httpx.post(
+            f"{faults.url}/v1/gradcam", files={"file": ("a.jpg", jpeg(5))}, timeout=120
+        )
+        assert cam.status_code in (200, 503), cam.text  # retried once, never a 500
+        time.sleep(3.0)
+    assert {o.status for o in bg.outcomes} == {200}
+    assert longest_silence(bg.outcomes, killed_at, bg.outcomes[-1].done_at) < 5.0
+    wait_for_replacement("GradCam", name, 1, app=APP)
+    cam = httpx.post(f"{faults.url}/v1/gradcam", files={"file": ("a.jpg", jpeg(5))}, timeout=120)
+    assert cam.status_code == 200 and cam.headers["content-type"] == "image/png"
+
+
+# --- 3. health that means something --------------------------------------------------------------
+def _misfit_checkpoint(source: Path, target: Path) -> None:
+    """Readable metadata, weights that do not fit the model (passes the listing, fails a load)."""
+    data = torch.load(source, weights_only=True)
+    name = next(k for k, v in data["state_dict"].items() if v.ndim == 4)
+    data["state_dict"][name] = torch.zeros(3, 3, 1, 1)
+    torch.save(data, target)
+
+
+def test_bad_model_files_are_listed_unusable_and_the_others_serve(faults) -> None:
+    registry: Path = faults.registry
+    (registry / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a checkpoint" * 40)
+    _misfit_checkpoint(registry / "second.pt", registry / "misfit.pt")
+    try:
+        with httpx.Client(base_url=faults.url, timeout=60) as client:
+            models = {m["id"]: m for m in client.get("/v1/models").json()["models"]}
+            assert set(models) == {"corrupt", "default", "misfit", "second"}
+            assert models["default"]["usable"] and models["second"]["usable"]
+            assert (
+                not models["corrupt"]["usable"] and "not a DermaNet" in models["corrupt"]["error"]
+            )
+            assert not models["misfit"]["usable"] and "fails to load" in models["misfit"]["error"]
+            for bad in ("corrupt", "misfit"):
+                r = client.post(
+                    "/v1/classify", params={"model": bad}, files={"file": ("a.jpg", jpeg(1))}
+                )
+                assert r.status_code == 503 and "cannot be used" in r.json()["detail"], r.text
+                assert "retry-after" not in r.headers  # not a busy server: retrying will not help
+            for good in ("default", "second"):
+                r = client.post(
+                    "/v1/classify", params={"model": good}, files={"file": ("a.jpg", jpeg(1))}
+                )
+                assert r.status_code == 200 and r.json()["model_id"] == good, r.text
+            assert client.get("/healthz/ready").status_code == 200
+    finally:
+        (registry / "corrupt.pt").unlink(missing_ok=True)
+        (registry / "misfit.pt").unlink(missing_ok=True)
+
+
+def test_live_and_ready_split(faults) -> None:
+    registry: Path = faults.registry
+    with httpx.Client(base_url=faults.url, timeout=60) as client:
+        ready = client.get("/healthz/ready")
+        assert ready.status_code == 200, ready.text
+        body = ready.json()
+        assert body["ready"] and body["default_model"] == "default" and body["forward_ms"] > 0
+        assert client.get("/healthz").json()["ready"] is True
+        backup = registry / "default.pt.keep"
+        shutil.copy2(registry / "default.pt", backup)
+        try:  # the default model breaks on disk: not ready (says why), but still live
+            _misfit_checkpoint(backup, registry / "default.pt")
+            not_ready = client.get("/healthz/ready")
+            assert not_ready.status_code == 503, not_ready.text
+            assert not_ready.json()["ready"] is False, not_ready.text
+            assert "'default' cannot be used: fails to load" in not_ready.json()["detail"]
+            assert client.get("/healthz/live").json() == {"status": "live"}
+        finally:
+            shutil.move(backup, registry / "default.pt")
+        assert client.get("/healthz/ready").status_code == 200
+
+
+# --- the dashboard client's retry rules (no server) ----------------------------------------------
+def _scripted(responses: list[httpx.Response]) -> tuple[ServeClient, list[float], list[str]]:
+    sleeps: list[float] = []
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return responses.pop(0)
+
+    client = ServeClient("127.0.0.1:9", transport=httpx.MockTransport(handler), sleep=sleeps.append)
+    return client, sleeps, paths
+
+
+BUSY = {"detail": "DermaNet is busy: the classifier queue is full; retry after 2 s"}
+LISTING = {"default": "m", "default_reason": "", "models": [], "class_names": []}
+
+
+def test_client_waits_the_advised_delay_and_then_succeeds() -> None:
+    busy = httpx.Response(503, json=BUSY, headers={"retry-after": "2"})
+    client, sleeps, paths = _scripted([busy, busy, httpx.Response(200, json=LISTING)])
+    assert client.models().default == "m"
+    assert len(paths) == 3 and len(sleeps) == 2
+    assert all(2.0 <= s <= 2.5 for s in sleeps), sleeps
+
+
+def test_client_gives_up_with_a_message_when_the_budget_runs_out() -> None:
+    busy = httpx.Response(503, json=BUSY, headers={"retry-after": "8"})
+    client, sleeps, _ = _scripted([busy] * 10)
+    client.busy_budget_s = 20
+    with pytest.raises(ServeBusy, match=r"is busy: it turned this request away 3 times") as info:
+        client.models()
+    assert "queue is full" in str(info.value) and "try again in a minute" in str(info.value)
+    assert info.value.attempts == 3 and sum(sleeps) <= 20
+
+
+def test_client_does_not_retry_a_503_without_retry_after() -> None:
+    final = httpx.Response(503, json={"detail": "model 'x' cannot be used: fails to load"})
+    client, sleeps, paths = _scripted([final])
+    with pytest.raises(ServeError, match="cannot be used") as info:
+        client.models()
+    assert not isinstance(info.value, ServeBusy) and info.value.status == 503
+    assert sleeps == [] and len(paths) == 1
+
+
+def test_client_reads_a_plain_text_503_from_the_proxy() -> None:
+    text = "Request dropped due to backpressure (num_queued_requests=64, max_queued_requests=64)."
+    busy = httpx.Response(503, text=text, headers={"retry-after": "0"})
+    client, sleeps, _ = _scripted([busy] * 200)
+    client.busy_budget_s = 2
+    with pytest.raises(ServeBusy, match="backpressure"):
+        client.models()
+    assert sleeps and all(s >= 0.5 for s in sleeps)  # "Retry-After: 0" is no busy loop
