@@ -1,0 +1,56 @@
+"""Know when not to answer: image-quality checks, an out-of-distribution score on the model's
+features, conformal prediction sets, and the evaluation set and measures that judge them.
+
+Pure functions on numpy arrays and plain dicts; serving, export and the dashboard call them.
+See docs/trust.md.
+"""
+
+from dermanet.trust.conformal import (
+    CONFORMAL_METHODS,
+    DEFAULT_CONFORMAL_METHOD,
+    fit_conformal,
+    prediction_sets,
+)
+from dermanet.trust.evaluation import auroc, gate_decision, gate_scores, ood_report, set_report
+from dermanet.trust.features import extract_features, iter_images
+from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
+from dermanet.trust.ood import (
+    DEFAULT_OOD_METHOD,
+    OOD_METHODS,
+    fit_ood_detector,
+    ood_scores,
+    stats_nbytes,
+)
+from dermanet.trust.quality import (
+    CHECKS,
+    QualityReport,
+    QualityThresholds,
+    assess_quality,
+    measure_quality,
+)
+
+__all__ = [
+    "CHECKS",
+    "CONFORMAL_METHODS",
+    "DEFAULT_CONFORMAL_METHOD",
+    "DEFAULT_OOD_METHOD",
+    "OOD_METHODS",
+    "QualityReport",
+    "QualityThresholds",
+    "assess_quality",
+    "auroc",
+    "calibrated_probabilities",
+    "extract_features",
+    "fit_conformal",
+    "fit_ood_detector",
+    "fit_trust_statistics",
+    "gate_decision",
+    "gate_scores",
+    "iter_images",
+    "measure_quality",
+    "ood_report",
+    "ood_scores",
+    "prediction_sets",
+    "set_report",
+    "stats_nbytes",
+]

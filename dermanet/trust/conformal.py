@@ -1,0 +1,132 @@
+"""Split conformal prediction sets: the classes among which the true one lies with a stated
+probability (e.g. 90 %), fitted on val probabilities (softmax of logits / the temperature).
+
+Methods (compared on derm-sample by benchmarks/trust_gate.py; docs/trust.md):
+- `mondrian` (default): class-conditional LAC, one threshold per true class. ISIC is very
+  imbalanced, and plain LAC reaches its 90 % on average by covering NV well while missing the
+  rare classes; Mondrian's guarantee holds for each class (Vovk 2012).
+- `lac`: include class k when 1 - p_k <= q (Sadinle et al. 2019): the smallest sets on average.
+- `aps`: include classes in descending probability until their mass reaches q (Romano et al.
+  2020), non-randomised so the same image always gets the same set.
+
+The statistics are plain numbers and lists, storable in a `weights_only` checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+CONFORMAL_METHODS = ("mondrian", "lac", "aps")
+DEFAULT_CONFORMAL_METHOD = "mondrian"
+CONFORMAL_STATS_VERSION = 1
+_TOLERANCE = 1e-9  # scores are in [0, 1]; float error must not drop a class at the boundary
+
+
+def fit_conformal(
+    val_probs: np.ndarray,
+    val_labels: np.ndarray,
+    coverage: float = 0.9,
+    method: str = DEFAULT_CONFORMAL_METHOD,
+) -> dict[str, Any]:
+    """Conformal thresholds from calibration (val) probabilities and true labels.
+
+    The threshold is the ceil((n+1)·coverage)/n empirical quantile of the nonconformity
+    scores, which guarantees coverage >= `coverage` on exchangeable data. Too few examples for
+    that quantile (n < 1/(1-coverage) - 1, e.g. a rare class under Mondrian) gives threshold
+    1.0: the class is always included, the safe side.
+    """
+    if method not in CONFORMAL_METHODS:
+        raise ValueError(
+            f"unknown conformal method {method!r}; choose from {list(CONFORMAL_METHODS)}"
+        )
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage must be between 0 and 1 (e.g. 0.9), got {coverage}")
+    probs = _probabilities(val_probs)
+    labels = np.asarray(val_labels)
+    if labels.shape != (len(probs),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"val_labels must be {len(probs)} integers, got {labels.dtype} {labels.shape}"
+        )
+    num_classes = probs.shape[1]
+    if len(probs) == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"val_labels must be class indices in 0..{num_classes - 1}")
+    scores = _true_class_scores(probs, labels, method)
+    stats: dict[str, Any] = {
+        "version": CONFORMAL_STATS_VERSION,
+        "method": method,
+        "coverage": float(coverage),
+        "num_classes": int(num_classes),
+        "n_calibration": len(labels),
+    }
+    if method == "mondrian":
+        counts = np.bincount(labels, minlength=num_classes)
+        stats["class_counts"] = [int(c) for c in counts]
+        stats["qhat"] = [
+            _conformal_quantile(scores[labels == k], coverage) for k in range(num_classes)
+        ]
+    else:
+        stats["qhat"] = _conformal_quantile(scores, coverage)
+    return stats
+
+
+def prediction_sets(probs: np.ndarray, stats: dict[str, Any]) -> list[list[int]]:
+    """Class indices per image, most probable first; never empty (falls back to the top class)."""
+    if not isinstance(stats, dict) or stats.get("method") not in CONFORMAL_METHODS:
+        raise ValueError("not conformal statistics this dermanet understands; refit them")
+    probs = _probabilities(probs)
+    if probs.shape[1] != stats["num_classes"]:
+        raise ValueError(
+            f"probabilities have {probs.shape[1]} classes, the statistics {stats['num_classes']}"
+        )
+    method = stats["method"]
+    qhat = np.asarray(stats["qhat"], dtype=np.float64)  # scalar, or one per class (Mondrian)
+    if method == "aps":
+        included = _aps_all_scores(probs) <= qhat + _TOLERANCE
+    else:
+        included = 1.0 - probs <= qhat + _TOLERANCE
+    order = np.argsort(-probs, axis=1, kind="stable")
+    sets = []
+    for row, keep in zip(order, included, strict=True):
+        members = [int(k) for k in row if keep[k]]
+        sets.append(members or [int(row[0])])
+    return sets
+
+
+def _conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    n = len(scores)
+    level = math.ceil((n + 1) * coverage) / n if n else math.inf
+    if level > 1:
+        return 1.0
+    return float(np.quantile(scores, level, method="higher"))
+
+
+def _true_class_scores(probs: np.ndarray, labels: np.ndarray, method: str) -> np.ndarray:
+    rows = np.arange(len(labels))
+    if method == "aps":
+        return _aps_all_scores(probs)[rows, labels]
+    return 1.0 - probs[rows, labels]
+
+
+def _aps_all_scores(probs: np.ndarray) -> np.ndarray:
+    """For each class: the probability mass of all classes at least as likely, itself included."""
+    order = np.argsort(-probs, axis=1, kind="stable")
+    cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+    scores = np.empty_like(probs)
+    np.put_along_axis(scores, order, cumulative, axis=1)
+    return scores
+
+
+def _probabilities(value: np.ndarray) -> np.ndarray:
+    probs = np.asarray(value, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(f"probabilities must be (N, classes), got shape {probs.shape}")
+    if not np.isfinite(probs).all() or (probs < 0).any():
+        raise ValueError("probabilities must be finite and non-negative")
+    if len(probs) and not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError(
+            "each row of probabilities must sum to 1 (pass softmax outputs, not logits)"
+        )
+    return probs

@@ -1,0 +1,128 @@
+"""Judging the gate and the sets: OOD AUROC and rejection rates both ways, per kind of
+picture; coverage and set size per class; and the gate's decision for one image (the
+`gate` field of the API contract)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+from dermanet.trust.quality import QualityReport
+
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """P(out score > in score) + P(tie)/2 (Mann-Whitney); +inf scores (rejected before the
+    model) rank highest. NaN when either side is empty."""
+    a = np.asarray(in_scores, dtype=np.float64).ravel()
+    b = np.asarray(out_scores, dtype=np.float64).ravel()
+    if not len(a) or not len(b):
+        return float("nan")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("scores contain NaN")
+    ranks = rankdata(np.concatenate([a, b]))
+    return float((ranks[len(a) :].sum() - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
+
+
+def gate_scores(quality_ok: Sequence[bool] | np.ndarray, ood_scores: np.ndarray) -> np.ndarray:
+    """One score for the whole gate: +inf where a quality check failed, else the OOD score.
+
+    `score > threshold` is then exactly the gate's rejection (quality fails OR OOD above).
+    """
+    ok = np.asarray(quality_ok, dtype=bool)
+    scores = np.asarray(ood_scores, dtype=np.float64)
+    if ok.shape != scores.shape:
+        raise ValueError(f"{ok.shape[0]} quality results for {scores.shape[0]} OOD scores")
+    return np.where(ok, scores, np.inf)
+
+
+def ood_report(
+    in_scores: np.ndarray,
+    out_scores: np.ndarray,
+    threshold: float,
+    out_kinds: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """AUROC (out vs in) and the share rejected (score > threshold) on each side, per kind.
+
+    `in_scores`: in-distribution images (the test split); `out_scores`: non-dermoscopic ones.
+    """
+    a = np.asarray(in_scores, dtype=np.float64)
+    b = np.asarray(out_scores, dtype=np.float64)
+    report: dict[str, Any] = {
+        "auroc": auroc(a, b),
+        "threshold": float(threshold),
+        "n_in": len(a),
+        "n_out": len(b),
+        "in_rejected": float((a > threshold).mean()) if len(a) else float("nan"),
+        "out_rejected": float((b > threshold).mean()) if len(b) else float("nan"),
+        "per_kind": {},
+    }
+    if out_kinds is not None:
+        kinds = np.asarray(out_kinds, dtype=str)
+        if kinds.shape != b.shape:
+            raise ValueError(f"{len(kinds)} kinds for {len(b)} out-of-distribution scores")
+        for kind in sorted(set(kinds)):
+            chosen = b[kinds == kind]
+            report["per_kind"][kind] = {
+                "n": len(chosen),
+                "rejected": float((chosen > threshold).mean()),
+                "auroc": auroc(a, chosen),
+            }
+    return report
+
+
+def set_report(
+    sets: Sequence[Sequence[int]], labels: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Empirical coverage (truth in the set), mean set size, and both per true class."""
+    labels = np.asarray(labels)
+    if len(sets) != len(labels):
+        raise ValueError(f"{len(sets)} sets for {len(labels)} labels")
+    covered = np.array([int(y) in s for s, y in zip(sets, labels, strict=True)])
+    sizes = np.array([len(s) for s in sets])
+    per_class = {}
+    for k, name in enumerate(class_names):
+        rows = labels == k
+        per_class[name] = {
+            "n": int(rows.sum()),
+            "coverage": float(covered[rows].mean()) if rows.any() else float("nan"),
+            "mean_size": float(sizes[rows].mean()) if rows.any() else float("nan"),
+        }
+    return {
+        "n": len(labels),
+        "coverage": float(covered.mean()) if len(labels) else float("nan"),
+        "mean_size": float(sizes.mean()) if len(labels) else float("nan"),
+        "singletons": float((sizes == 1).mean()) if len(labels) else float("nan"),
+        "per_class": per_class,
+    }
+
+
+def gate_decision(
+    quality_report: QualityReport, ood_score: float | None, ood_threshold: float | None
+) -> dict[str, Any]:
+    """The API's `gate` field: {"accepted", "reasons", "ood_score", "ood_threshold"}.
+
+    `ood_score`/`ood_threshold` are None when not computed (a model without OOD statistics,
+    or an image the quality checks already refused); a non-finite score is rejected and
+    reported as None, since JSON has no infinity.
+    """
+    reasons = list(quality_report.reasons)
+    score = None if ood_score is None else float(ood_score)
+    threshold = None if ood_threshold is None else float(ood_threshold)
+    if score is not None and threshold is not None:
+        if not math.isfinite(score):
+            reasons.append("unlike the training images (OOD score not finite)")
+            score = None
+        elif score > threshold:
+            reasons.append(
+                f"unlike the training images (OOD score {score:.3g} > threshold {threshold:.3g})"
+            )
+    return {
+        "accepted": quality_report.ok and not reasons,
+        "reasons": reasons,
+        "ood_score": score,
+        "ood_threshold": threshold,
+    }

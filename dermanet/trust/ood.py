@@ -1,0 +1,255 @@
+"""Out-of-distribution scores on the model's own pooled features (higher = less like training).
+
+A classifier's softmax is confident on anything; distances in its feature space are not.
+Fitted on the train split's features, thresholded on val for a false-rejection rate
+<= `target_fpr`. The fitted statistics are a dict of plain types and torch tensors, so they
+live inside a checkpoint that loads with `torch.load(weights_only=True)`.
+
+Methods (measured against each other by benchmarks/trust_gate.py, results in docs/trust.md):
+- `mahalanobis_log` (default): Mahalanobis distance on log features to the nearest class mean,
+  shared covariance with shrinkage. GeM features are positive and heavy-tailed; the log makes
+  them closer to Gaussian, which is what a Mahalanobis distance assumes.
+- `mahalanobis`: the same on raw features (Lee et al. 2018).
+- `knn`: cosine distance to the k-th nearest of a seeded sample of train features (Sun et al.
+  2022); stores the sample, so it costs the most space.
+- `energy`: -T logsumexp(logits / T) (Liu et al. 2020); needs no training statistics.
+- `combined`: `mahalanobis_log` + `energy`, each scaled so its val 95th percentile is 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+
+OOD_METHODS = ("mahalanobis_log", "mahalanobis", "knn", "energy", "combined")
+DEFAULT_OOD_METHOD = "mahalanobis_log"
+OOD_STATS_VERSION = 1
+
+
+def fit_ood_detector(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_logits: np.ndarray,
+    method: str = DEFAULT_OOD_METHOD,
+    target_fpr: float = 0.05,
+    *,
+    shrinkage: float = 0.01,
+    log_eps: float = 1e-3,
+    knn_k: int = 50,
+    knn_bank: int = 2048,
+    energy_temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fit `method` on train features and set its threshold on val (in-distribution) scores.
+
+    The threshold is the val score quantile at 1 - target_fpr ("higher" method), so at most
+    `target_fpr` of val images score above it, i.e. are rejected.
+    """
+    if method not in OOD_METHODS:
+        raise ValueError(f"unknown OOD method {method!r}; choose from {list(OOD_METHODS)}")
+    if not 0 < target_fpr < 0.5:
+        raise ValueError(f"target_fpr must be in (0, 0.5), got {target_fpr}")
+    train = _matrix(train_features, "train_features")
+    labels = np.asarray(train_labels)
+    if labels.shape != (len(train),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"train_labels must be {len(train)} integers, got {labels.dtype} {labels.shape}"
+        )
+    val = _matrix(val_features, "val_features", dim=train.shape[1])
+    val_logits = _matrix(val_logits, "val_logits", rows=len(val))
+    if len(val) < 20:
+        raise ValueError(f"need at least 20 val images to set a threshold, got {len(val)}")
+    options = {"shrinkage": shrinkage, "log_eps": log_eps, "knn_k": knn_k, "knn_bank": knn_bank,
+               "energy_temperature": energy_temperature, "seed": seed}  # fmt: skip
+    stats: dict[str, Any] = {
+        "version": OOD_STATS_VERSION,
+        "method": method,
+        "feature_dim": int(train.shape[1]),
+        "num_classes": int(val_logits.shape[1]),
+        "n_train": len(train),
+        "n_val": len(val),
+        "target_fpr": float(target_fpr),
+        **_fit_method(method, train, labels, val, val_logits, options),
+    }
+    scores = ood_scores(stats, val, val_logits)
+    threshold = float(np.quantile(scores, 1.0 - target_fpr, method="higher"))
+    stats["threshold"] = threshold
+    stats["val_rejection_rate"] = float((scores > threshold).mean())
+    return stats
+
+
+def ood_scores(stats: dict[str, Any], features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """OOD score per image, float64 (N,); compare with `stats["threshold"]` (reject if above)."""
+    method = stats.get("method") if isinstance(stats, dict) else None
+    if method not in OOD_METHODS or stats.get("version") != OOD_STATS_VERSION:
+        raise ValueError(
+            f"not OOD statistics this dermanet understands (method {method!r}, version "
+            f"{stats.get('version') if isinstance(stats, dict) else None!r}); refit them"
+        )
+    dim = int(stats["feature_dim"])
+    features = _matrix(features, "features", dim=dim, allow_empty=True, finite=False)
+    logits = _matrix(logits, "logits", rows=len(features), allow_empty=True, finite=False)
+    if logits.shape[1] != stats["num_classes"]:
+        raise ValueError(
+            f"logits have {logits.shape[1]} classes, the statistics {stats['num_classes']}"
+        )
+    # A non-finite feature or logit (a broken model or input) is never in distribution.
+    broken = ~(np.isfinite(features).all(axis=1) & np.isfinite(logits).all(axis=1))
+    features = np.where(broken[:, None], 0.0, features)
+    logits = np.where(broken[:, None], 0.0, logits)
+    return np.where(broken, np.inf, _method_scores(stats, features, logits))
+
+
+def _method_scores(stats: dict[str, Any], features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    method = stats["method"]
+    if method in ("mahalanobis", "mahalanobis_log"):
+        return _mahalanobis(stats, features)
+    if method == "knn":
+        return _knn(stats, features)
+    if method == "energy":
+        return _energy(logits, float(stats["energy_temperature"]))
+    parts = [_method_scores(part, features, logits) for part in stats["parts"]]
+    return np.sum(
+        [(s - p["center"]) / p["scale"] for s, p in zip(parts, stats["parts"], strict=True)],
+        axis=0,
+    )
+
+
+def stats_nbytes(stats: dict[str, Any]) -> int:
+    """Bytes of tensor data in the statistics (what they add to a checkpoint)."""
+    total = 0
+    for value in stats.values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, list):
+            total += sum(stats_nbytes(v) for v in value if isinstance(v, dict))
+    return total
+
+
+def _fit_method(
+    method: str,
+    train: np.ndarray,
+    labels: np.ndarray,
+    val: np.ndarray,
+    val_logits: np.ndarray,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    if method in ("mahalanobis", "mahalanobis_log"):
+        eps = float(options["log_eps"]) if method == "mahalanobis_log" else None
+        return _fit_mahalanobis(train, labels, float(options["shrinkage"]), eps)
+    if method == "knn":
+        return _fit_knn(
+            train, int(options["knn_k"]), int(options["knn_bank"]), int(options["seed"])
+        )
+    if method == "energy":
+        temperature = float(options["energy_temperature"])
+        if not temperature > 0:
+            raise ValueError(f"energy_temperature must be > 0, got {temperature}")
+        return {"energy_temperature": temperature}
+    parts = []
+    for part_method in ("mahalanobis_log", "energy"):
+        part = {
+            "version": OOD_STATS_VERSION,
+            "method": part_method,
+            "feature_dim": int(train.shape[1]),
+            "num_classes": int(val_logits.shape[1]),
+            **_fit_method(part_method, train, labels, val, val_logits, options),
+        }
+        scores = ood_scores(part, val, val_logits)
+        center = float(np.median(scores))
+        part["center"] = center
+        part["scale"] = max(float(np.quantile(scores, 0.95)) - center, 1e-12)
+        parts.append(part)
+    return {"parts": parts}
+
+
+def _fit_mahalanobis(
+    train: np.ndarray, labels: np.ndarray, shrinkage: float, log_eps: float | None
+) -> dict[str, Any]:
+    """Class means and a whitening matrix W of the shared covariance: d² = |(x - mu) W|²."""
+    if not 0 <= shrinkage <= 1:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    x = _transform(train, log_eps)
+    classes = np.unique(labels)
+    means = np.stack([x[labels == c].mean(axis=0) for c in classes])
+    centred = x - means[np.searchsorted(classes, labels)]
+    cov = centred.T @ centred / len(x)
+    dim = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / dim * np.eye(dim)
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)
+    floor = max(float(eigenvalues.max()) * 1e-10, 1e-12)  # singular without shrinkage
+    whitening = eigenvectors / np.sqrt(np.maximum(eigenvalues, floor))
+    return {
+        "transform": "log" if log_eps is not None else "identity",
+        "log_eps": float(log_eps) if log_eps is not None else 0.0,
+        "shrinkage": float(shrinkage),
+        "classes": [int(c) for c in classes],
+        "whitening": torch.from_numpy(whitening.astype(np.float32)),
+        "centres": torch.from_numpy((means @ whitening).astype(np.float32)),
+    }
+
+
+def _mahalanobis(stats: dict[str, Any], features: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance to the nearest class mean, divided by the dimension
+    (about 1 for training-like images, whatever the feature width)."""
+    eps = float(stats["log_eps"]) if stats["transform"] == "log" else None
+    z = _transform(features, eps) @ stats["whitening"].double().numpy()
+    centres = stats["centres"].double().numpy()
+    d2 = (z * z).sum(1)[:, None] - 2 * z @ centres.T + (centres * centres).sum(1)[None, :]
+    return np.maximum(d2.min(axis=1), 0.0) / z.shape[1] if len(z) else np.zeros(0)
+
+
+def _fit_knn(train: np.ndarray, k: int, bank: int, seed: int) -> dict[str, Any]:
+    if k < 1:
+        raise ValueError(f"knn_k must be >= 1, got {k}")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(train), size=min(bank, len(train)), replace=False))
+    if k > len(rows):
+        raise ValueError(f"knn_k={k} is more than the {len(rows)} stored train features")
+    return {"knn_k": int(k), "bank": torch.from_numpy(_unit(train[rows]).astype(np.float16))}
+
+
+def _knn(stats: dict[str, Any], features: np.ndarray) -> np.ndarray:
+    bank = stats["bank"].double().numpy()
+    similarity = _unit(features) @ bank.T
+    k = int(stats["knn_k"])
+    kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1] if len(features) else np.zeros(0)
+    return 1.0 - kth
+
+
+def _energy(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return -temperature * logsumexp(logits / temperature, axis=1)
+
+
+def _transform(x: np.ndarray, log_eps: float | None) -> np.ndarray:
+    if log_eps is None:
+        return x
+    return np.log(np.maximum(x, 0.0) + log_eps)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _matrix(
+    value: np.ndarray,
+    name: str,
+    dim: int | None = None,
+    rows: int | None = None,
+    allow_empty: bool = False,
+    finite: bool = True,
+) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim != 2 or (len(array) == 0 and not allow_empty):
+        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {array.shape}")
+    if dim is not None and array.shape[1] != dim:
+        raise ValueError(f"{name} have {array.shape[1]} dimensions, the model's features {dim}")
+    if rows is not None and len(array) != rows:
+        raise ValueError(f"{name} has {len(array)} rows, expected {rows}")
+    if finite and not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array

@@ -1,0 +1,205 @@
+"""Cheap, explainable image-quality checks, run on the decoded image BEFORE the model.
+
+A classifier answers whatever it is shown; these checks refuse the pictures that cannot be a
+usable dermoscopy photo (icons, blank or black frames, blurred shots, screenshots and documents)
+and say why in words a person can act on. Content measures are taken on a fixed-size copy
+(`analysis_size` square), so every threshold means the same at 150 px and at 6000 px.
+Defaults and the measurements behind them: docs/trust.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """Limits of the quality checks (docs/trust.md gives each one's reason and val trip rate)."""
+
+    min_short_side: int = 96  # px; derm-sample's smallest is 150, the default model reads 80
+    max_aspect_ratio: float = 2.5  # long/short side; cameras give 1-1.8, derm-sample <= 1.55
+    analysis_size: int = 128  # px square copy on which content is measured
+    min_grey_std: float = 4.0  # grey-level standard deviation: below = blank
+    max_flat_share: float = 0.45  # share of the centre in ONE colour: screens, documents, plots
+    flat_levels: int = 64  # colour levels per channel when counting "one colour" (JPEG-proof)
+    flat_centre: float = 0.7  # side of the central box the flat share is counted in (fraction)
+    min_brightness: float = 40.0  # 90th percentile of grey 0-255: below = too dark
+    max_clipped_share: float = 0.5  # share of pixels at >= 250 grey: over-exposed
+    min_sharpness: float = 8.0  # variance of the Laplacian of the grey copy: below = blurred
+    max_sharpness: float = 5000.0  # above = grainy noise (derm-sample val: at most ~2,900)
+    min_contrast: float = 20.0  # 99th minus 1st grey percentile: below = low contrast
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if not (isinstance(value, int | float) and np.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"quality threshold {item.name} must be a number >= 0, got {value!r}"
+                )
+        if self.analysis_size < 16 or not 2 <= self.flat_levels <= 256:
+            raise ValueError("analysis_size must be >= 16 and flat_levels in 2..256")
+        if not 0 < self.flat_centre <= 1:
+            raise ValueError(f"flat_centre must be in (0, 1], got {self.flat_centre}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> QualityThresholds:
+        """Defaults overridden by `mapping` (e.g. a config section); unknown keys are an error."""
+        mapping = dict(mapping or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown quality thresholds {unknown}; known: {sorted(fields)}")
+        try:
+            values = {
+                k: int(v) if fields[k].type == "int" else float(v) for k, v in mapping.items()
+            }
+        except (TypeError, ValueError):
+            raise ValueError(f"quality thresholds must be numbers, got {mapping}") from None
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """ok is False when any check trips; reasons say the measured value and the limit."""
+
+    ok: bool
+    reasons: list[str] = field(default_factory=list)
+    measures: dict[str, float] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)  # check names, for counting trip rates
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHECKS = ("too_small", "aspect_ratio", "blank", "flat", "dark", "over_exposed", "blurred",
+          "noisy", "low_contrast")  # fmt: skip
+
+
+def measure_quality(
+    image: np.ndarray, size: int = 128, levels: int = 64, centre: float = 0.7
+) -> dict[str, float]:
+    """The numbers the checks compare (a few ms for a 600x450 image).
+
+    Dermatoscopes often leave a black circular frame round the field of view, so the two
+    measures a frame would distort ignore it: the flat-colour share is counted in the central
+    box, and brightness is the 90th grey percentile (the lit field), not the mean.
+    """
+    if not (
+        isinstance(image, np.ndarray)
+        and image.dtype == np.uint8
+        and image.ndim == 3
+        and image.shape[2] == 3
+        and min(image.shape[:2]) >= 1
+    ):
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image)
+        raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {got}")
+    height, width = image.shape[:2]
+    small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    low, bright, high = np.percentile(grey, [1, 90, 99])
+    # Nearest-neighbour sampling keeps a screen's flat colours exact (area averaging would blend
+    # text into the background); quantising to `levels` survives JPEG's small errors.
+    dy, dx = int(height * (1 - centre) / 2), int(width * (1 - centre) / 2)
+    middle = image[dy : height - dy, dx : width - dx]
+    sampled = cv2.resize(middle, (size, size), interpolation=cv2.INTER_NEAREST)
+    codes = (sampled.astype(np.int32) * levels // 256) @ np.array([levels * levels, levels, 1])
+    _, counts = np.unique(codes, return_counts=True)
+    return {
+        "short_side": float(min(height, width)),
+        "aspect_ratio": float(max(height, width) / min(height, width)),
+        "grey_std": float(grey.std()),
+        "flat_share": float(counts.max() / codes.size),
+        "brightness": float(bright),
+        "clipped_share": float((grey >= 250).mean()),
+        "sharpness": float(cv2.Laplacian(grey, cv2.CV_32F, ksize=1).var()),
+        "contrast": float(high - low),
+    }
+
+
+def assess_quality(image: np.ndarray, thresholds: QualityThresholds | None = None) -> QualityReport:
+    """Run every check on an RGB uint8 (H, W, 3) image.
+
+    A too-small image reports only its size (its content measures would describe an upscaled
+    smudge), and a blank one does not also report blur and low contrast, which follow from it.
+    """
+    t = thresholds or QualityThresholds()
+    m = measure_quality(image, t.analysis_size, t.flat_levels, t.flat_centre)
+    failed: list[str] = []
+    reasons: list[str] = []
+
+    def trip(check: str, reason: str) -> None:
+        failed.append(check)
+        reasons.append(reason)
+
+    if m["short_side"] < t.min_short_side:
+        trip(
+            "too_small",
+            f"too small: {image.shape[1]}x{image.shape[0]} px, the short side must be at least "
+            f"{t.min_short_side} px",
+        )
+    if m["aspect_ratio"] > t.max_aspect_ratio:
+        trip(
+            "aspect_ratio",
+            f"extreme aspect ratio: {m['aspect_ratio']:.2f}:1, at most {t.max_aspect_ratio:g}:1",
+        )
+    if "too_small" not in failed:
+        _content_checks(m, t, trip)
+    return QualityReport(ok=not failed, reasons=reasons, measures=m, failed=failed)
+
+
+def _content_checks(m: dict[str, float], t: QualityThresholds, trip) -> None:
+    blank = m["grey_std"] < t.min_grey_std
+    if blank:
+        trip(
+            "blank",
+            f"nearly uniform or blank: grey-level spread {m['grey_std']:.1f}, at least "
+            f"{t.min_grey_std:g} expected",
+        )
+    if m["flat_share"] > t.max_flat_share and not blank:
+        trip(
+            "flat",
+            f"looks like a screen, document or graphic: one flat colour covers "
+            f"{m['flat_share']:.0%} of its centre (at most {t.max_flat_share:.0%})",
+        )
+    if m["brightness"] < t.min_brightness:
+        trip(
+            "dark",
+            f"too dark: even its brightest tenth is below grey level {m['brightness']:.0f} of "
+            f"255, at least {t.min_brightness:g} expected",
+        )
+    if m["clipped_share"] > t.max_clipped_share:
+        trip(
+            "over_exposed",
+            f"over-exposed: {m['clipped_share']:.0%} of pixels are blown-out white (at most "
+            f"{t.max_clipped_share:.0%})",
+        )
+    if blank:
+        return
+    if m["sharpness"] < t.min_sharpness:
+        trip(
+            "blurred",
+            f"too blurred: sharpness {m['sharpness']:.1f} (variance of the Laplacian), at "
+            f"least {t.min_sharpness:g}",
+        )
+    if m["sharpness"] > t.max_sharpness:
+        trip(
+            "noisy",
+            f"too noisy or grainy: Laplacian variance {m['sharpness']:.0f}, at most "
+            f"{t.max_sharpness:g}",
+        )
+    if m["contrast"] < t.min_contrast:
+        trip(
+            "low_contrast",
+            f"low contrast: grey range {m['contrast']:.0f} of 255, at least {t.min_contrast:g}",
+        )
