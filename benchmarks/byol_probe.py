@@ -32,7 +32,8 @@ from dermanet.data.pipelines import decode_transform_batch
 from dermanet.data.shards import read_manifest, shard_dir
 from dermanet.data.transforms import normalize_images
 from dermanet.eval.metrics import classification_metrics
-from dermanet.models import DermResNetSE, create_model, load_backbone_file
+from dermanet.inference.checkpoint import load_backbone_file
+from dermanet.models import DermResNetSE, create_model
 
 
 def load_split(

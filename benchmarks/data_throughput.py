@@ -33,6 +33,7 @@ from dermanet.data.pipelines import (
     read_shards,
 )
 from dermanet.data.shards import prepare_shards
+from dermanet.data.sources import catalogue_rows
 from dermanet.paths import sample_available, sample_dir
 from dermanet.runtime import init_ray
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = sample_dir()
     cat = assign_splits(read_plain_csv(root / "metadata.csv", root / "images"), seed=0)
-    cat = cat.loc[cat["split"] == "train"].sample(n=args.limit, random_state=0)
+    cat = catalogue_rows(cat.loc[cat["split"] == "train"].sample(n=args.limit, random_state=0))
     init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     shards = tempfile.mkdtemp(prefix="dermanet-bench-")
     prepare_shards(cat, shards, short_side=256)

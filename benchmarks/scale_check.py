@@ -87,7 +87,7 @@ def byol_rates(shards: str, workers: int, args: argparse.Namespace) -> list[floa
         model_config=args.model_config,
         img_size=args.img_size,
         batch_size=args.batch_size,
-        max_epochs=args.epochs,
+        epochs=args.epochs,
         proj_hidden_dim=args.proj_hidden_dim,
         pred_hidden_dim=args.proj_hidden_dim,
         proj_out_dim=128,

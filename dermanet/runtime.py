@@ -10,6 +10,15 @@ import ray
 log = logging.getLogger(__name__)
 
 
+def quiet_ray_data_logs() -> None:
+    """Ray Data's INFO banners ("execution finished", "progress bars disabled") off the console.
+
+    Set before Ray starts, so the local Ray's workers inherit it; `RAY_DATA_LOG_LEVEL` set by
+    the user wins. Ray Data still writes its full logs to the session's logs folder.
+    """
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+
+
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,

@@ -7,8 +7,11 @@ on a laptop and on a cluster; pyarrow's filesystems do the work.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow.fs as pafs
 
@@ -78,3 +81,28 @@ def read_json(location: str | Path) -> Any:
 def copy_file(source: str | Path, target: str | Path) -> None:
     """Copy one file between any two locations (local paths or URIs)."""
     write_bytes(target, read_bytes(source))
+
+
+def atomic_write(path: str | Path, data: bytes | Callable[[IO[bytes]], Any]) -> Path:
+    """Write bytes (or whatever `data(handle)` writes) to a local file, atomically.
+
+    Temp file, fsync, rename: readers never see a partial file.
+    The temp name starts with a dot and ends in `.tmp`, so folder listings (`*.pt`, uploads)
+    skip it; a crash leaves no half-written file behind under the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if isinstance(data, bytes | bytearray):
+                handle.write(data)
+            else:
+                data(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

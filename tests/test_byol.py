@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dermanet.inference.checkpoint import load_backbone_file, save_backbone
 from dermanet.models import (
     BYOL,
     ModelConfig,
@@ -19,8 +20,6 @@ from dermanet.models import (
     cosine_momentum,
     create_model,
     embedding_std,
-    load_backbone_file,
-    save_backbone,
 )
 from dermanet.train import BYOLModule
 
@@ -135,10 +134,14 @@ def test_sync_batchnorm_flag_converts_and_keeps_keys() -> None:
 
 
 # -- backbone file --------------------------------------------------------------------------
+def save_online_backbone(model: BYOL, path: Path, provenance: dict | None = None) -> Path:
+    return save_backbone(path, model.model_config, model.export_backbone(), provenance)
+
+
 def test_backbone_file_errors(tmp_path: Path) -> None:
     model = tiny_byol()
     with pytest.raises(TypeError, match="provenance"):
-        model.save_backbone(tmp_path / "b.pt", provenance={"when": object()})
+        save_online_backbone(model, tmp_path / "b.pt", provenance={"when": object()})
     with pytest.raises(ValueError, match="head"):
         save_backbone(tmp_path / "b.pt", ModelConfig(), create_model(TINY).state_dict())
     with pytest.raises(FileNotFoundError):
@@ -146,11 +149,11 @@ def test_backbone_file_errors(tmp_path: Path) -> None:
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a DermaNet backbone file"):
         load_backbone_file(tmp_path / "other.pt")
-    path = model.save_backbone(tmp_path / "b.pt")
+    path = save_online_backbone(model, tmp_path / "b.pt")
     payload = torch.load(path, weights_only=True)
-    payload["version"] = 2
+    payload["format_version"] = 99
     torch.save(payload, tmp_path / "future.pt")
-    with pytest.raises(ValueError, match="version 2"):
+    with pytest.raises(ValueError, match="format 99"):
         load_backbone_file(tmp_path / "future.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="weights_only"):
@@ -202,8 +205,12 @@ def test_lightning_fit_updates_target_per_optimizer_step_and_exports(tmp_path: P
 
     path = module.save_backbone(tmp_path / "out" / "backbone.pt", provenance={"run": "test"})
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "dermanet-backbone" and raw["version"] == 1
-    assert raw["provenance"] == {"method": "byol", "optimizer_steps": 2, "run": "test"}
+    assert raw["kind"] == "backbone" and raw["format_version"] == 2
+    assert {k: raw["provenance"][k] for k in ("method", "optimizer_steps", "run")} == {
+        "method": "byol",
+        "optimizer_steps": 2,
+        "run": "test",
+    }
     config, state = load_backbone_file(path)
     assert config == fresh.config
     assert set(state) == set(exported)

@@ -13,13 +13,14 @@ from PIL import Image
 from dermanet.classes import CLASS_INDEX
 from dermanet.data.transforms import eval_transform, to_model_input
 from dermanet.inference import GradCamExplainer, LoadedCheckpoint, Predictor, compute_cams, render
-from dermanet.inference.gradcam import ExplainedLogits, FeatureGrid, feature_grid, upsample_cam
+from dermanet.inference.gradcam import ExplainedLogits, FeatureGrid, upsample_cam
 from dermanet.models import ModelConfig, create_model
 
 pytest_plugins = ["conftest_serve"]
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"
 
-# Cell j of the tiny net's 4x4 last stage is centred on input pixel 32*j (see feature_grid):
+# Cell j of the tiny net's 4x4 last stage is centred on input pixel 32*j (see
+# DermResNetSE.feature_grid):
 # lesions are planted there, away from the image centre, in four different cells.
 PLANT_AT = [(0.25, 0.5), (0.5, 0.25), (0.25, 0.25), (0.5, 0.5)]
 
@@ -57,7 +58,7 @@ def test_explained_logits_equal_the_models(synthetic_model) -> None:
 
 
 def test_feature_grid_and_aligned_upsampling() -> None:
-    grid = feature_grid(create_model(TINY_CONFIG))
+    grid = create_model(TINY_CONFIG).feature_grid()
     assert grid == FeatureGrid(stride=32.0, offset=0.0)
     cam = np.zeros((4, 4), np.float32)
     cam[2, 1] = 1.0  # cell centred on input pixel (x=32, y=64)

@@ -13,7 +13,8 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from dermanet.models import ModelConfig, create_model, load_backbone_file
+from dermanet.inference.checkpoint import load_backbone_file
+from dermanet.models import ModelConfig, create_model
 from dermanet.train.pretrain import PretrainSettings, run_pretraining
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def _settings(images: Path, storage: Path, **overrides) -> PretrainSettings:
         "model_config": TINY,
         "img_size": 48,
         "batch_size": 8,  # 96 images / (8 x 2 workers) = 6 optimiser steps per epoch
-        "max_epochs": 2,
+        "epochs": 2,
         "lr": 1e-3,
         "proj_hidden_dim": 256,
         "proj_out_dim": 64,
@@ -150,7 +151,7 @@ def test_pretraining_exports_a_loadable_backbone_and_resumes(
     # Same name, more epochs: starts at epoch 2 from the checkpoint, epochs 0-1 kept as they were.
     starts = tmp_path / "starts.txt"
     resumed = run_pretraining(
-        _settings(image_folder, tmp_path, max_epochs=3, extra_callbacks=[RecordStart(str(starts))])
+        _settings(image_folder, tmp_path, epochs=3, extra_callbacks=[RecordStart(str(starts))])
     )
     assert starts.read_text().split() == ["2"]
     assert resumed.epochs_completed == 3 and resumed.backbone == str(backbone)

@@ -22,6 +22,7 @@ from dermanet.data.pipelines import (
     read_shards,
 )
 from dermanet.data.shards import ShardsExistError, prepare_shards, read_manifest, shard_dir
+from dermanet.data.sources import catalogue_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +129,35 @@ def test_normalised_batches_match_the_serving_preprocessing(
         np.testing.assert_allclose(image.numpy(), expected, atol=1e-5)
 
 
+def test_training_batches_mix_classes_of_a_class_sorted_catalogue(
+    ray_local, synthetic_with_corrupt, tmp_path: Path
+) -> None:
+    """HAM10000's metadata is sorted by diagnosis: training must still see mixed batches."""
+    cat, bad = synthetic_with_corrupt
+    good = cat.loc[~cat["image"].isin(bad)].reset_index(drop=True)
+    labels = ["AK", "BCC", "MEL", "NV"]
+    sorted_cat = pd.DataFrame(
+        {
+            "image": [f"copy_{i:04d}" for i in range(480)],
+            "path": [good["path"].iloc[i % len(good)] for i in range(480)],
+            "label": [labels[i // 120] for i in range(480)],  # four runs of 120 rows
+            "lesion_id": [f"copy_{i:04d}" for i in range(480)],
+            "split": "train",
+        }
+    ).reindex(columns=list(good.columns))
+    out = str(tmp_path / "sorted")
+    prepare_shards(sorted_cat, out, short_side=32, rows_per_file=100)
+    ds = build_pipeline(read_shards(out, "train"), "train", PipelineConfig(img_size=16), seed=0)
+    # Exactly what a training worker iterates (batch 8 with a buffer of 8 batches), two epochs.
+    for _ in range(2):
+        batches = list(
+            ds.iter_batches(batch_size=8, local_shuffle_buffer_size=64, local_shuffle_seed=0,
+                            drop_last=True)
+        )  # fmt: skip
+        mixed = np.mean([len(set(b["label"].tolist())) >= 2 for b in batches])
+        assert mixed >= 0.9, f"only {mixed:.0%} of the batches mix classes"
+
+
 def test_two_views_differ(synthetic_shards: str) -> None:
     ds = build_pipeline(
         read_shards(synthetic_shards, "val"), "two_view", PipelineConfig(img_size=32)
@@ -150,7 +180,10 @@ def test_eval_pipeline_is_deterministic(synthetic_shards: str) -> None:
 
 def test_raw_file_and_folder_sources(ray_local, synthetic_with_corrupt, synthetic_dir) -> None:
     cat, bad = synthetic_with_corrupt
-    ds = build_pipeline(read_catalogue_files(cat, split="val"), "eval", PipelineConfig(32))
+    rows = catalogue_rows(cat)
+    ds = build_pipeline(
+        read_catalogue_files(rows.loc[rows["split"] == "val"]), "eval", PipelineConfig(32)
+    )
     seen = np.concatenate([b["index"] for b in _collect(ds)])
     val = cat.reset_index(drop=True)
     expected = val.index[(val["split"] == "val") & ~val["image"].isin(bad)].to_numpy()

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -67,18 +68,39 @@ def test_balanced_accuracy_agrees_with_the_official_isic_scorer() -> None:
     assert ours["balanced_accuracy"] == pytest.approx(score.overall, abs=1e-9)
 
 
+class RecordEpochStarts(pl.Callback):
+    """Appends each epoch as it starts (rank 0): a resumed or retried run must repeat none.
+
+    metrics.csv keeps one row per epoch, so it cannot show an epoch that ran twice.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{trainer.current_epoch}\n")
+
+
 class KillOnce(pl.Callback):
-    """Fault injection: SIGKILL rank 1 at the end of epoch 1, only the first time."""
+    """Fault injection: SIGKILL rank 1 once, at the start of epoch 2, a few seconds after
+    epoch 1 was reported.
+
+    Ray Train's controller collects reports every 2 s and registers a checkpoint once it has
+    every rank's report; a worker killed within that window loses that epoch's checkpoint
+    (redone after the retry). The pause keeps this test about the retry, not that window.
+    """
 
     def __init__(self, marker: str):
         self.marker = marker
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         first_time = not os.path.exists(self.marker)
-        if trainer.current_epoch == 1 and trainer.global_rank == 1 and first_time:
+        if trainer.current_epoch == 2 and trainer.global_rank == 1 and first_time:
+            time.sleep(6)
             Path(self.marker).write_text("killed")
             os.kill(os.getpid(), signal.SIGKILL)
-
 
 @pytest.fixture(scope="module")
 def synthetic_train_data(tmp_path_factory) -> Path:
@@ -108,7 +130,9 @@ def _settings(data: Path, storage: Path, **overrides) -> TrainSettings:
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, tmp_path) -> None:
-    outcome = run_training(_settings(synthetic_train_data, tmp_path))
+    starts = tmp_path / "starts.txt"
+    record = [RecordEpochStarts(str(starts))]
+    outcome = run_training(_settings(synthetic_train_data, tmp_path, extra_callbacks=record))
     history = pd.read_csv(Path(outcome.output) / "logs" / "metrics.csv")
     assert history["epoch"].tolist() == [0, 1, 2, 3]
     losses = history["train/loss_epoch"].tolist()
@@ -157,9 +181,12 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
     assert evaluate_job.main(bad_export) == 2
 
     # Re-running the same experiment with more epochs continues at epoch 4: none lost or repeated.
-    resumed = run_training(_settings(synthetic_train_data, tmp_path, epochs=6))
+    resumed = run_training(
+        _settings(synthetic_train_data, tmp_path, epochs=6, extra_callbacks=record)
+    )
     history = pd.read_csv(Path(resumed.output) / "logs" / "metrics.csv")
     assert history["epoch"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert starts.read_text().split() == ["0", "1", "2", "3", "4", "5"]
     assert resumed.epochs_completed == 6
     assert history["step"].is_monotonic_increasing
 
@@ -169,11 +196,12 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
 def test_killed_worker_is_retried_from_checkpoint(
     ray_local, synthetic_train_data, tmp_path
 ) -> None:
-    from dermanet.models.byol import save_backbone
+    from dermanet.inference.checkpoint import save_backbone
 
     backbone = create_model(TINY)
     save_backbone(tmp_path / "backbone.pt", backbone.config, backbone.backbone_state_dict())
     marker = tmp_path / "killed.txt"
+    starts = tmp_path / "starts.txt"
     outcome = run_training(
         _settings(
             synthetic_train_data,
@@ -182,12 +210,14 @@ def test_killed_worker_is_retried_from_checkpoint(
             epochs=3,
             max_failures=2,
             pretrain_ckpt=str(tmp_path / "backbone.pt"),
-            extra_callbacks=[KillOnce(str(marker))],
+            extra_callbacks=[KillOnce(str(marker)), RecordEpochStarts(str(starts))],
         )
     )
     assert marker.read_text() == "killed"  # a worker really died mid-run
     history = pd.read_csv(Path(outcome.output) / "logs" / "metrics.csv")
     assert history["epoch"].tolist() == [0, 1, 2]  # and the run still did every epoch
+    # The interrupted epoch 2 is redone from epoch 1's checkpoint; no finished epoch repeats.
+    assert starts.read_text().split() == ["0", "1", "2", "2"]
     assert outcome.epochs_completed == 3
     assert (
         load_checkpoint(outcome.best_checkpoint).provenance["pretrain_ckpt"].endswith("backbone.pt")

@@ -22,6 +22,7 @@ CATALOGUE_COLUMNS: tuple[str, ...] = (
     "sex",
     "anatom_site",
     "split",
+    "origin",  # where the image came from (e.g. HAM10000, ISIC_archive); None when unknown
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MISSING_POLICIES = ("error", "drop")
@@ -49,8 +50,8 @@ def finalize_catalogue(
     """Validate a reader's table and resolve image paths: the shared tail of every reader.
 
     `table` needs `image` and `label` (ISIC 2019 class names) and may carry `lesion_id`,
-    `age_approx`, `sex`, `anatom_site`, `split`. With missing='drop', rows whose image file is
-    absent are dropped and logged; with 'error' they raise.
+    `age_approx`, `sex`, `anatom_site`, `split`, `origin`. With missing='drop', rows whose
+    image file is absent are dropped and logged; with 'error' they raise.
     """
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
@@ -99,7 +100,7 @@ def finalize_catalogue(
     )
     table["lesion_id"] = table["lesion_id"].astype(str)
     table["age_approx"] = pd.to_numeric(_column_or(table, "age_approx", None), errors="coerce")
-    for column in ("sex", "anatom_site"):
+    for column in ("sex", "anatom_site", "origin"):
         table[column] = pd.Series(
             [_clean_text(v) for v in _column_or(table, column, None)],
             index=table.index,

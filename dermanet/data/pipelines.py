@@ -29,8 +29,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 import torch
+from ray.data import RandomSeedConfig
+from ray.data.expressions import random
 
-from dermanet.data.catalogue import SPLITS, label_indices
+from dermanet.classes import CLASS_NAMES
+from dermanet.data.catalogue import SPLITS
 from dermanet.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image_fast
 from dermanet.data.ray_io import dataset_from_frame
 from dermanet.data.shards import shard_dir
@@ -64,12 +67,17 @@ class PipelineConfig:
     num_cpus: float = 1.0  # CPUs each decode/augment task reserves
     concurrency: int | None = None  # max parallel decode tasks; None lets Ray Data decide
     reserve_per_operator: bool = False  # Ray Data's per-operator CPU reservation (see below)
+    progress_bars: bool = False  # Ray Data's own bars and banners (training prints its own)
+    color_constancy: str = "none"  # preprocessing the model was trained with (checkpoint)
+    camera_p: float = 0.0  # training only: camera/pipeline augmentation probability
     mean: tuple[float, ...] = DERM_MEAN
     std: tuple[float, ...] = DERM_STD
 
 
-def read_shards(output: str, split: str) -> ray.data.Dataset:
+def read_shards(output: str, split: str, keep_index: set[int] | None = None) -> ray.data.Dataset:
     """Stream one split of prepared shards (only the columns training needs), one file per task.
+
+    `keep_index` keeps only those rows (an origin filter, see `dermanet.data.sources`).
 
     Files are listed here and each is read by a quarter-CPU task. Ray's `read_parquet` lists
     files in a task that needs a whole free CPU (not configurable), which on a small machine
@@ -86,7 +94,11 @@ def read_shards(output: str, split: str) -> ray.data.Dataset:
         )
     listing = dataset_from_frame(pd.DataFrame({"file": files}), rows_per_block=1)
     return listing.map_batches(
-        _read_parquet_files, batch_size=1, batch_format="pandas", num_cpus=IO_CPUS
+        _read_parquet_files,
+        fn_kwargs={"keep_index": keep_index},
+        batch_size=1,
+        batch_format="pandas",
+        num_cpus=IO_CPUS,
     )
 
 
@@ -105,21 +117,23 @@ def list_parquet_files(location: str) -> list[str]:
     )
 
 
-def _read_parquet_files(batch: pd.DataFrame) -> pa.Table:
+def _read_parquet_files(batch: pd.DataFrame, keep_index: set[int] | None) -> pa.Table:
     tables = []
     for file in batch["file"]:
         filesystem, path = resolve_filesystem(file)
-        tables.append(pq.read_table(path, columns=SOURCE_COLUMNS, filesystem=filesystem))
+        table = pq.read_table(path, columns=SOURCE_COLUMNS, filesystem=filesystem)
+        if keep_index is not None:
+            mask = np.isin(table["index"].to_numpy(), np.fromiter(keep_index, dtype=np.int64))
+            table = table.filter(pa.array(mask))
+        tables.append(table)
     return pa.concat_tables(tables)
 
 
-def read_catalogue_files(catalogue: pd.DataFrame, split: str | None = None) -> ray.data.Dataset:
-    """Rows from raw image files listed in a catalogue (quick start, no prepare step)."""
-    table = catalogue.assign(
-        label_index=label_indices(catalogue), index=np.arange(len(catalogue), dtype=np.int64)
-    )
-    if split is not None:
-        table = table.loc[table["split"] == split]
+def read_catalogue_files(table: pd.DataFrame) -> ray.data.Dataset:
+    """Rows from raw image files (quick start, no prepare step).
+
+    `table` has `path`, `label_index` and `index` (see `dermanet.data.sources.split_rows`).
+    """
     table = table.loc[:, ["path", "label_index", "index"]].astype({"path": object})
     return dataset_from_frame(table, rows_per_block=256).map_batches(
         _read_file_batch, batch_format="pandas", num_cpus=IO_CPUS
@@ -160,20 +174,31 @@ def _digest(text: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=16)
-def _transform(mode: Mode, img_size: int):
-    factory = {"train": train_transform, "eval": eval_transform, "two_view": byol_transform}[mode]
-    return factory(img_size, normalize=False)
+def _transform(mode: Mode, img_size: int, color_constancy: str, camera_p: float):
+    if mode == "train":
+        return train_transform(img_size, normalize=False, color_constancy=color_constancy,
+                               camera_p=camera_p)  # fmt: skip
+    if mode == "eval":
+        return eval_transform(img_size, normalize=False, color_constancy=color_constancy)
+    return byol_transform(img_size, normalize=False)
 
 
 def decode_transform_batch(
-    batch: dict[str, np.ndarray], mode: Mode, img_size: int
+    batch: dict[str, np.ndarray],
+    mode: Mode,
+    img_size: int,
+    color_constancy: str = "none",
+    camera_p: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Decode JPEG bytes and apply the mode's transform; unreadable images are dropped + logged.
 
     The one place where bytes become model input, shared by Ray Data, the benchmark's
-    DataLoader baseline and evaluation.
+    DataLoader baseline and evaluation. Training streams carry `u`, this epoch's seeded random
+    draw per row: the batch's augmentation is seeded from it, so seeded runs repeat exactly.
     """
-    transform = _transform(mode, img_size)
+    transform = _transform(mode, img_size, color_constancy, camera_p)
+    if "u" in batch and len(batch["u"]):
+        transform.set_random_seed(int(batch["u"][0] * 2**31) ^ int(batch["index"][0]) % 2**31)
     keep, images = [], []
     for i, data in enumerate(batch["jpeg"]):
         try:
@@ -201,25 +226,69 @@ def _stack(arrays: list[np.ndarray], img_size: int) -> np.ndarray:
     return np.stack(arrays)
 
 
+def class_repeats(counts: dict[str, int], power: float) -> dict[int, float]:
+    """Expected copies per epoch of one image of each class, for class-rebalanced sampling.
+
+    Class c is drawn with share q_c ∝ n_c^(1 - power) while the epoch keeps its size N:
+    power 0 is the natural distribution (every image once), 1 is class-balanced, 0.5 the
+    square-root compromise. Copies = N q_c / n_c.
+    """
+    present = {c: n for c, n in counts.items() if n > 0}
+    total = sum(present.values())
+    shares = {c: n ** (1.0 - power) for c, n in present.items()}
+    norm = sum(shares.values())
+    return {CLASS_NAMES.index(c): total * shares[c] / norm / n for c, n in present.items()}
+
+
+def _resample(batch: dict[str, np.ndarray], repeats: dict[int, float]) -> dict[str, np.ndarray]:
+    """Each row `floor(r)` times, plus once more with probability `frac(r)` (the row's `u`)."""
+    r = np.array([repeats.get(int(i), 1.0) for i in batch["label_index"]])
+    copies = np.floor(r).astype(np.int64) + (batch["u"] < r - np.floor(r))
+    return {name: np.repeat(column, copies, axis=0) for name, column in batch.items()}
+
+
 def build_pipeline(
-    source: ray.data.Dataset, mode: Mode, config: PipelineConfig = PipelineConfig()
+    source: ray.data.Dataset,
+    mode: Mode,
+    config: PipelineConfig = PipelineConfig(),
+    *,
+    seed: int | None = None,
+    repeats: dict[int, float] | None = None,
 ) -> ray.data.Dataset:
-    """Attach decode + transform to a source. Eval pipelines keep their order (deterministic).
+    """Attach decode + transform to a source; training streams are shuffled every epoch.
 
     Sources arrive in few large blocks (Ray's Parquet reader packs files into ~128 MB read
     tasks), which would leave one task decoding everything; re-cutting them into small blocks
-    lets decode+augment run on every CPU and keeps output blocks small.
+    lets decode+augment run on every CPU and keeps output blocks small. Training and two-view
+    streams then randomise the block order anew every epoch (on top of the training loop's
+    local shuffle buffer), so a class-sorted catalogue still gives mixed batches; with a
+    `seed` the order, the optional class resampling (`repeats`, see `class_repeats`) and the
+    augmentations repeat exactly from run to run. Output order is kept (deterministic).
     """
-    if mode == "eval":
-        source.context.execution_options.preserve_order = True
+    source.context.execution_options.preserve_order = True
     # Ray Data reserves a share of the CPUs for every operator (list files, read, repartition,
     # decode). On a 2-core machine that held decode+augment, the only heavy operator, to ~1
     # task at a time (profile in docs/benchmarks.md); without the split it uses every CPU.
     source.context.op_resource_reservation_enabled = config.reserve_per_operator
+    source.context.enable_progress_bars = config.progress_bars
+    source.context.print_on_execution_start = config.progress_bars
     blocks = source.repartition(target_num_rows_per_block=config.rows_per_block)
+    if mode != "eval":
+        seed_config = RandomSeedConfig(seed=seed, reseed_after_execution=True)
+        blocks = blocks.randomize_block_order(seed=seed_config).with_column("u", random(seed=seed))
+        if repeats:
+            blocks = blocks.map_batches(
+                _resample, fn_kwargs={"repeats": repeats}, batch_format="numpy",
+                num_cpus=IO_CPUS,
+            )  # fmt: skip
     return blocks.map_batches(
         decode_transform_batch,
-        fn_kwargs={"mode": mode, "img_size": config.img_size},
+        fn_kwargs={
+            "mode": mode,
+            "img_size": config.img_size,
+            "color_constancy": config.color_constancy,
+            "camera_p": config.camera_p,
+        },
         batch_size=config.batch_size,
         batch_format="numpy",
         num_cpus=config.num_cpus,

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from dermanet.data.catalogue import SPLITS
-from dermanet.data.readers import read_catalogue
 from dermanet.data.shards import PrepareReport, prepare_shards
-from dermanet.data.splits import assign_splits
+from dermanet.data.sources import DataLocation, load_catalogue
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +32,16 @@ class PrepareSettings:
 
 def run_prepare(settings: PrepareSettings) -> PrepareReport:
     """Read the source, split it (unless the CSV already carries valid splits), write shards."""
-    catalogue = read_catalogue(
-        settings.csv,
-        settings.images,
+    train = 1.0 - settings.val_fraction - settings.test_fraction
+    location = DataLocation(
+        csv=settings.csv,
+        images=settings.images,
         metadata_csv=settings.metadata_csv,
-        missing="drop" if settings.drop_missing else "error",
+        drop_missing=settings.drop_missing,
+        split_seed=settings.seed,
     )
+    catalogue = load_catalogue(location, (train, settings.val_fraction, settings.test_fraction))
     log.info("catalogue: %d images from %s", len(catalogue), settings.csv)
-    if catalogue["split"].isin(SPLITS).all():
-        log.info("using the split column from %s", settings.csv)
-    else:
-        train = 1.0 - settings.val_fraction - settings.test_fraction
-        catalogue = assign_splits(
-            catalogue, (train, settings.val_fraction, settings.test_fraction), seed=settings.seed
-        )
     if settings.limit is not None and settings.limit < len(catalogue):
         catalogue = catalogue.sample(n=settings.limit, random_state=settings.seed).sort_index()
         log.info("--limit: kept a random %d images", settings.limit)
@@ -58,4 +52,5 @@ def run_prepare(settings: PrepareSettings) -> PrepareReport:
         jpeg_quality=settings.jpeg_quality,
         rows_per_file=settings.rows_per_file,
         overwrite=settings.overwrite,
+        seed=settings.seed,
     )

@@ -123,8 +123,14 @@ def prepare_shards(
     rows_per_file: int = 2048,
     overwrite: bool = False,
     batch_size: int = 64,
+    seed: int = 0,
 ) -> PrepareReport:
-    """Write the catalogue (with its `split` column filled) as Parquet shards under `output`."""
+    """Write the catalogue (with its `split` column filled) as Parquet shards under `output`.
+
+    Rows are written in a seeded random order (`index` keeps each row's catalogue position):
+    catalogues are often sorted by diagnosis (HAM10000's is), and a training stream read in
+    file order would then serve batches of one class.
+    """
     if catalogue["split"].isna().any():
         raise ValueError("every catalogue row needs a split: call assign_splits first")
     if exists(join(output, MANIFEST)) or is_nonempty_dir(join(output, SHARDS)):
@@ -140,19 +146,18 @@ def prepare_shards(
     table = catalogue.copy()
     table["label_index"] = label_indices(table)
     table["index"] = np.arange(len(table), dtype=np.int64)
+    table = table.sample(frac=1.0, random_state=seed)
     table["age_approx"] = table["age_approx"].astype("float64")
-    for column in ("image", "path", "label", "lesion_id", "split", "sex", "anatom_site"):
+    for column in ("image", "path", "label", "lesion_id", "split", "sex", "anatom_site", "origin"):
         table[column] = table[column].astype(object)
-    encoded = (
-        dataset_from_frame(table, rows_per_block=max(batch_size, len(table) // 200 + 1))
-        .map_batches(
-            _encode_batch,
-            fn_kwargs={"short_side": short_side, "quality": jpeg_quality},
-            batch_size=batch_size,
-            batch_format="pandas",
-        )
-        .materialize()
-    )
+    source = dataset_from_frame(table, rows_per_block=max(batch_size, len(table) // 200 + 1))
+    source.context.execution_options.preserve_order = True  # the shuffled order, as written
+    encoded = source.map_batches(
+        _encode_batch,
+        fn_kwargs={"short_side": short_side, "quality": jpeg_quality},
+        batch_size=batch_size,
+        batch_format="pandas",
+    ).materialize()
     fs, _ = resolve_filesystem(output)
     for split in SPLITS:
         part = encoded.map_batches(

@@ -20,6 +20,81 @@ DERM_MEAN: tuple[float, float, float] = (0.7419, 0.5606, 0.5605)
 DERM_STD: tuple[float, float, float] = (0.1514, 0.1571, 0.1733)
 
 
+COLOR_CONSTANCY = ("none", "shades_of_gray")
+
+
+def shades_of_gray(image: np.ndarray, power: float = 6.0) -> np.ndarray:
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004), as the ISIC 2019 winner used.
+
+    The illuminant per channel is the Minkowski p-norm mean of that channel; channels are
+    rescaled so the illuminant becomes grey, which removes much of the colour cast that differs
+    between dermatoscopes and cameras. RGB uint8 in, RGB uint8 out.
+    """
+    pixels = image.astype(np.float32)
+    sample = pixels[::2, ::2] / 255.0  # the illuminant needs no full resolution
+    illuminant = np.power(np.mean(np.power(sample, power), axis=(0, 1)), 1.0 / power)
+    illuminant = illuminant / max(float(np.linalg.norm(illuminant)), 1e-6)
+    gain = 1.0 / (illuminant * np.sqrt(3.0) + 1e-6)
+    return np.clip(pixels * gain, 0, 255).astype(np.uint8)
+
+
+class ShadesOfGray(A.ImageOnlyTransform):
+    """`shades_of_gray` as an albumentations step (always applied: it is preprocessing)."""
+
+    def __init__(self, power: float = 6.0, p: float = 1.0):
+        super().__init__(p=p)
+        self.power = power
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        return shades_of_gray(img, self.power)
+
+
+def _colour_steps(color_constancy: str) -> list:
+    if color_constancy not in COLOR_CONSTANCY:
+        raise ValueError(
+            f"color_constancy must be one of {COLOR_CONSTANCY}, got {color_constancy!r}"
+        )
+    return [ShadesOfGray()] if color_constancy == "shades_of_gray" else []
+
+
+def camera_steps(p: float) -> list:
+    """Augmentations that mimic other cameras and pipelines, each group with probability `p`.
+
+    derm-sample's HAM10000 images are 200x150 re-encoded copies, other sources are larger and
+    differently processed: resolution loss, JPEG re-compression, colour casts and gamma, blur
+    and sensor noise are what changes between them, not the lesion.
+    """
+    if p <= 0:
+        return []
+    return [
+        A.OneOf(
+            [
+                A.Downscale(scale_range=(0.35, 0.8), p=1.0),
+                A.ImageCompression(quality_range=(30, 85), p=1.0),
+            ],
+            p=p,
+        ),
+        A.OneOf(
+            [
+                A.RGBShift(r_shift_limit=15, g_shift_limit=10, b_shift_limit=15, p=1.0),
+                A.RandomGamma(gamma_limit=(75, 135), p=1.0),
+                A.HueSaturationValue(
+                    hue_shift_limit=5, sat_shift_limit=20, val_shift_limit=10, p=1.0
+                ),
+            ],
+            p=p,
+        ),
+        A.OneOf(
+            [
+                A.GaussianBlur(blur_limit=(3, 5), p=1.0),
+                A.MotionBlur(blur_limit=(3, 5), p=1.0),
+                A.GaussNoise(std_range=(0.01, 0.04), p=1.0),
+            ],
+            p=p / 2,
+        ),
+    ]
+
+
 def _compose(
     steps: list, mean: tuple[float, ...], std: tuple[float, ...], normalize: bool
 ) -> A.Compose:
@@ -34,12 +109,18 @@ def train_transform(
     mean: tuple[float, ...] = DERM_MEAN,
     std: tuple[float, ...] = DERM_STD,
     normalize: bool = True,
+    color_constancy: str = "none",
+    camera_p: float = 0.0,
 ) -> A.Compose:
     """Training augmentation. Dermoscopy has no canonical orientation, so all flips/rotations
-    are label-preserving; colour changes stay mild because colour is diagnostic."""
+    are label-preserving; colour changes stay mild because colour is diagnostic.
+
+    Crops span aspect ratios 3:4 to 4:3, so evaluation's whole-image squash of a 4:3 photo
+    (HAM10000's 600x450, most dermatoscopes) is a view training has seen."""
     return _compose(
         [
-            A.RandomResizedCrop(size=(img_size, img_size), scale=(0.5, 1.0), ratio=(0.8, 1.25)),
+            *_colour_steps(color_constancy),
+            A.RandomResizedCrop(size=(img_size, img_size), scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)),
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.RandomRotate90(p=0.5),
@@ -49,6 +130,7 @@ def train_transform(
                 brightness=0, contrast=0, saturation=(0.8, 1.2), hue=(-0.03, 0.03), p=0.4
             ),
             A.GaussianBlur(blur_limit=(3, 5), p=0.15),
+            *camera_steps(camera_p),
         ],
         mean,
         std,
@@ -61,10 +143,13 @@ def eval_transform(
     mean: tuple[float, ...] = DERM_MEAN,
     std: tuple[float, ...] = DERM_STD,
     normalize: bool = True,
+    color_constancy: str = "none",
 ) -> A.Compose:
-    """Deterministic evaluation/inference preprocessing: resize to a square, normalise."""
+    """Deterministic evaluation/inference preprocessing: colour constancy (if the model was
+    trained with it), resize to a square, normalise."""
     return _compose(
         [
+            *_colour_steps(color_constancy),
             A.Resize(height=img_size, width=img_size, interpolation=cv2.INTER_AREA),
         ],
         mean,

@@ -1,7 +1,11 @@
 """jobs/evaluate.py's logic: predict a split, score it officially, calibrate, plot, report.
 
 Outputs in the chosen folder: predictions.csv (ISIC submission format), truth.csv, report.json,
-report.md, roc_curves.png, confusion_matrix.png.
+report.md, roc_curves.png, confusion_matrix.png, reliability.png.
+
+Calibration follows the served path: the server classifies one view per image, so the
+temperature is fitted on single-view validation logits and the reliability diagram and ECE are
+those of single-view probabilities, whatever test-time augmentation the scores use.
 """
 
 from __future__ import annotations
@@ -15,82 +19,112 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import SPLITS
-from dermanet.data.pipelines import (
-    NormalizedBatches,
-    PipelineConfig,
-    build_pipeline,
-    read_catalogue_files,
-    read_shards,
-)
-from dermanet.data.readers import read_catalogue
-from dermanet.data.shards import shard_dir
-from dermanet.data.splits import assign_splits
+from dermanet.data.pipelines import NormalizedBatches, PipelineConfig, build_pipeline
+from dermanet.data.sources import DataLocation, split_rows
 from dermanet.eval.calibration import expected_calibration_error, fit_temperature
 from dermanet.eval.isic_scorer import isic_submission, official_score
 from dermanet.eval.metrics import classification_metrics, confusion_matrix, softmax
-from dermanet.eval.plots import confusion_matrix_figure, roc_figure, save_figure
+from dermanet.eval.plots import confusion_matrix_figure, reliability_figure, roc_figure, save_figure
+from dermanet.eval.tta import TTA_MODES, tta_views
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from dermanet.settings import check_settings, option
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    checkpoint: str
-    output: str
-    shards: str | None = None
-    csv: str | None = None
-    images: str | None = None
-    split: str = "test"
-    split_seed: int = 0
-    tta: bool = False
-    calibrate: bool = True
-    batch_size: int = 64
-    export: str | None = None  # write the calibrated checkpoint + these metrics here
-    half: bool = False  # export in float16
+    """Everything jobs/evaluate.py accepts (its flags are generated from these fields)."""
+
+    checkpoint: str = option(None, "DermaNet checkpoint (.pt) to evaluate", group="model")
+    output: str = option(None, "folder for the report and predictions", group="output")
+    shards: str | None = option(None, "prepared shards (jobs/prepare_data.py output)", group="data")
+    csv: str | None = option(None, "catalogue CSV instead of shards (any format)", group="data")
+    images: str | None = option(None, "image folder for --csv", group="data")
+    split: str = option(
+        "test", "split to score; 'all' scores every row (external sets)", group="data",
+        choices=(*SPLITS, "all"),
+    )  # fmt: skip
+    origins: list[str] = option(
+        help="score only images of these origins (e.g. the source a run left out)",
+        group="data",
+        metavar="ORIGIN",
+        default_factory=list,
+    )
+    split_seed: int = option(0, "split seed when --csv has no split column", group="data")
+    tta: str = option(
+        "none",
+        "test-time augmentation: flips (4 views), dihedral (8), multicrop (flips + 5 crops); "
+        "a bare --tta means flips",
+        group="model",
+        choices=TTA_MODES,
+        const="flips",
+    )
+    calibrate: bool = option(
+        True, "fit the temperature on the val split's single-view logits", group="model"
+    )
+    batch_size: int = option(64, "inference batch size", group="model", minimum=1)
+    export: str | None = option(
+        None,
+        "also write the model with its fitted temperature and these scores to this .pt "
+        "(e.g. weights/default.pt: Serve then serves calibrated probabilities)",
+        group="output",
+    )
+    half: bool = option(False, "--export in float16 (half the size)", group="output")
+
+    def validate(self) -> None:
+        check_settings(self)
+        if not self.checkpoint or not self.output:
+            raise ValueError("give --checkpoint and --output")
+        if (self.shards is None) == (self.csv is None) or (self.csv and not self.images):
+            raise ValueError("give --shards, or --csv with --images")
+        if self.export and not self.export.endswith(".pt"):
+            raise ValueError("--export needs a .pt file name (the model registry lists *.pt)")
+        if self.half and not self.export:
+            raise ValueError("--half applies to --export; give --export PATH.pt")
+
+    @property
+    def location(self) -> DataLocation:
+        return DataLocation(
+            shards=self.shards, csv=self.csv, images=self.images, split_seed=self.split_seed
+        )
 
 
-def predict_logits(
-    loaded: LoadedCheckpoint, batches: NormalizedBatches, tta: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and row indices over a batch stream; TTA averages logits over the 4 flips."""
+@dataclass
+class Predictions:
+    """Logits per image: averaged over the TTA views, and of the single served view."""
+
+    logits: np.ndarray
+    single_view_logits: np.ndarray
+    table: pd.DataFrame  # rows in prediction order: image, label_index, origin
+
+
+def predict_split(loaded: LoadedCheckpoint, settings: EvaluateSettings, split: str) -> Predictions:
+    """Run the model over a split (decoded by Ray Data, as in training's validation)."""
+    rows = split_rows(settings.location, split, origins=settings.origins or None)
+    config = PipelineConfig(img_size=loaded.img_size, color_constancy=loaded.color_constancy)
+    batches = NormalizedBatches(
+        build_pipeline(rows.dataset, "eval", config).iter_torch_batches(
+            batch_size=settings.batch_size
+        ),
+        loaded.mean,
+        loaded.std,
+    )
     model = loaded.model.eval()
-    logits, indices = [], []
+    averaged, single, indices = [], [], []
     with torch.inference_mode():
         for batch in batches:
-            images = batch["image"]
-            views = [images]
-            if tta:
-                views += [images.flip(3), images.flip(2), images.flip(2, 3)]
-            out = torch.stack([model(v).logits.float() for v in views]).mean(0)
-            logits.append(out.numpy())
+            views = [model(v).logits.float() for v in tta_views(batch["image"], settings.tta)]
+            averaged.append(torch.stack(views).mean(0).numpy())
+            single.append(views[0].numpy())
             indices.append(batch["index"].numpy())
-    return np.concatenate(logits), np.concatenate(indices)
-
-
-def _split_source(settings: EvaluateSettings, split: str, config: PipelineConfig):
-    """(batches, index -> (image id, label index) table) for one split."""
-    if settings.shards:
-        source = read_shards(settings.shards, split)
-        table = pq.read_table(shard_dir(settings.shards, split), columns=["image", "index",
-                              "label_index"]).to_pandas()  # fmt: skip
-    else:
-        catalogue = read_catalogue(settings.csv, settings.images)
-        if not catalogue["split"].isin(SPLITS).all():
-            catalogue = assign_splits(catalogue, seed=settings.split_seed)
-        source = read_catalogue_files(catalogue, split=split)
-        table = catalogue.assign(index=np.arange(len(catalogue)))
-        table["label_index"] = table["label"].map(CLASS_NAMES.index)
-        table = table.loc[table["split"] == split, ["image", "index", "label_index"]]
-    ds = build_pipeline(source, "eval", config)
-    batches = NormalizedBatches(ds.iter_torch_batches(batch_size=settings.batch_size))
-    return batches, table.set_index("index")
+    index = np.concatenate(indices)
+    return Predictions(np.concatenate(averaged), np.concatenate(single), rows.table.loc[index])
 
 
 def sensitivity_at_specificity(truth: np.ndarray, scores: np.ndarray, specificity: float) -> float:
@@ -100,49 +134,21 @@ def sensitivity_at_specificity(truth: np.ndarray, scores: np.ndarray, specificit
     return float(tpr[allowed].max()) if allowed.any() else 0.0
 
 
-def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
-    loaded = load_checkpoint(settings.checkpoint)
-    config = PipelineConfig(img_size=loaded.img_size, mean=loaded.mean, std=loaded.std)
-    out = Path(settings.output)
-    out.mkdir(parents=True, exist_ok=True)
-
-    batches, table = _split_source(settings, settings.split, config)
-    logits, index = predict_logits(loaded, batches, settings.tta)
-    rows = table.loc[index]
-    labels = rows["label_index"].to_numpy()
-    temperature = 1.0
-    if settings.calibrate and settings.split != "val":
-        val_batches, val_table = _split_source(settings, "val", config)
-        val_logits, val_index = predict_logits(loaded, val_batches, settings.tta)
-        val_labels = val_table.loc[val_index, "label_index"].to_numpy()
-        temperature = fit_temperature(val_logits, val_labels)
-    raw_probs = softmax(logits)
-    probs = softmax(logits, temperature)
-
-    image_ids = rows["image"].astype(str).tolist()
-    isic_submission(image_ids, probs).to_csv(out / "predictions.csv", index=False)
-    isic_submission(image_ids, np.eye(len(CLASS_NAMES))[labels]).to_csv(
-        out / "truth.csv", index=False
-    )
-    score = official_score(image_ids, labels, probs)
-    ours = classification_metrics(probs, labels)
+def score(probs: np.ndarray, labels: np.ndarray, image_ids: list[str]) -> dict[str, Any]:
+    """Official balanced accuracy and per-class table, our metrics, melanoma read-offs."""
+    official = official_score(image_ids, labels, probs)
     mel = CLASS_NAMES.index("MEL")
     is_mel = labels == mel
     has_mel = 0 < is_mel.sum() < len(labels)
-    report: dict[str, Any] = {
-        "checkpoint": str(settings.checkpoint),
-        "settings": dataclasses.asdict(settings),
+    return {
         "images": len(labels),
-        "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_NAMES)},
-        "temperature": temperature,
-        "ece_before": expected_calibration_error(raw_probs, labels),
-        "ece_after": expected_calibration_error(probs, labels),
         "official": {
-            "balanced_accuracy": float(score.overall),
-            "per_category": score.per_category.to_dict(),
-            "macro_average": score.macro_average.to_dict(),
+            "balanced_accuracy": official.overall,
+            "per_category": official.per_category.to_dict(orient="index"),
+            "macro_average": official.macro_average.to_dict(),
+            "absent_classes": official.absent,
         },
-        "metrics": ours,
+        "metrics": classification_metrics(probs, labels),
         "melanoma": {
             "auc": float(roc_auc_score(is_mel, probs[:, mel])) if has_mel else float("nan"),
             "sensitivity_at_80_specificity": (
@@ -150,14 +156,66 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
             ),
         },
     }
+
+
+def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
+    settings.validate()
+    loaded = load_checkpoint(settings.checkpoint)
+    out = Path(settings.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    predictions = predict_split(loaded, settings, settings.split)
+    labels = predictions.table["label_index"].to_numpy()
+    temperature = 1.0
+    if settings.calibrate and settings.split not in ("val", "all"):
+        val = predict_split(loaded, dataclasses.replace(settings, tta="none"), "val")
+        temperature = fit_temperature(val.single_view_logits, val.table["label_index"].to_numpy())
+    probs = softmax(predictions.logits, temperature)
+    served_raw = softmax(predictions.single_view_logits)
+    served = softmax(predictions.single_view_logits, temperature)
+
+    image_ids = predictions.table["image"].astype(str).tolist()
+    isic_submission(image_ids, probs).to_csv(out / "predictions.csv", index=False)
+    isic_submission(image_ids, np.eye(len(CLASS_NAMES))[labels]).to_csv(
+        out / "truth.csv", index=False
+    )
+    report: dict[str, Any] = {
+        "checkpoint": str(settings.checkpoint),
+        "settings": dataclasses.asdict(settings),
+        "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_NAMES)},
+        "temperature": temperature,
+        # Calibration of what the server returns: one view per image, softmax(logits / T).
+        "ece_before": expected_calibration_error(served_raw, labels),
+        "ece_after": expected_calibration_error(served, labels),
+        **score(probs, labels, image_ids),
+    }
+    if settings.tta != "none":
+        report["single_view"] = score(served, labels, image_ids)
+    origins = predictions.table["origin"]
+    if origins.notna().any() and origins.nunique() > 1:
+        report["per_origin"] = {
+            str(origin): score(probs[mask], labels[mask], list(np.asarray(image_ids)[mask]))
+            for origin in sorted(origins.dropna().unique())
+            if (mask := (origins == origin).to_numpy()).sum() > 1
+        }
     matrix = confusion_matrix(labels, probs.argmax(axis=1), len(CLASS_NAMES))
     report["confusion_matrix"] = matrix.tolist()
     save_figure(confusion_matrix_figure(matrix, title=f"{settings.split} split"),
                 out / "confusion_matrix.png")  # fmt: skip
     save_figure(roc_figure(probs, labels), out / "roc_curves.png")
+    save_figure(
+        reliability_figure(
+            {
+                f"raw softmax (ECE {report['ece_before']:.3f})": (served_raw, labels),
+                f"T = {temperature:.2f} (ECE {report['ece_after']:.3f})": (served, labels),
+            }
+        ),
+        out / "reliability.png",
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "report.md").write_text(render_markdown(report))
-    log.info("balanced accuracy %.4f on %d images", score.overall, len(labels))
+    log.info("balanced accuracy %.4f on %d images", report["official"]["balanced_accuracy"],
+             len(labels))  # fmt: skip
     if settings.export:
         export_checkpoint(loaded, report, settings)
     return report
@@ -187,7 +245,7 @@ def export_checkpoint(
     provenance = {
         **loaded.provenance,
         "exported_from": str(settings.checkpoint),
-        "evaluated_on": f"{split} split of {settings.shards or settings.csv}",
+        "evaluated_on": f"{split} split of {settings.location.describe()}",
     }
     path = save_checkpoint(
         settings.export,
@@ -199,6 +257,7 @@ def export_checkpoint(
         provenance=provenance,
         half=settings.half,
         temperature=report["temperature"],
+        preprocessing={"color_constancy": loaded.color_constancy},
     )
     log.info("exported %s (temperature %.3f)", path, report["temperature"])
     return path
@@ -206,10 +265,11 @@ def export_checkpoint(
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable report."""
-    per = pd.DataFrame(report["official"]["per_category"])
+    per = pd.DataFrame(report["official"]["per_category"]).T
     table = per[["sensitivity", "specificity", "auc", "auc_sens_80"]].copy()
     table["support"] = pd.Series(report["class_counts"])
     m = report["metrics"]
+    absent = report["official"]["absent_classes"]
     lines = [
         "# DermaNet evaluation report",
         "",
@@ -222,15 +282,41 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"macro F1 {m['macro_f1']:.4f}",
         f"- melanoma AUC {report['melanoma']['auc']:.4f}, sensitivity at 80% specificity "
         f"{report['melanoma']['sensitivity_at_80_specificity']:.4f}",
-        f"- calibration: temperature {report['temperature']:.3f}, ECE "
-        f"{report['ece_before']:.4f} -> {report['ece_after']:.4f}",
-        "",
-        "## Per class (official scorer)",
-        "",
-        _markdown_table(table),
+        f"- calibration of the served path (one view): temperature {report['temperature']:.3f}, "
+        f"ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f} (reliability.png)",
+    ]
+    if absent:
+        lines.append(
+            f"- classes with no image here, left out of per-class and averaged metrics: "
+            f"{', '.join(absent)}"
+        )
+    if "single_view" in report:
+        sv = report["single_view"]
+        lines.append(
+            f"- single view (what the server does): balanced accuracy "
+            f"{sv['official']['balanced_accuracy']:.4f}, macro AUROC "
+            f"{sv['metrics']['macro_auroc']:.4f}"
+        )
+    lines += ["", "## Per class (official scorer)", "", _markdown_table(table)]
+    if "per_origin" in report:
+        rows = pd.DataFrame(
+            {
+                origin: {
+                    "images": r["images"],
+                    "balanced accuracy": r["official"]["balanced_accuracy"],
+                    "macro AUROC": r["metrics"]["macro_auroc"],
+                    "melanoma AUC": r["melanoma"]["auc"],
+                    "classes present": len(CLASS_NAMES) - len(r["official"]["absent_classes"]),
+                }
+                for origin, r in report["per_origin"].items()
+            }
+        ).T
+        lines += ["", "## Per origin (image source)", "", _markdown_table(rows)]
+    lines += [
         "",
         "![confusion matrix](confusion_matrix.png)",
         "![ROC curves](roc_curves.png)",
+        "![reliability](reliability.png)",
         "",
         "Research use only: not a medical device, not for diagnosis.",
     ]
@@ -239,12 +325,16 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _markdown_table(table: pd.DataFrame) -> str:
     """A Markdown table without the optional `tabulate` dependency."""
-    header = "| class | " + " | ".join(table.columns) + " |"
+    header = "| | " + " | ".join(str(c) for c in table.columns) + " |"
     rule = "|---" * (len(table.columns) + 1) + "|"
     body = [
-        f"| {name} | "
-        + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row)
-        + " |"
+        f"| {name} | " + " | ".join(_cell(v) for v in row) + " |"
         for name, row in zip(table.index, table.itertuples(index=False), strict=True)
     ]
     return "\n".join([header, rule, *body])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "–" if np.isnan(value) else f"{value:.4f}"
+    return str(value)

@@ -1,4 +1,4 @@
-"""Classification metrics from probabilities, in plain numpy, so every number can be checked.
+"""Classification metrics from probabilities (scikit-learn's counts, our ISIC conventions).
 
 Balanced accuracy is the ISIC 2019 metric: the mean over classes of per-class recall
 (classes absent from the labels are left out, as the official scorer does).
@@ -7,32 +7,29 @@ Balanced accuracy is the ISIC 2019 metric: the mean over classes of per-class re
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn import metrics
 
 from dermanet.classes import CLASS_NAMES
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
-    """counts[true, predicted]."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(predicted)), 1)
-    return matrix
+    """counts[true, predicted] (scikit-learn's, with every class as a row and column)."""
+    return metrics.confusion_matrix(labels, predicted, labels=list(range(num_classes)))
 
 
-def per_class_recall(matrix: np.ndarray) -> np.ndarray:
+def per_class_recall(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """Recall per class; NaN for classes with no true example."""
-    support = matrix.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, np.diag(matrix) / support, np.nan)
+    return metrics.recall_score(
+        labels, predicted, labels=list(range(num_classes)), average=None, zero_division=np.nan
+    )
 
 
-def per_class_f1(matrix: np.ndarray) -> np.ndarray:
+def per_class_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """F1 per class; NaN for classes with no true example."""
-    tp = np.diag(matrix).astype(float)
-    predicted = matrix.sum(axis=0)
-    support = matrix.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(predicted + support > 0, 2 * tp / (predicted + support), 0.0)
+    f1 = metrics.f1_score(
+        labels, predicted, labels=list(range(num_classes)), average=None, zero_division=0.0
+    )
+    support = np.bincount(labels, minlength=num_classes)
     return np.where(support > 0, f1, np.nan)
 
 
@@ -42,7 +39,7 @@ def per_class_auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     for k in range(probs.shape[1]):
         positives = labels == k
         if 0 < positives.sum() < len(labels):
-            out[k] = roc_auc_score(positives, probs[:, k])
+            out[k] = metrics.roc_auc_score(positives, probs[:, k])
     return out
 
 
@@ -63,20 +60,20 @@ def classification_metrics(
     labels = np.asarray(labels, dtype=np.int64)
     if probs.ndim != 2 or len(probs) != len(labels) or len(labels) == 0:
         raise ValueError(f"need probs (N, K) and labels (N,), got {probs.shape}, {labels.shape}")
-    matrix = confusion_matrix(labels, probs.argmax(axis=1), probs.shape[1])
-    recall = per_class_recall(matrix)
+    predicted = probs.argmax(axis=1)
+    recall = per_class_recall(labels, predicted, probs.shape[1])
     auroc = per_class_auroc(probs, labels)
-    metrics = {
-        "top1": float((probs.argmax(axis=1) == labels).mean()),
+    result = {
+        "top1": float((predicted == labels).mean()),
         "top5": top_k_accuracy(probs, labels, 5),
         "balanced_accuracy": float(np.nanmean(recall)),
         "macro_auroc": float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan"),
-        "macro_f1": float(np.nanmean(per_class_f1(matrix))),
+        "macro_f1": float(np.nanmean(per_class_f1(labels, predicted, probs.shape[1]))),
     }
     for name, r, a in zip(class_names, recall, auroc, strict=True):
-        metrics[f"recall_{name}"] = float(r)
-        metrics[f"auroc_{name}"] = float(a)
-    return metrics
+        result[f"recall_{name}"] = float(r)
+        result[f"auroc_{name}"] = float(a)
+    return result
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -63,6 +63,33 @@ def roc_figure(
     return fig
 
 
+def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], bins: int = 15) -> Figure:
+    """Reliability diagram: accuracy against confidence per bin, one line per variant.
+
+    `curves` maps a label (e.g. "raw, ECE 0.13") to (probabilities (N, K), labels (N,)).
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for label, (probs, labels) in curves.items():
+        confidence = probs.max(axis=1)
+        correct = probs.argmax(axis=1) == labels
+        which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+        xs, ys = [], []
+        for b in range(bins):
+            members = which == b
+            if members.sum() >= 5:  # bins with a handful of images say nothing
+                xs.append(confidence[members].mean())
+                ys.append(correct[members].mean())
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability of the served probabilities")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def training_curves_figure(metrics: pd.DataFrame, columns: list[str]) -> Figure:
     """Each named metric against epoch (rows with NaN in a column are skipped)."""
     fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.5), squeeze=False)

@@ -2,6 +2,10 @@
 
 The file holds only plain types and tensors, so it loads with `torch.load(weights_only=True)`
 and needs neither Ray nor Lightning: training writes it, serving and evaluation read it.
+
+Two kinds share the format: a `classifier` (the whole DermResNetSE: what serving loads) and a
+`backbone` (stem, stages and pooling without the heads: what BYOL pretraining exports and
+`jobs/train.py --pretrain-ckpt` starts from).
 """
 
 from __future__ import annotations
@@ -9,8 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,15 @@ import dermanet
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.transforms import DERM_MEAN, DERM_STD
 from dermanet.models import DermResNetSE, ModelConfig, create_model
+from dermanet.models.dermresnet import HEAD_PREFIXES
+from dermanet.storage import atomic_write
 
-CHECKPOINT_FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format_version", "model_config", "class_names", "img_size", "state_dict")
+CHECKPOINT_FORMAT_VERSION = 2  # 2: adds `kind` (classifier | backbone); 1 is read as classifier
+KINDS = ("classifier", "backbone")
+REQUIRED_KEYS = {
+    "classifier": ("format_version", "model_config", "class_names", "img_size", "state_dict"),
+    "backbone": ("format_version", "model_config", "state_dict"),
+}
 
 
 class CheckpointError(ValueError):
@@ -45,6 +53,7 @@ class LoadedCheckpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0  # probabilities = softmax(logits / temperature)
+    color_constancy: str = "none"  # preprocessing the model was trained with
     format_version: int = CHECKPOINT_FORMAT_VERSION
     path: Path | None = None
 
@@ -60,8 +69,9 @@ def save_checkpoint(
     provenance: dict | None = None,
     half: bool = False,
     temperature: float = 1.0,
+    preprocessing: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` and its metadata to one file, atomically (temp file + rename).
+    """Write a classifier and its metadata to one file, atomically (temp file + rename).
 
     `half=True` stores floating-point weights as float16 (half the size); loading casts back.
     `temperature` (fitted on held-out data by jobs/evaluate.py) calibrates served
@@ -73,18 +83,53 @@ def save_checkpoint(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ValueError(f"mean and std need 3 values each and std > 0; got {mean}, {std}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: _stored_tensor(v, half) for k, v in model.state_dict().items()}
+    return _write(
+        path,
+        "classifier",
+        model.config,
+        {k: _stored_tensor(v, half) for k, v in model.state_dict().items()},
+        provenance,
+        {
+            "class_names": list(CLASS_NAMES),
+            "img_size": int(img_size),
+            "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+            "preprocessing": to_plain(
+                {"color_constancy": "none", **(preprocessing or {})}, "preprocessing"
+            ),
+            "metrics": to_plain(metrics or {}, "metrics"),
+            "calibration": {"temperature": float(temperature)},
+        },
+    )
+
+
+def save_backbone(
+    path: str | Path,
+    model_config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write a backbone checkpoint (no classifier-head weights), atomically."""
+    head_keys = sorted(k for k in state_dict if k.startswith(HEAD_PREFIXES))
+    if head_keys:
+        raise ValueError(f"a backbone file holds no classifier-head weights, got {head_keys[:3]}")
+    state = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+    return _write(path, "backbone", model_config, state, provenance, {})
+
+
+def _write(
+    path: str | Path,
+    kind: str,
+    model_config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    provenance: dict | None,
+    fields: dict[str, Any],
+) -> Path:
     payload = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model_config": model.config.to_dict(),
-        "class_names": list(CLASS_NAMES),
-        "img_size": int(img_size),
-        "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+        "kind": kind,
+        "model_config": model_config.to_dict(),
         "state_dict": state,
-        "metrics": to_plain(metrics or {}, "metrics"),
-        "calibration": {"temperature": float(temperature)},
+        **fields,
         "provenance": to_plain(
             {
                 "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -95,17 +140,7 @@ def save_checkpoint(
             "provenance",
         ),
     }
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def _stored_tensor(tensor: torch.Tensor, half: bool) -> torch.Tensor:
@@ -139,25 +174,28 @@ def to_plain(value: Any, where: str) -> Any:
     )
 
 
-def read_checkpoint_dict(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
-    """Load and validate the raw checkpoint dict (no model built).
+def read_checkpoint_dict(
+    path: str | Path, *, mmap: bool = False, kind: str = "classifier"
+) -> dict[str, Any]:
+    """Load and validate the raw checkpoint dict of the expected `kind` (no model built).
 
     `mmap=True` maps tensor storage lazily, so reading metadata stays cheap for big files.
     """
     path = Path(path)
+    noun = "checkpoint" if kind == "classifier" else f"{kind} file"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{noun} {path} does not exist")
     try:
         data = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as exc:
         raise CheckpointError(
-            f"{path} is not a DermaNet checkpoint: torch cannot read it safely "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"{path} is not a DermaNet {noun}: torch.load(weights_only=True) cannot read "
+            f"it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "write checkpoints with dermanet.inference.save_checkpoint"
         ) from None
     if not isinstance(data, dict) or "format_version" not in data:
         raise CheckpointError(
-            f"{path} is not a DermaNet checkpoint (no 'format_version'); write checkpoints "
+            f"{path} is not a DermaNet {noun} (no 'format_version'); write checkpoints "
             "with dermanet.inference.save_checkpoint"
         )
     version = data["format_version"]
@@ -169,10 +207,17 @@ def read_checkpoint_dict(path: str | Path, *, mmap: bool = False) -> dict[str, A
             f"({dermanet.__version__}) reads formats up to {CHECKPOINT_FORMAT_VERSION}; "
             "upgrade dermanet"
         )
-    missing = [k for k in REQUIRED_KEYS if k not in data]
+    found = data.get("kind", "classifier")
+    if found != kind:
+        hint = {
+            "backbone": "it is a BYOL backbone: fine-tune it with jobs/train.py --pretrain-ckpt",
+            "classifier": "it is a whole classifier: evaluate or serve it instead",
+        }.get(found, f"its kind is {found!r}")
+        raise CheckpointError(f"{path} is not a DermaNet {noun}; {hint}")
+    missing = [k for k in REQUIRED_KEYS[kind] if k not in data]
     if missing:
-        raise CheckpointError(f"{path} is not a complete DermaNet checkpoint: missing {missing}")
-    if list(data["class_names"]) != list(CLASS_NAMES):
+        raise CheckpointError(f"{path} is not a complete DermaNet {noun}: missing {missing}")
+    if kind == "classifier" and list(data["class_names"]) != list(CLASS_NAMES):
         raise CheckpointError(
             f"{path} was trained for classes {list(data['class_names'])}, but DermaNet's class "
             f"contract is {list(CLASS_NAMES)}; retrain or convert the checkpoint"
@@ -215,6 +260,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         metrics=dict(data.get("metrics") or {}),
         provenance=dict(data.get("provenance") or {}),
         temperature=stored_temperature(data),
+        color_constancy=str((data.get("preprocessing") or {}).get("color_constancy", "none")),
         format_version=int(data["format_version"]),
         path=path,
     )
@@ -223,3 +269,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def stored_temperature(data: dict[str, Any]) -> float:
     """The calibration temperature of a validated checkpoint dict; 1.0 (raw softmax) if none."""
     return float((data.get("calibration") or {}).get("temperature", 1.0))
+
+
+def load_backbone_file(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A backbone checkpoint's model config and state dict (what --pretrain-ckpt loads)."""
+    data = read_checkpoint_dict(path, kind="backbone")
+    state = data["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: state_dict must map names to tensors")
+    try:
+        return ModelConfig.from_dict(dict(data["model_config"])), state
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its model_config is invalid: {exc}") from None

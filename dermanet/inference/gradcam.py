@@ -23,84 +23,33 @@ from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import shrink_image
 from dermanet.inference.predictor import Prediction, Predictor, resolve_class
 from dermanet.models import DermResNetSE
+from dermanet.models.dermresnet import FeatureGrid
 
 DEFAULT_MAX_SIDE = 768  # rendered PNGs are downscaled to this longest side
 
 
 class ExplainedLogits(nn.Module):
-    """The model's logits as a plain tensor, for pytorch-grad-cam (DermNetOutput is not one).
-
-    Same forward values as `model(x).logits`. The head's LayerNorm scale is treated as a
-    constant in the backward pass (Ali et al. 2022, "XAI for Transformers"): LayerNorm makes the
-    logits blind to the feature vector's length, so exact gradients are orthogonal to the
-    dominant (lesion) direction and Grad-CAM would stay dark exactly on the lesion.
-    """
+    """The model's logits as a plain tensor for pytorch-grad-cam (DermNetOutput is not one),
+    with the gradients the model says explanations need (`explainable_logits`)."""
 
     def __init__(self, model: DermResNetSE):
         super().__init__()
         self.model = model
-        head = list(model.head)
-        self._detach_ln = (
-            len(head) == 3
-            and isinstance(head[0], nn.LayerNorm)
-            and isinstance(head[1], nn.Dropout)
-            and isinstance(head[2], nn.Linear)
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._detach_ln:
-            return self.model(x).logits
-        features = self.model.pool(self.model.forward_feature_map(x))
-        norm, dropout, linear = self.model.head
-        centred = features - features.mean(dim=-1, keepdim=True)
-        var = features.var(dim=-1, unbiased=False, keepdim=True).detach()
-        z = centred / torch.sqrt(var + norm.eps)
-        if norm.elementwise_affine:
-            z = z * norm.weight + norm.bias
-        return linear(dropout(z))
+        return self.model.explainable_logits(x)
 
 
 class NativeGradCAM(GradCAM):
     """GradCAM that returns the map at the feature grid's own resolution.
 
     pytorch-grad-cam would resize it with cv2, which assumes each cell is centred in its
-    stride block; we upsample with the network's real geometry instead (see `feature_grid`).
+    stride block; we upsample with the network's real geometry instead
+    (`DermResNetSE.feature_grid`).
     """
 
     def get_target_width_height(self, input_tensor: torch.Tensor) -> None:
         return None
-
-
-@dataclass(frozen=True)
-class FeatureGrid:
-    """Where feature cell j sits in the input: pixel index `offset + stride * j`."""
-
-    stride: float
-    offset: float
-
-
-def feature_grid(model: DermResNetSE) -> FeatureGrid:
-    """Receptive-field centres of the last stage, from the main path's convs and pools.
-
-    Same-padded stride-2 layers centre output j on input 2j, not 2j + 0.5, so a naive resize
-    puts a 32-stride CAM about 16 pixels down-right of the evidence.
-    """
-    stride, offset = 1.0, 0.0
-    for name, module in [*model.stem.named_modules(), *model.stages.named_modules()]:
-        if "shortcut" in name or ".se" in name or not isinstance(module, _SPATIAL):
-            continue
-        k, s, p = (_pair(getattr(module, a)) for a in ("kernel_size", "stride", "padding"))
-        dilation = _pair(getattr(module, "dilation", 1))
-        offset += ((k - 1) * dilation / 2 - p) * stride
-        stride *= s
-    return FeatureGrid(stride, offset)
-
-
-_SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
-
-
-def _pair(value: int | tuple[int, ...]) -> int:
-    return int(value[0] if isinstance(value, tuple) else value)
 
 
 def upsample_cam(cam: np.ndarray, size: tuple[int, int], grid: FeatureGrid) -> np.ndarray:
@@ -125,9 +74,9 @@ def compute_cams(
     """
     wrapper = ExplainedLogits(model).eval()
     targets = [ClassifierOutputTarget(int(i)) for i in target_indices]
-    with NativeGradCAM(model=wrapper, target_layers=[model.stages[-1]]) as cam:
+    with NativeGradCAM(model=wrapper, target_layers=[model.cam_layer]) as cam:
         maps = cam(input_tensor=input_tensor, targets=targets)
-    grid = feature_grid(model)
+    grid = model.feature_grid()
     size = (int(input_tensor.shape[-1]), int(input_tensor.shape[-2]))
     full = np.stack([upsample_cam(m, size, grid) for m in np.nan_to_num(maps)])
     return np.clip(full, 0.0, 1.0).astype(np.float32)

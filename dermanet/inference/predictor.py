@@ -66,7 +66,12 @@ class Predictor:
         self.device = torch.device(device)
         self.model = checkpoint.model.to(self.device).eval()
         self.risk_policy = risk_policy or RiskPolicy()
-        self.transform = eval_transform(checkpoint.img_size, checkpoint.mean, checkpoint.std)
+        self.transform = eval_transform(
+            checkpoint.img_size,
+            checkpoint.mean,
+            checkpoint.std,
+            color_constancy=checkpoint.color_constancy,
+        )
 
     @classmethod
     def from_path(cls, path: str | Path, risk_policy: RiskPolicy | None = None) -> Predictor:

@@ -5,8 +5,6 @@ from dermanet.models.byol import (
     BYOLOutput,
     cosine_momentum,
     embedding_std,
-    load_backbone_file,
-    save_backbone,
 )
 from dermanet.models.config import DEFAULT_CONFIG_PATH, ModelConfig
 from dermanet.models.dermresnet import (
@@ -31,6 +29,4 @@ __all__ = [
     "count_parameters",
     "create_model",
     "embedding_std",
-    "load_backbone_file",
-    "save_backbone",
 ]

@@ -2,18 +2,15 @@
 
 The method owns its momentum machinery (solo-learn style): the training loop only calls
 ``forward`` for the loss and ``update_target`` once per optimiser step. What fine-tuning needs
-afterwards is the online backbone, written as a self-describing ``backbone.pt``.
+afterwards is the online backbone (`export_backbone`), which training writes as a backbone
+checkpoint (``dermanet.inference.checkpoint.save_backbone``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +19,6 @@ from torch import nn
 from dermanet.models.config import ModelConfig
 from dermanet.models.dermresnet import DermResNetSE
 from dermanet.models.losses import byol_loss
-
-BACKBONE_FORMAT = "dermanet-backbone"
-BACKBONE_VERSION = 1
 
 
 @dataclass
@@ -151,10 +145,6 @@ class BYOL(nn.Module):
         """
         return {k: v.detach().cpu().clone() for k, v in self.backbone.backbone_state_dict().items()}
 
-    def save_backbone(self, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
-        """Write the online backbone as ``backbone.pt`` (see `save_backbone`)."""
-        return save_backbone(path, self.model_config, self.export_backbone(), provenance)
-
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Swap every BatchNorm for SyncBatchNorm (in place for containers), for multi-GPU BYOL.
@@ -164,92 +154,3 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     process group SyncBatchNorm behaves as plain BatchNorm, so this is safe on one device.
     """
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-
-
-def _check_plain(value: Any, where: str) -> None:
-    """Reject what `torch.load(weights_only=True)` could not read back."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where} has a non-string key {key!r}")
-            _check_plain(item, f"{where}.{key}")
-        return
-    raise TypeError(
-        f"{where} is a {type(value).__name__}; provenance may hold only str, int, float, bool, "
-        "None, lists and dicts, so that the file loads with torch.load(weights_only=True)"
-    )
-
-
-def save_backbone(
-    path: str | Path,
-    model_config: ModelConfig,
-    state_dict: dict[str, torch.Tensor],
-    provenance: dict[str, Any] | None = None,
-) -> Path:
-    """Write a self-describing backbone file, atomically (a crash never leaves half a file).
-
-    Contents: ``{format, version, model_config, state_dict, provenance}``, plain types and
-    tensors only, so it loads with ``torch.load(..., weights_only=True)``.
-    """
-    provenance = dict(provenance or {})
-    _check_plain(provenance, "provenance")
-    head_keys = sorted(k for k in state_dict if k.startswith(("head.", "aux_head.")))
-    if head_keys:
-        raise ValueError(f"a backbone file holds no classifier-head weights, got {head_keys[:3]}")
-    payload = {
-        "format": BACKBONE_FORMAT,
-        "version": BACKBONE_VERSION,
-        "model_config": model_config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "provenance": provenance,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_backbone_file(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a ``backbone.pt`` written by `save_backbone`: its model config and state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone file {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"{path} is not a readable DermaNet backbone file (torch.load with "
-            f"weights_only=True failed: {exc})"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(
-            f"{path} is not a DermaNet backbone file: expected format {BACKBONE_FORMAT!r}, "
-            f"found {found!r} (a full classifier checkpoint is loaded elsewhere)"
-        )
-    version = payload.get("version")
-    if version != BACKBONE_VERSION:
-        raise ValueError(
-            f"{path} has backbone format version {version!r}; this DermaNet reads version "
-            f"{BACKBONE_VERSION}"
-        )
-    missing = [k for k in ("model_config", "state_dict") if k not in payload]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; the file is incomplete")
-    state = payload["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: state_dict must map names to tensors")
-    return ModelConfig.from_dict(payload["model_config"]), state

@@ -96,6 +96,46 @@ class DermResNetSE(nn.Module):
         aux = self.aux_head(features).squeeze(-1) if self.aux_head is not None else None
         return DermNetOutput(feature_map, features, logits, aux)
 
+    # -- what explanations need (Grad-CAM): the layer, head gradients, geometry --------------
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The last stage: its feature map is what Grad-CAM weighs."""
+        return self.stages[-1]
+
+    def explainable_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward(x).logits` with the head's LayerNorm scale held constant in the backward pass.
+
+        LayerNorm makes the logits blind to the feature vector's length, so exact gradients are
+        orthogonal to the dominant (lesion) direction and Grad-CAM would stay dark exactly on
+        the lesion; treating the scale as a constant (Ali et al. 2022) fixes that. Forward
+        values are unchanged.
+        """
+        features = self.pool(self.forward_feature_map(x))
+        norm, dropout, linear = self.head
+        centred = features - features.mean(dim=-1, keepdim=True)
+        var = features.var(dim=-1, unbiased=False, keepdim=True).detach()
+        z = centred / torch.sqrt(var + norm.eps)
+        if norm.elementwise_affine:
+            z = z * norm.weight + norm.bias
+        return linear(dropout(z))
+
+    def feature_grid(self) -> FeatureGrid:
+        """Where feature cell j of the last stage sits in the input: `offset + stride * j`.
+
+        Receptive-field centres from the main path's convs and pools: same-padded stride-2
+        layers centre output j on input 2j, not 2j + 0.5, so a naive resize would put a
+        32-stride CAM about 16 pixels down-right of the evidence.
+        """
+        stride, offset = 1.0, 0.0
+        for name, module in [*self.stem.named_modules(), *self.stages.named_modules()]:
+            if "shortcut" in name or ".se" in name or not isinstance(module, _SPATIAL):
+                continue
+            k, s, p = (_pair(getattr(module, a)) for a in ("kernel_size", "stride", "padding"))
+            dilation = _pair(getattr(module, "dilation", 1))
+            offset += ((k - 1) * dilation / 2 - p) * stride
+            stride *= s
+        return FeatureGrid(stride, offset)
+
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights of stem, stages and pooling, without the classifier heads (for backbone.pt)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
@@ -112,6 +152,21 @@ class DermResNetSE(nn.Module):
             unexpected=sorted(k for k in state if k not in own),
             shape_mismatch=mismatched,
         )
+
+
+@dataclass(frozen=True)
+class FeatureGrid:
+    """Where feature cell j sits in the input: pixel index `offset + stride * j`."""
+
+    stride: float
+    offset: float
+
+
+_SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _pair(value: int | tuple[int, ...]) -> int:
+    return int(value[0] if isinstance(value, tuple) else value)
 
 
 @dataclass

@@ -11,16 +11,15 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 
 from dermanet.models.byol import BYOL, cosine_momentum, embedding_std
 from dermanet.models.config import ModelConfig
 from dermanet.models.factory import create_model
-from dermanet.train.optim import build_optimizer, warmup_cosine_schedule
+from dermanet.train.optim import ScheduledModule
 
 
-class BYOLModule(pl.LightningModule):
+class BYOLModule(ScheduledModule):
     """Trains `BYOL`: loss, logging, EMA update per optimiser step, optimiser + LR schedule.
 
     ``total_steps`` is the number of optimiser steps of the whole run (drives the momentum and
@@ -104,25 +103,17 @@ class BYOLModule(pl.LightningModule):
             self.byol.update_target(self.momentum_at(self._last_target_step))
             self._last_target_step += 1
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = build_optimizer(
-            self.byol,
-            name=hp.optimizer,
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            momentum=hp.lars_momentum,
-            trust_coefficient=hp.lars_trust_coefficient,
-        )
-        scheduler = warmup_cosine_schedule(
-            optimizer, hp.warmup_steps, self.total_steps, hp.min_lr_ratio
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+    def optimized_module(self) -> torch.nn.Module:
+        return self.byol
 
     def save_backbone(self, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
         """Write the online backbone as ``backbone.pt`` for fine-tuning."""
+        from dermanet.inference.checkpoint import save_backbone
+
         info = {"method": "byol", "optimizer_steps": int(self.global_step)}
-        return self.byol.save_backbone(path, {**info, **(provenance or {})})
+        return save_backbone(
+            path,
+            self.byol.model_config,
+            self.byol.export_backbone(),
+            {**info, **(provenance or {})},
+        )

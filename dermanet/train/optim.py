@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -186,3 +187,39 @@ def warmup_cosine_schedule(
         optimizer,
         lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_lr_ratio),
     )
+
+
+class ScheduledModule(pl.LightningModule):
+    """A LightningModule whose optimiser and per-step LR schedule come from its hparams.
+
+    Every training method here (supervised, BYOL) inherits this one `configure_optimizers`
+    and only says which module is optimised (`optimized_module`). Expected hparams: optimizer,
+    lr, weight_decay, warmup_steps; optional lars_momentum, lars_trust_coefficient,
+    min_lr_ratio. `total_steps` is the number of optimiser steps of the whole run.
+    """
+
+    def optimized_module(self) -> nn.Module:
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, int(self.hparams.total_steps))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = build_optimizer(
+            self.optimized_module(),
+            name=hp.optimizer,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            momentum=hp.get("lars_momentum", 0.9),
+            trust_coefficient=hp.get("lars_trust_coefficient", 0.001),
+        )
+        total = self.total_steps
+        scheduler = warmup_cosine_schedule(
+            optimizer, min(hp.warmup_steps, total), total, hp.get("min_lr_ratio", 0.0)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }

@@ -2,8 +2,7 @@
 
 Every checkpoint directory holds:
     checkpoint.ckpt        full Lightning state (optimizer, scheduler, epoch) for resuming
-    model.pt               the self-describing DermaNet checkpoint (DESIGN.md) for inference
-                           (or what an `export_fn` writes instead: BYOL's backbone.pt)
+    model.pt | backbone.pt the job's self-describing DermaNet checkpoint (its `export_fn`)
     confusion_matrix.png   the validation confusion matrix of that epoch (when there is one)
 """
 
@@ -21,7 +20,6 @@ import pandas as pd
 import ray.train
 
 from dermanet.eval.plots import confusion_matrix_figure, save_figure
-from dermanet.inference.checkpoint import save_checkpoint
 
 LIGHTNING_CKPT = "checkpoint.ckpt"
 MODEL_FILE = "model.pt"
@@ -31,32 +29,33 @@ CONFUSION_PNG = "confusion_matrix.png"
 class RayTrainReporter(pl.Callback):
     """On each train-epoch end (after validation): save, then `ray.train.report`.
 
-    By default rank 0 writes `model.pt` from the DermResNetSE that `model_fn` returns
-    (`module.model`, the classifier's). A job whose artefact is not a classifier passes
-    `export_fn(module, folder, metrics)` instead, which writes its own file(s) into the
-    checkpoint folder (BYOL: `backbone.pt`, the online backbone).
+    Every rank writes the Lightning state (a collective); rank 0 also calls
+    `export_fn(module, folder, metrics)`, the job's own artefact (a classifier's `model.pt`,
+    BYOL's `backbone.pt`), and the validation confusion matrix when the module has one.
+    `required_metrics` are always reported (NaN when an epoch did not measure them, e.g. no
+    validation), so Ray's checkpoint ranking never looks up a missing key.
     """
 
     def __init__(
         self,
-        img_size: int,
-        provenance: dict[str, Any],
-        model_fn: Any = None,
-        confusion_png_dir: str | None = None,
+        export_fn: Callable[[pl.LightningModule, Path, dict[str, float]], Any],
         metrics_csv: str | None = None,
-        export_fn: Callable[[pl.LightningModule, Path, dict[str, float]], Any] | None = None,
+        confusion_png_dir: str | None = None,
+        required_metrics: tuple[str, ...] = (),
     ):
-        self.img_size = img_size
-        self.provenance = provenance
-        self.model_fn = model_fn or (lambda module: module.model)
-        self.confusion_png_dir = confusion_png_dir
+        self.export_fn = export_fn
         self.metrics_csv = metrics_csv
-        self.export_fn = export_fn or self._save_model
+        self.confusion_png_dir = confusion_png_dir
+        self.required_metrics = required_metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if math.isfinite(float(v))
         }
+        if not getattr(pl_module, "validated_this_epoch", True):
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
+        for key in self.required_metrics:
+            metrics.setdefault(key, math.nan)
         metrics["epoch"] = trainer.current_epoch
         metrics["step"] = trainer.global_step
         rank = ray.train.get_context().get_world_rank()
@@ -74,20 +73,9 @@ class RayTrainReporter(pl.Callback):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _save_model(
-        self, pl_module: pl.LightningModule, folder: Path, metrics: dict[str, float]
-    ) -> None:
-        save_checkpoint(
-            folder / MODEL_FILE,
-            self.model_fn(pl_module),
-            img_size=self.img_size,
-            metrics=metrics,
-            provenance=self.provenance,
-        )
-
     def _save_confusion(self, pl_module: pl.LightningModule, folder: Path, epoch: int) -> None:
         matrix = getattr(pl_module, "last_confusion", None)
-        if matrix is None:
+        if matrix is None or not getattr(pl_module, "validated_this_epoch", True):
             return
         fig = confusion_matrix_figure(matrix, title=f"Validation confusion matrix, epoch {epoch}")
         for logger in pl_module.loggers:
@@ -96,6 +84,7 @@ class RayTrainReporter(pl.Callback):
                 experiment.add_figure("val/confusion_matrix", fig, epoch, close=False)
         save_figure(fig, folder / CONFUSION_PNG)
         if self.confusion_png_dir:
+            Path(self.confusion_png_dir).mkdir(parents=True, exist_ok=True)
             shutil.copy(
                 folder / CONFUSION_PNG, Path(self.confusion_png_dir) / f"epoch_{epoch:03d}.png"
             )

@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +27,49 @@ from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from dermanet.eval.plots import save_figure
+from dermanet.settings import HIDDEN, check_settings, option, plain_settings, settings_fields
 from dermanet.storage import copy_file, is_uri, join
-from dermanet.train.ray_common import plain_settings
+from dermanet.train.job import monitor_mode
 from dermanet.train.reporting import MODEL_FILE
-from dermanet.train.supervised import TrainSettings, run_training
+from dermanet.train.settings import TrainSettings
+from dermanet.train.supervised import run_training
 
 log = logging.getLogger(__name__)
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "configs" / "tune_space.yaml"
-SEARCHABLE = {f.name for f in dataclasses.fields(TrainSettings)} - {"extra_callbacks"}
+SEARCHABLE = {f.name for f in settings_fields(TrainSettings)}
+SEARCH_ALGS = ("optuna", "random")
 
 
 @dataclass
 class TuneSettings:
-    """jobs/tune.py's flags. `base` holds the fixed TrainSettings every trial starts from."""
+    """jobs/tune.py's own flags. `base` holds the TrainSettings every trial starts from (its
+    flags are jobs/train.py's; the space YAML names the same fields; --seed seeds the search
+    as well as each trial)."""
 
-    base: TrainSettings
-    space: str = str(DEFAULT_SPACE)
-    name: str = "dermanet-tune"
-    storage_path: str = "outputs"
-    num_samples: int = 8
-    max_concurrent: int = 1
-    grace_period: int = 1
-    reduction_factor: int = 2
-    search_alg: str = "optuna"  # optuna | random
-    trial_cpus: float = 0.1
-    registry: str | None = None
-    seed: int = 0
+    space: str = option(str(DEFAULT_SPACE), "search space YAML", group="search")
+    name: str = option("dermanet-tune", "experiment name (resume key)", group="search")
+    storage_path: str = option("outputs", "folder or URI for results", group="search")
+    num_samples: int = option(8, "number of trials", group="search", minimum=1)
+    max_concurrent: int = option(1, "trials running at once", group="search", minimum=1)
+    grace_period: int = option(1, "ASHA: epochs before a trial may stop", group="search",
+                               minimum=1)  # fmt: skip
+    reduction_factor: int = option(2, "ASHA: keep 1/rf of trials per rung", group="search",
+                                   minimum=2)  # fmt: skip
+    search_alg: str = option("optuna", "search algorithm", group="search", choices=SEARCH_ALGS)
+    trial_cpus: float = option(0.1, "CPUs of each trial's driver", group="search", minimum=0,
+                               exclusive=True)  # fmt: skip
+    registry: str | None = option(
+        None, "model registry folder to copy the best checkpoint into", group="search"
+    )
+    base: TrainSettings = field(default_factory=TrainSettings, metadata={"group": HIDDEN})
+
+    @property
+    def seed(self) -> int:
+        return self.base.seed
+
+    def validate(self) -> None:
+        check_settings(self)
+        self.base.validate()
 
 
 def load_space(path: str | Path) -> dict[str, Any]:
@@ -142,7 +159,7 @@ def run_tune(settings: TuneSettings) -> pd.DataFrame:
             },
             tune_config=tune.TuneConfig(
                 metric=metric,
-                mode="max",
+                mode=monitor_mode(metric),
                 num_samples=settings.num_samples,
                 max_concurrent_trials=settings.max_concurrent,
                 search_alg=searcher,
@@ -174,7 +191,9 @@ def trial_table(results: tune.ResultGrid, metric: str, max_epochs: int) -> pd.Da
         if history is None:
             history = pd.DataFrame()
         config = {k: v for k, v in (result.config or {}).items() if k != "base"}
-        best = history[metric].max() if metric in history else math.nan
+        best = math.nan
+        if metric in history:
+            best = history[metric].min() if monitor_mode(metric) == "min" else history[metric].max()
         epochs = int(history["training_iteration"].max()) if "training_iteration" in history else 0
         status = (
             "error"
@@ -187,7 +206,8 @@ def trial_table(results: tune.ResultGrid, metric: str, max_epochs: int) -> pd.Da
         )
         rows.append({"trial": Path(result.path).name, **config, f"best {metric}": best,
                      "epochs": epochs, "status": status})  # fmt: skip
-    return pd.DataFrame(rows).sort_values(f"best {metric}", ascending=False, na_position="last")
+    ascending = monitor_mode(metric) == "min"
+    return pd.DataFrame(rows).sort_values(f"best {metric}", ascending=ascending, na_position="last")
 
 
 def _write_outputs(
@@ -201,7 +221,7 @@ def _write_outputs(
     table.to_csv(out / "trials.csv", index=False)
     (out / "trials.md").write_text(table.to_string(index=False) + "\n")
     save_figure(_curves_figure(results, metric), out / "trial_curves.png")
-    best = results.get_best_result(metric=metric, mode="max", scope="all")
+    best = results.get_best_result(metric=metric, mode=monitor_mode(metric), scope="all")
     best_settings = {**best.config["base"], **{k: v for k, v in best.config.items() if k != "base"}}
     best_settings.pop("storage_path", None)
     best_settings.pop("name", None)
@@ -212,7 +232,9 @@ def _write_outputs(
     if s.registry:
         # The epoch with the best metric; Train keeps it (CheckpointConfig keeps the top 2).
         history = best.metrics_dataframe
-        row = history.loc[history[metric].idxmax()]
+        row = history.loc[
+            history[metric].idxmin() if monitor_mode(metric) == "min" else history[metric].idxmax()
+        ]
         copy_file(join(row["checkpoint_path"], MODEL_FILE), join(s.registry, f"{s.name}-best.pt"))
     log.info("best trial %s: %s = %.4f", Path(best.path).name, metric, best.metrics.get(metric))
 

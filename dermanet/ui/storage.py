@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import unicodedata
 import uuid
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from dermanet.paths import PROJECT_ROOT
+from dermanet.storage import atomic_write
 
 UPLOAD_DIR_ENV = "DERMANET_UPLOAD_DIR"
 MAX_UPLOAD_MB_ENV = "DERMANET_UPLOAD_MAX_MB"
@@ -120,9 +120,9 @@ class UploadStore:
             uploaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
         )
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.root / stored.stored_name, data)
-        _write_atomic(self.root / f"{image_id}.thumb.jpg", thumb)
-        _write_atomic(self.root / f"{image_id}.json", json.dumps(asdict(stored)).encode())
+        atomic_write(self.root / stored.stored_name, data)
+        atomic_write(self.root / f"{image_id}.thumb.jpg", thumb)
+        atomic_write(self.root / f"{image_id}.json", json.dumps(asdict(stored)).encode())
         return stored
 
     def remove(self, image_id: str) -> bool:
@@ -218,14 +218,3 @@ def _env_max_bytes(env: Mapping[str, str]) -> int:
     if value <= 0:
         raise ValueError(f"{MAX_UPLOAD_MB_ENV} must be positive, got {raw!r}")
     return int(value * 2**20)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,304 @@
+"""The settings of the Ray Train jobs, each written once (default, help, flag and rule).
+
+`RunSettings` holds what every training job shares (optimisation, run folder, workers);
+`TrainSettings` (jobs/train.py) and `PretrainSettings` (jobs/pretrain_byol.py) add their own.
+The jobs' flags are generated from these fields (`dermanet.settings.add_arguments`) and Ray
+Tune's search space names them, so a new hyperparameter is one new field here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dermanet.data.catalogue import SPLITS
+from dermanet.models import DEFAULT_CONFIG_PATH
+from dermanet.settings import HIDDEN, check_settings, option
+from dermanet.storage import is_uri
+
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+OPTIMIZERS = ("adamw", "lars")
+ON_NAN = ("stop", "skip")
+COLOR_CONSTANCY = ("none", "shades_of_gray")
+
+
+@dataclass
+class RunSettings:
+    """What every Ray Train job here accepts: model, optimisation, and where and how it runs."""
+
+    model_config: str = option(
+        str(DEFAULT_CONFIG_PATH),
+        "DermResNetSE YAML (a BYOL backbone and its fine-tune must use the same one)",
+        group="model",
+        aliases=("--model-cfg",),
+    )
+    img_size: int = option(128, "input side in pixels", group="data", minimum=32)
+    epochs: int = option(10, "training epochs in all", group="optimisation", minimum=1)
+    batch_size: int = option(
+        32,
+        "images per worker per step (BatchNorm needs >= 2)",
+        group="optimisation",
+        minimum=2,
+    )
+    lr: float = option(1e-3, "peak learning rate", group="optimisation", minimum=0, exclusive=True)
+    weight_decay: float = option(
+        0.05, "weight decay (not on norms, biases, GeM p)", group="optimisation", minimum=0
+    )
+    optimizer: str = option("adamw", "AdamW or LARS", group="optimisation", choices=OPTIMIZERS)
+    warmup_epochs: float = option(
+        1.0, "linear LR warm-up (epochs), then cosine decay", group="optimisation", minimum=0
+    )
+    grad_clip: float = option(
+        1.0,
+        "gradient norm clip (0 disables)",
+        group="optimisation",
+        minimum=0,
+        aliases=("--gradient-clip-val",),
+    )
+    precision: str = option(
+        "32-true",
+        "numeric precision (16-mixed becomes bf16-mixed on CPU)",
+        group="optimisation",
+        choices=PRECISIONS,
+    )
+    seed: int = option(0, "random seed", group="optimisation")
+    on_nan: str = option(
+        "stop",
+        "on a non-finite step: stop the run, or skip the step (a JSON dump either way)",
+        group="optimisation",
+        choices=ON_NAN,
+    )
+    storage_path: str = option(
+        "outputs", "folder or URI for checkpoints, exports and logs", group="run"
+    )
+    name: str = option(
+        "dermanet-train",
+        "experiment name: re-running with the same name and storage path resumes",
+        group="run",
+        aliases=("--experiment-name",),
+    )
+    num_workers: int = option(
+        2,
+        "Ray Train workers (one process and data shard each)",
+        group="run",
+        minimum=1,
+        aliases=("--workers",),
+    )
+    use_gpu: bool = option(False, "one GPU per worker", group="run")
+    cpus_per_worker: float = option(
+        0.5, "CPUs reserved per training worker", group="run", minimum=0, exclusive=True
+    )
+    torch_threads: int = option(
+        0,
+        "torch threads per training worker (0: the machine's cores / workers)",
+        group="run",
+        minimum=0,
+    )
+    data_cpus: float = option(
+        1.0,
+        "CPUs for Ray Data decode+augment (two tasks of half each)",
+        group="run",
+        minimum=0,
+        exclusive=True,
+    )
+    max_failures: int = option(
+        1, "worker-group retries (each resumes from the last checkpoint)", group="run", minimum=0
+    )
+    extra_callbacks: list[Any] = field(
+        default_factory=list, metadata={"group": HIDDEN}
+    )  # tests inject faults with this
+
+    def validate(self) -> None:
+        """Every field's own rule, then the rules between fields; errors name the flags."""
+        check_settings(self)
+        if not is_uri(self.model_config) and not Path(self.model_config).is_file():
+            raise FileNotFoundError(f"--model-config: {self.model_config} does not exist")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"invalid settings, need: 0 <= --warmup-epochs <= --epochs "
+                f"(got {self.warmup_epochs} > {self.epochs})"
+            )
+
+
+@dataclass
+class TrainSettings(RunSettings):
+    """jobs/train.py: supervised fine-tuning. Data: `shards`, or `csv` + `images`."""
+
+    shards: str | None = option(
+        None, "prepared shards (jobs/prepare_data.py output; path or URI)", group="data"
+    )
+    csv: str | None = option(
+        None, "catalogue CSV instead of shards (any supported format)", group="data"
+    )
+    images: str | None = option(None, "image folder for --csv", group="data")
+    drop_missing: bool = option(False, "drop --csv rows without an image file", group="data")
+    split_seed: int = option(0, "seed of the split when --csv has no split column", group="data")
+    pretrain_ckpt: str | None = option(
+        None, "BYOL backbone.pt to start from (reports matched/missing keys)", group="model"
+    )
+    dropout: float | None = option(
+        None, "override the model config's head dropout", group="model", minimum=0, maximum=1
+    )
+    label_smoothing: float = option(
+        0.0, "cross-entropy label smoothing", group="optimisation", minimum=0, maximum=1
+    )
+    aux_loss_weight: float = option(
+        0.0, "benign-vs-malignant auxiliary loss weight (0 off)", group="optimisation", minimum=0
+    )
+    early_stopping_patience: int = option(
+        0, "epochs without gain in --monitor before stopping (0 off)", group="optimisation",
+        minimum=0,
+    )  # fmt: skip
+    monitor: str = option(
+        "val/balanced_accuracy",
+        "validation metric that picks best.pt and early stopping (losses are minimised, "
+        "everything else maximised)",
+        group="optimisation",
+    )
+    val_every: int = option(
+        1, "validate every N epochs (and always after the last)", group="optimisation", minimum=1
+    )
+    exclude_origins: list[str] = option(
+        help="leave images of these origins out of train and val (a leave-one-source-out "
+        "study scores them afterwards with jobs/evaluate.py --origins)",
+        group="data",
+        metavar="ORIGIN",
+        default_factory=list,
+    )
+    class_weight_power: float = option(
+        1.0,
+        "loss weight of class c = (N / (K n_c)) ** power: 1 inverse frequency, 0 unweighted",
+        group="recipe",
+        minimum=0,
+    )
+    sampling_power: float = option(
+        0.0,
+        "class-rebalanced sampling: class c drawn with share ∝ n_c ** (1 - power); 0 natural, "
+        "1 balanced (pair it with --class-weight-power 0)",
+        group="recipe",
+        minimum=0,
+        maximum=1,
+    )
+    mixup_alpha: float = option(0.0, "Mixup Beta(alpha, alpha) (0 off)", group="recipe", minimum=0)
+    cutmix_alpha: float = option(
+        0.0, "CutMix Beta(alpha, alpha) (0 off; with Mixup, each batch draws one)",
+        group="recipe", minimum=0,
+    )  # fmt: skip
+    mix_prob: float = option(
+        1.0, "share of batches that Mixup/CutMix mixes", group="recipe", minimum=0, maximum=1
+    )
+    ema_decay: float = option(
+        0.0,
+        "exponential moving average of the weights (e.g. 0.999; 0 off): validated and shipped",
+        group="recipe",
+        minimum=0,
+        maximum=1,
+        exclusive=False,
+    )
+    color_constancy: str = option(
+        "none",
+        "Shades-of-Gray colour constancy before the model, in training and at inference "
+        "(stored in the checkpoint)",
+        group="recipe",
+        choices=COLOR_CONSTANCY,
+    )
+    camera_augment: float = option(
+        0.0,
+        "probability of each camera/pipeline augmentation group (down-sampling, JPEG, colour "
+        "cast, blur/noise); 0 off",
+        group="recipe",
+        minimum=0,
+        maximum=1,
+    )
+    channels_last: bool = option(
+        False, "channels-last memory format (faster convolutions on many CPUs/GPUs)", group="run"
+    )
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What inference must repeat, stored in every exported checkpoint."""
+        return {"color_constancy": self.color_constancy}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ema_decay >= 1:
+            raise ValueError("invalid settings, need: 0 <= --ema-decay < 1")
+        if (self.shards is None) == (self.csv is None):
+            raise ValueError("give either --shards or --csv (with --images), not both or neither")
+        if self.csv is not None and self.images is None:
+            raise ValueError("--csv needs --images (the image folder)")
+
+
+@dataclass
+class PretrainSettings(RunSettings):
+    """jobs/pretrain_byol.py: BYOL on unlabelled images. Data: `data_dirs`, or `shards`."""
+
+    batch_size: int = option(
+        64, "images per worker per step (BatchNorm needs >= 2)", group="optimisation", minimum=2
+    )
+    lr: float = option(3e-4, "peak learning rate", group="optimisation", minimum=0, exclusive=True)
+    weight_decay: float = option(
+        1e-4, "weight decay (not on norms, biases, GeM p)", group="optimisation", minimum=0
+    )
+    epochs: int = option(
+        100, "training epochs in all", group="optimisation", minimum=1, aliases=("--max-epochs",)
+    )
+    seed: int = option(42, "random seed", group="optimisation")
+    name: str = option(
+        "dermanet-byol",
+        "experiment name: re-running with the same name and storage path resumes",
+        group="run",
+        aliases=("--experiment-name",),
+    )
+    data_dirs: list[str] = option(
+        help="one or more image folders (searched recursively for .jpg/.jpeg/.png)",
+        group="data (give --data-dirs or --shards)",
+        metavar="DIR",
+        default_factory=list,
+    )
+    shards: str | None = option(
+        None,
+        "prepared shards (jobs/prepare_data.py output; labels are ignored)",
+        group="data (give --data-dirs or --shards)",
+    )
+    shard_splits: list[str] = option(
+        help="shard splits to pretrain on; the test split stays unseen unless you add it",
+        group="data (give --data-dirs or --shards)",
+        choices=SPLITS,
+        default_factory=lambda: ["train", "val"],
+    )
+    proj_hidden_dim: int = option(4096, "projector hidden size", group="model", minimum=1)
+    proj_out_dim: int = option(256, "projection (embedding) size", group="model", minimum=1)
+    pred_hidden_dim: int = option(4096, "predictor hidden size", group="model", minimum=1)
+    sync_batchnorm: bool = option(False, "BatchNorm statistics over all workers", group="model")
+    base_momentum: float = option(
+        0.996,
+        "target EMA momentum at step 0 (cosine to 1 at the end)",
+        group="optimisation",
+        minimum=0,
+        maximum=1,
+    )
+    accumulate_grad_batches: int = option(
+        1,
+        "batches per optimiser step (the EMA target moves once per step)",
+        group="optimisation",
+        minimum=1,
+    )
+    histogram_every_n_steps: int = option(
+        0, "TensorBoard weight/gradient histograms every N steps (0 off)", group="run", minimum=0
+    )
+    log_dir: str | None = option(
+        None,
+        "folder for metrics.csv, curves, TensorBoard, NaN dumps (None: <storage-path>/<name>/logs)",
+        group="run",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if bool(self.data_dirs) == bool(self.shards):
+            raise ValueError("give either --data-dirs (image folders) or --shards, not both/none")
+        if not self.shard_splits:
+            raise ValueError(f"--shard-splits takes some of {SPLITS}")
+        for folder in self.data_dirs:
+            if not is_uri(folder) and not Path(folder).expanduser().is_dir():
+                raise FileNotFoundError(f"--data-dirs: {folder} is not a folder")
