@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--kill-seconds", type=float, default=60.0, help="kill phase at most")
     parser.add_argument("--kill-clients", type=int, default=8)
+    parser.add_argument("--no-kill", action="store_true", help="load levels only")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--num-cpus", type=float, default=2, help="logical CPUs for Ray")
@@ -195,8 +196,9 @@ def main() -> None:
                     f"shed {len(window.shed_latencies)}, failed {window.failed}",
                     flush=True,
                 )
-            kills[name] = kill_under_load(url, images, args.kill_clients, args.kill_seconds)
-            print(f"{name} kill: {kills[name]}", flush=True)
+            if not args.no_kill:
+                kills[name] = kill_under_load(url, images, args.kill_clients, args.kill_seconds)
+                print(f"{name} kill: {kills[name]}", flush=True)
         finally:
             stop_local()
             shutil.rmtree(scratch, ignore_errors=True)
@@ -239,6 +241,8 @@ def main() -> None:
             f"{defaults.max_queued_requests} queued); at {best:.1f}/s that is "
             f"{capacity / best:.1f} s of waiting (the p99 bound, plus one batch)"
         )
+    if not kills:
+        return
     print()
     print(
         "| config | clients | failed requests | longest time without a 200 (s) "
