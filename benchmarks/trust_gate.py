@@ -45,17 +45,16 @@ from dermanet.trust import (
     OOD_METHODS,
     assess_quality,
     calibrated_probabilities,
-    extract_features,
     fit_conformal,
     fit_ood_detector,
     gate_scores,
-    iter_images,
     ood_report,
     ood_scores,
     prediction_sets,
     set_report,
     stats_nbytes,
 )
+from dermanet.trust.features import extract_features, iter_images
 from dermanet.trust.ood_set import build_ood_set, read_ood_manifest
 
 log = logging.getLogger("trust_gate")

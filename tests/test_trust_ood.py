@@ -17,7 +17,6 @@ from dermanet.trust import (
     OOD_METHODS,
     assess_quality,
     auroc,
-    extract_features,
     fit_ood_detector,
     fit_trust_statistics,
     gate_decision,
@@ -26,6 +25,7 @@ from dermanet.trust import (
     ood_scores,
     stats_nbytes,
 )
+from dermanet.trust.features import extract_features
 from dermanet.trust.quality import QualityReport
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"

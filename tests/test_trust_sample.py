@@ -16,16 +16,15 @@ from dermanet.inference import Predictor, load_checkpoint
 from dermanet.trust import (
     assess_quality,
     calibrated_probabilities,
-    extract_features,
     fit_conformal,
     fit_ood_detector,
     gate_scores,
-    iter_images,
     ood_report,
     ood_scores,
     prediction_sets,
     set_report,
 )
+from dermanet.trust.features import extract_features, iter_images
 from dermanet.trust.ood_set import CHROMIUM, build_ood_set, read_ood_manifest
 
 pytestmark = pytest.mark.sample

@@ -30,6 +30,7 @@ from dermanet.eval.calibration import expected_calibration_error, fit_temperatur
 from dermanet.eval.isic_scorer import isic_submission, official_score
 from dermanet.eval.metrics import classification_metrics, confusion_matrix, softmax
 from dermanet.eval.plots import confusion_matrix_figure, reliability_figure, roc_figure, save_figure
+from dermanet.eval.trust_eval import fit_trust, quality_ok, trust_report
 from dermanet.eval.tta import TTA_MODES, tta_views
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from dermanet.settings import check_settings, option
@@ -46,10 +47,12 @@ class EvaluateSettings:
     shards: str | None = option(None, "prepared shards (jobs/prepare_data.py output)", group="data")
     csv: str | None = option(None, "catalogue CSV instead of shards (any format)", group="data")
     images: str | None = option(None, "image folder for --csv", group="data")
-    split: str = option(
-        "test", "split to score; 'all' scores every row (external sets)", group="data",
+    split: list[str] = option(
+        help="split(s) to score; 'all' scores every row (external sets)",
+        group="data",
         choices=(*SPLITS, "all"),
-    )  # fmt: skip
+        default_factory=lambda: ["test"],
+    )
     origins: list[str] = option(
         help="score only images of these origins (e.g. the source a run left out)",
         group="data",
@@ -76,6 +79,12 @@ class EvaluateSettings:
         group="output",
     )
     half: bool = option(False, "--export in float16 (half the size)", group="output")
+    ood: str | None = option(
+        None,
+        "folder of non-dermoscopic pictures (jobs/build_ood_set.py): report the gate's OOD "
+        "AUROC and the share it refuses, next to the share of the evaluated split it refuses",
+        group="output",
+    )
 
     def validate(self) -> None:
         check_settings(self)
@@ -87,6 +96,11 @@ class EvaluateSettings:
             raise ValueError("--export needs a .pt file name (the model registry lists *.pt)")
         if self.half and not self.export:
             raise ValueError("--half applies to --export; give --export PATH.pt")
+
+    @property
+    def split_name(self) -> str:
+        """'test', 'train+val', 'all': how metric keys and titles name what was scored."""
+        return "all" if "all" in self.split else "+".join(self.split)
 
     @property
     def location(self) -> DataLocation:
@@ -101,10 +115,17 @@ class Predictions:
 
     logits: np.ndarray
     single_view_logits: np.ndarray
+    features: np.ndarray  # pooled features of the single served view (OOD fitting)
     table: pd.DataFrame  # rows in prediction order: image, label_index, origin
 
+    @property
+    def labels(self) -> np.ndarray:
+        return self.table["label_index"].to_numpy()
 
-def predict_split(loaded: LoadedCheckpoint, settings: EvaluateSettings, split: str) -> Predictions:
+
+def predict_split(
+    loaded: LoadedCheckpoint, settings: EvaluateSettings, split: str | list[str]
+) -> Predictions:
     """Run the model over a split (decoded by Ray Data, as in training's validation)."""
     rows = split_rows(settings.location, split, origins=settings.origins or None)
     config = PipelineConfig(img_size=loaded.img_size, color_constancy=loaded.color_constancy)
@@ -116,15 +137,23 @@ def predict_split(loaded: LoadedCheckpoint, settings: EvaluateSettings, split: s
         loaded.std,
     )
     model = loaded.model.eval()
-    averaged, single, indices = [], [], []
+    averaged, single, features, indices = [], [], [], []
     with torch.inference_mode():
         for batch in batches:
-            views = [model(v).logits.float() for v in tta_views(batch["image"], settings.tta)]
-            averaged.append(torch.stack(views).mean(0).numpy())
-            single.append(views[0].numpy())
+            views = tta_views(batch["image"], settings.tta)
+            served = model(views[0])
+            logits = [served.logits.float()] + [model(v).logits.float() for v in views[1:]]
+            averaged.append(torch.stack(logits).mean(0).numpy())
+            single.append(logits[0].numpy())
+            features.append(served.features.float().numpy())
             indices.append(batch["index"].numpy())
     index = np.concatenate(indices)
-    return Predictions(np.concatenate(averaged), np.concatenate(single), rows.table.loc[index])
+    return Predictions(
+        np.concatenate(averaged),
+        np.concatenate(single),
+        np.concatenate(features),
+        rows.table.loc[index],
+    )
 
 
 def sensitivity_at_specificity(truth: np.ndarray, scores: np.ndarray, specificity: float) -> float:
@@ -164,12 +193,23 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
 
-    predictions = predict_split(loaded, settings, settings.split)
-    labels = predictions.table["label_index"].to_numpy()
+    splits = "all" if "all" in settings.split else settings.split
+    predictions = predict_split(loaded, settings, splits)
+    labels = predictions.labels
     temperature = 1.0
-    if settings.calibrate and settings.split not in ("val", "all"):
-        val = predict_split(loaded, dataclasses.replace(settings, tta="none"), "val")
-        temperature = fit_temperature(val.single_view_logits, val.table["label_index"].to_numpy())
+    whole = dataclasses.replace(settings, tta="none", origins=[])  # fitting sees every source
+    val = None
+    if settings.calibrate and splits != "all" and "val" not in splits:
+        val = predict_split(loaded, whole, "val")
+        temperature = fit_temperature(val.single_view_logits, val.labels)
+    if settings.export:  # the shipped file carries a gate and sets fitted for these weights
+        val = val or predict_split(loaded, whole, "val")
+        train = predict_split(loaded, whole, "train")
+        loaded.temperature = temperature
+        loaded.trust = fit_trust(
+            train.features, train.labels, val.features, val.single_view_logits, val.labels,
+            temperature,
+        )  # fmt: skip
     probs = softmax(predictions.logits, temperature)
     served_raw = softmax(predictions.single_view_logits)
     served = softmax(predictions.single_view_logits, temperature)
@@ -191,6 +231,17 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
     }
     if settings.tta != "none":
         report["single_view"] = score(served, labels, image_ids)
+    if loaded.trust or settings.ood:
+        rows = split_rows(settings.location, splits, origins=settings.origins or None)
+        loaded.temperature = temperature
+        report["trust"] = trust_report(
+            loaded,
+            predictions.single_view_logits,
+            predictions.features,
+            labels,
+            quality_ok(rows.dataset, predictions.table.index.to_numpy()),
+            settings.ood,
+        )
     origins = predictions.table["origin"]
     if origins.notna().any() and origins.nunique() > 1:
         report["per_origin"] = {
@@ -200,7 +251,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
         }
     matrix = confusion_matrix(labels, probs.argmax(axis=1), len(CLASS_NAMES))
     report["confusion_matrix"] = matrix.tolist()
-    save_figure(confusion_matrix_figure(matrix, title=f"{settings.split} split"),
+    save_figure(confusion_matrix_figure(matrix, title=f"{settings.split_name} split"),
                 out / "confusion_matrix.png")  # fmt: skip
     save_figure(roc_figure(probs, labels), out / "roc_curves.png")
     save_figure(
@@ -229,7 +280,7 @@ def export_checkpoint(
     Serving applies the temperature, and `/v1/models` shows the metrics, so what a clinician
     sees is what was measured here.
     """
-    split = settings.split
+    split = settings.split_name
     metrics = {
         **loaded.metrics,
         f"{split}_balanced_accuracy": report["official"]["balanced_accuracy"],
@@ -258,6 +309,7 @@ def export_checkpoint(
         half=settings.half,
         temperature=report["temperature"],
         preprocessing={"color_constancy": loaded.color_constancy},
+        trust=loaded.trust,
     )
     log.info("exported %s (temperature %.3f)", path, report["temperature"])
     return path
@@ -274,7 +326,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# DermaNet evaluation report",
         "",
         f"- checkpoint: `{report['checkpoint']}`",
-        f"- split: {report['settings']['split']} ({report['images']} images), "
+        f"- split: {'+'.join(report['settings']['split'])} ({report['images']} images), "
         f"test-time augmentation: {report['settings']['tta']}",
         f"- **balanced accuracy (official ISIC scorer): "
         f"{report['official']['balanced_accuracy']:.4f}**",
@@ -297,6 +349,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{sv['official']['balanced_accuracy']:.4f}, macro AUROC "
             f"{sv['metrics']['macro_auroc']:.4f}"
         )
+    if "trust" in report:
+        lines += ["", "## Knowing when not to answer (gate and prediction sets)", ""]
+        lines += _trust_lines(report["trust"])
     lines += ["", "## Per class (official scorer)", "", _markdown_table(table)]
     if "per_origin" in report:
         rows = pd.DataFrame(
@@ -321,6 +376,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Research use only: not a medical device, not for diagnosis.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _trust_lines(trust: dict[str, Any]) -> list[str]:
+    lines = [
+        f"- the gate refuses {100 * trust['gate_rejected']:.1f} % of these images "
+        f"({100 * trust['quality_rejected']:.1f} % on quality alone)"
+    ]
+    if "sets" in trust:
+        sets = trust["sets"]
+        lines.append(
+            f"- prediction sets (target {100 * sets['target_coverage']:.0f} %): coverage "
+            f"{sets['coverage']:.3f}, mean size {sets['mean_size']:.2f}, single class "
+            f"{100 * sets['singletons']:.0f} % of the time; per class: "
+            + ", ".join(f"{c} {v['coverage']:.2f}" for c, v in sets["per_class"].items() if v["n"])
+        )
+    if "ood_set" in trust:
+        ood = trust["ood_set"]
+        kinds = ", ".join(f"{k} {100 * v['rejected']:.0f} %" for k, v in ood["per_kind"].items())
+        lines.append(
+            f"- non-dermoscopic set ({ood['n_out']} pictures): OOD AUROC {ood['auroc']:.3f}, "
+            f"{100 * ood['out_rejected']:.1f} % refused ({kinds}) while "
+            f"{100 * ood['in_rejected']:.1f} % of these images are"
+        )
+    return lines
 
 
 def _markdown_table(table: pd.DataFrame) -> str:

@@ -54,6 +54,7 @@ class LoadedCheckpoint:
     provenance: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0  # probabilities = softmax(logits / temperature)
     color_constancy: str = "none"  # preprocessing the model was trained with
+    trust: dict[str, Any] = field(default_factory=dict)  # {"ood": ..., "conformal": ...}
     format_version: int = CHECKPOINT_FORMAT_VERSION
     path: Path | None = None
 
@@ -70,12 +71,15 @@ def save_checkpoint(
     half: bool = False,
     temperature: float = 1.0,
     preprocessing: dict[str, Any] | None = None,
+    trust: dict[str, Any] | None = None,
 ) -> Path:
     """Write a classifier and its metadata to one file, atomically (temp file + rename).
 
     `half=True` stores floating-point weights as float16 (half the size); loading casts back.
     `temperature` (fitted on held-out data by jobs/evaluate.py) calibrates served
-    probabilities. Readers never see a partial file: the temp name does not end in `.pt`.
+    probabilities. `trust` holds the gate's OOD statistics and the conformal sets' thresholds
+    (dermanet.trust, fitted at export). Readers never see a partial file: the temp name does
+    not end in `.pt`.
     """
     if int(img_size) < 8:
         raise ValueError(f"img_size must be at least 8 pixels, got {img_size}")
@@ -98,6 +102,7 @@ def save_checkpoint(
             ),
             "metrics": to_plain(metrics or {}, "metrics"),
             "calibration": {"temperature": float(temperature)},
+            "trust": dict(trust or {}),
         },
     )
 
@@ -261,6 +266,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         provenance=dict(data.get("provenance") or {}),
         temperature=stored_temperature(data),
         color_constancy=str((data.get("preprocessing") or {}).get("color_constancy", "none")),
+        trust=dict(data.get("trust") or {}),
         format_version=int(data["format_version"]),
         path=path,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,10 @@ from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image
 from dermanet.data.transforms import eval_transform, to_model_input
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from dermanet.inference.risk import RiskAssessment, RiskPolicy
+from dermanet.trust.conformal import prediction_sets
+from dermanet.trust.evaluation import gate_decision
+from dermanet.trust.ood import ood_scores
+from dermanet.trust.quality import QualityThresholds, assess_quality
 
 
 class UnknownClassError(ValueError):
@@ -34,22 +38,48 @@ def resolve_class(target: str | int) -> int:
     )
 
 
+QUALITY_ONLY = "quality checks only: this model file has no OOD statistics"
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """Per-class probabilities (CLASS_NAMES order), the top class and its risk assessment."""
+    """Per-class probabilities (CLASS_NAMES order), the top class, its risk assessment and the
+    trust fields: the gate's verdict, the conformal prediction set and its coverage."""
 
     probabilities: dict[str, float]
     top_class: str
     top_probability: float
     risk: RiskAssessment
+    gate: dict[str, Any] = field(
+        default_factory=lambda: {"accepted": True, "reasons": [], "ood_score": None,
+                                 "ood_threshold": None}
+    )  # fmt: skip
+    prediction_set: list[str] | None = None
+    set_coverage: float | None = None
+    features: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.gate["accepted"])
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON shape shared by the HTTP API and the dashboard."""
+        """Flat JSON shape shared by the HTTP API, batch inference and the dashboard.
+
+        An image the gate refuses keeps its probabilities (marked `probabilities_trusted:
+        false`) but claims no risk: traffic light "unknown", risk and bars null.
+        """
+        risk = self.risk.to_dict()
+        if not self.accepted:
+            risk = {key: None for key in risk} | {"traffic_light": "unknown"}
         return {
             "probabilities": dict(self.probabilities),
+            "probabilities_trusted": self.accepted,
             "top_class": self.top_class,
             "top_probability": self.top_probability,
-            **self.risk.to_dict(),
+            **risk,
+            "gate": dict(self.gate),
+            "prediction_set": self.prediction_set,
+            "set_coverage": self.set_coverage,
         }
 
 
@@ -61,11 +91,13 @@ class Predictor:
         checkpoint: LoadedCheckpoint,
         risk_policy: RiskPolicy | None = None,
         device: str | torch.device = "cpu",
+        quality: QualityThresholds | None = None,
     ):
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.model = checkpoint.model.to(self.device).eval()
         self.risk_policy = risk_policy or RiskPolicy()
+        self.quality = quality or QualityThresholds()
         self.transform = eval_transform(
             checkpoint.img_size,
             checkpoint.mean,
@@ -97,21 +129,67 @@ class Predictor:
         """Preprocess a list of RGB images into one (N, 3, S, S) tensor on the model's device."""
         return torch.from_numpy(np.stack([self.preprocess(im) for im in images])).to(self.device)
 
-    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Calibrated softmax probabilities (N, NUM_CLASSES), float64 for exact sums.
-
-        Logits are divided by the checkpoint's fitted temperature (1.0 when it has none), so a
-        served 0.8 means right about 80% of the time on the data it was calibrated on.
-        """
+    def forward(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(raw logits (N, K), pooled features (N, D)), float32, from one forward pass."""
         if not images:
-            return np.zeros((0, NUM_CLASSES))
+            dim = self.checkpoint.config.feature_dim
+            return np.zeros((0, NUM_CLASSES), np.float32), np.zeros((0, dim), np.float32)
         with torch.inference_mode():
-            logits = self.model(self.to_tensor(images)).logits.float()
-        return torch.softmax(logits.double() / self.checkpoint.temperature, dim=1).cpu().numpy()
+            out = self.model(self.to_tensor(images))
+        return out.logits.float().cpu().numpy(), out.features.float().cpu().numpy()
+
+    def calibrated(self, logits: np.ndarray) -> np.ndarray:
+        """softmax(logits / temperature), float64 for exact sums.
+
+        The temperature was fitted on held-out data (1.0 when the file has none), so a served
+        0.8 means right about 80% of the time on the data it was calibrated on.
+        """
+        z = torch.from_numpy(np.asarray(logits, dtype=np.float64)) / self.checkpoint.temperature
+        return torch.softmax(z, dim=1).numpy()
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Calibrated softmax probabilities (N, NUM_CLASSES)."""
+        return self.calibrated(self.forward(images)[0])
+
+    @property
+    def gate_description(self) -> str:
+        """What the gate of this model checks (shown by /v1/models)."""
+        ood = self.checkpoint.trust.get("ood")
+        if not ood:
+            return QUALITY_ONLY
+        return f"quality checks + OOD score ({ood.get('method', 'unknown')}, threshold " \
+               f"{float(ood['threshold']):.4g})"  # fmt: skip
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        """Predict a batch of RGB uint8 images in one forward pass."""
-        return [self.prediction_from_probabilities(p) for p in self.probabilities(images)]
+        """Predict a batch of RGB uint8 images in one forward pass, each through the gate.
+
+        Quality checks run on the decoded image; the OOD score and the prediction set come
+        from the same forward pass (statistics stored in the checkpoint at export).
+        """
+        logits, features = self.forward(images)
+        probs = self.calibrated(logits)
+        ood_stats = self.checkpoint.trust.get("ood")
+        sets_stats = self.checkpoint.trust.get("conformal")
+        scores = ood_scores(ood_stats, features, logits) if ood_stats else [None] * len(images)
+        threshold = float(ood_stats["threshold"]) if ood_stats else None
+        sets = prediction_sets(probs, sets_stats) if sets_stats else [None] * len(images)
+        coverage = float(sets_stats["coverage"]) if sets_stats else None
+        predictions = []
+        for image, p, f, score, members in zip(images, probs, features, scores, sets,
+                                                strict=True):  # fmt: skip
+            gate = gate_decision(assess_quality(image, self.quality), score, threshold)
+            if not ood_stats:
+                gate["checks"] = QUALITY_ONLY
+            predictions.append(
+                self.prediction_from_probabilities(
+                    p,
+                    gate=gate,
+                    prediction_set=None if members is None else [CLASS_NAMES[i] for i in members],
+                    set_coverage=coverage,
+                    features=f,
+                )
+            )
+        return predictions
 
     def predict(self, image: np.ndarray) -> Prediction:
         return self.predict_batch([image])[0]
@@ -120,7 +198,7 @@ class Predictor:
         """Decode (any mode, size-limited) and predict; raises ImageDecodeError on bad data."""
         return self.predict(decode_image(data, max_pixels=max_pixels))
 
-    def prediction_from_probabilities(self, probs: np.ndarray) -> Prediction:
+    def prediction_from_probabilities(self, probs: np.ndarray, **trust: Any) -> Prediction:
         values = {name: float(p) for name, p in zip(CLASS_NAMES, probs, strict=True)}
         top = int(np.argmax(probs))
         return Prediction(
@@ -128,4 +206,5 @@ class Predictor:
             top_class=CLASS_NAMES[top],
             top_probability=values[CLASS_NAMES[top]],
             risk=self.risk_policy.assess(values),
+            **trust,
         )

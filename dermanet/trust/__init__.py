@@ -2,6 +2,8 @@
 features, conformal prediction sets, and the evaluation set and measures that judge them.
 
 Pure functions on numpy arrays and plain dicts; serving, export and the dashboard call them.
+(`dermanet.trust.features`, which runs a Predictor, is imported from its module: the
+predictor itself uses this package.)
 See docs/trust.md.
 """
 
@@ -12,7 +14,6 @@ from dermanet.trust.conformal import (
     prediction_sets,
 )
 from dermanet.trust.evaluation import auroc, gate_decision, gate_scores, ood_report, set_report
-from dermanet.trust.features import extract_features, iter_images
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
 from dermanet.trust.ood import (
     DEFAULT_OOD_METHOD,
@@ -40,13 +41,11 @@ __all__ = [
     "assess_quality",
     "auroc",
     "calibrated_probabilities",
-    "extract_features",
     "fit_conformal",
     "fit_ood_detector",
     "fit_trust_statistics",
     "gate_decision",
     "gate_scores",
-    "iter_images",
     "measure_quality",
     "ood_report",
     "ood_scores",

@@ -1,0 +1,109 @@
+"""The trust layer at export and evaluation: fit the gate and the sets, and measure them.
+
+`jobs/evaluate.py --export` refits the OOD statistics (train features, threshold on val) and the
+conformal sets (val) for the model it ships, so gate and sets always match the weights; the
+report then says how often the gate refuses the evaluated split, how well the sets cover it,
+and, with `--ood DIR` (a set from jobs/build_ood_set.py), how much of a non-dermoscopic set the
+gate refuses and the OOD AUROC.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from dermanet.classes import CLASS_NAMES
+from dermanet.data.images import ImageDecodeError, decode_image
+from dermanet.inference.checkpoint import LoadedCheckpoint
+from dermanet.inference.predictor import Predictor
+from dermanet.trust.conformal import prediction_sets
+from dermanet.trust.evaluation import gate_scores, ood_report, set_report
+from dermanet.trust.features import iter_images
+from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
+from dermanet.trust.ood import ood_scores
+from dermanet.trust.ood_set import read_ood_manifest
+from dermanet.trust.quality import assess_quality
+
+log = logging.getLogger(__name__)
+
+
+def fit_trust(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_logits: np.ndarray,
+    val_labels: np.ndarray,
+    temperature: float,
+) -> dict[str, Any]:
+    """OOD statistics + conformal thresholds for the checkpoint (see dermanet.trust.fit)."""
+    stats = fit_trust_statistics(
+        train_features, train_labels, val_features, val_logits, val_labels, temperature
+    )
+    log.info(
+        "trust: OOD %s threshold %.4g (5%% of val above), sets %s at %.0f%% coverage",
+        stats["ood"]["method"], float(stats["ood"]["threshold"]), stats["conformal"]["method"],
+        100 * float(stats["conformal"]["coverage"]),
+    )  # fmt: skip
+    return stats
+
+
+def quality_ok(dataset: ray.data.Dataset, index: np.ndarray) -> np.ndarray:
+    """The quality checks on each row's decoded image (the serving decoder), in `index` order."""
+    verdict: dict[int, bool] = {}
+    for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
+        for row_index, data in zip(batch["index"], batch["jpeg"], strict=True):
+            try:
+                verdict[int(row_index)] = assess_quality(decode_image(bytes(data))).ok
+            except ImageDecodeError:
+                verdict[int(row_index)] = False
+    return np.array([verdict.get(int(i), False) for i in index])
+
+
+def trust_report(
+    loaded: LoadedCheckpoint,
+    logits: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray,
+    quality: np.ndarray,
+    ood_dir: str | None,
+) -> dict[str, Any]:
+    """Gate refusals and set coverage on the evaluated images; the OOD set when given."""
+    stats = loaded.trust
+    report: dict[str, Any] = {"quality_rejected": float(1.0 - quality.mean())}
+    threshold = float(stats["ood"]["threshold"]) if stats.get("ood") else np.inf
+    in_scores = (
+        ood_scores(stats["ood"], features, logits) if stats.get("ood") else np.zeros(len(labels))
+    )
+    gate_in = gate_scores(quality, in_scores)
+    report["gate_rejected"] = float((gate_in > threshold).mean())
+    if stats.get("conformal"):
+        sets = prediction_sets(
+            calibrated_probabilities(logits, loaded.temperature), stats["conformal"]
+        )
+        report["sets"] = set_report(sets, labels, CLASS_NAMES)
+        report["sets"]["target_coverage"] = float(stats["conformal"]["coverage"])
+    if ood_dir:
+        report["ood_set"] = ood_set_report(loaded, gate_in, threshold, ood_dir)
+    return report
+
+
+def ood_set_report(
+    loaded: LoadedCheckpoint, gate_in: np.ndarray, threshold: float, ood_dir: str
+) -> dict[str, Any]:
+    """The served path's gate (decoder, quality checks, OOD score) over a non-dermoscopic set."""
+    manifest = read_ood_manifest(ood_dir)
+    predictor = Predictor(loaded)
+    scores = []
+    for start in range(0, len(manifest), 32):
+        images = list(iter_images(manifest["file"][start : start + 32]))
+        logits, features = predictor.forward(images)
+        ood = (
+            ood_scores(loaded.trust["ood"], features, logits)
+            if loaded.trust.get("ood")
+            else np.zeros(len(images))
+        )
+        scores.append(gate_scores([assess_quality(im).ok for im in images], ood))
+    return ood_report(gate_in, np.concatenate(scores), threshold, manifest["kind"].tolist())
