@@ -102,6 +102,7 @@ class KillOnce(pl.Callback):
             Path(self.marker).write_text("killed")
             os.kill(os.getpid(), signal.SIGKILL)
 
+
 @pytest.fixture(scope="module")
 def synthetic_train_data(tmp_path_factory) -> Path:
     from dermanet.data.synthetic import generate_synthetic_dataset

@@ -37,6 +37,8 @@ def quiet_worker_logs(path: Path) -> None:
         logger.handlers = [handler]
         logger.propagate = False
         logger.setLevel(logging.INFO)
+    # Ray Train's per-report INFO line ("Reporting training result ...") on every rank.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 def epoch_summary(epoch: int, epochs: int, metrics: dict[str, Any], seconds: float) -> str:
