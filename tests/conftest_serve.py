@@ -3,10 +3,13 @@
 TEST FIXTURE, not training code: `synthetic_model` trains the tiny DermResNetSE for a few epochs
 with a plain PyTorch loop on SYNTHETIC lesions planted at random places on a larger skin canvas,
 so Grad-CAM has something real to localise. Real training is jobs/train.py (Ray Train).
+`trusted` is the same model with trust statistics (OOD detector + conformal thresholds) fitted
+on other planted SYNTHETIC canvases; real export fits them with jobs/evaluate.py --export.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -20,13 +23,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from dermanet.classes import CLASS_INDEX
 from dermanet.data.images import read_image
-from dermanet.data.synthetic import generate_synthetic_dataset
+from dermanet.data.synthetic import draw_lesion, generate_synthetic_dataset
 from dermanet.data.transforms import eval_transform, to_model_input
-from dermanet.inference import save_checkpoint
+from dermanet.inference import Predictor, load_checkpoint, save_checkpoint
 from dermanet.models import DermResNetSE, create_model
+from dermanet.paths import PROJECT_ROOT
+from dermanet.trust.features import extract_features
+from dermanet.trust.fit import fit_trust_statistics
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"
 CANVAS = 128  # model input; the tiny net's last stage is a 4x4 grid with stride 32
@@ -89,36 +96,109 @@ def train_planted_model(tiles: SyntheticTiles, epochs: int = 6, seed: int = 0) -
     return model.eval()
 
 
+def planted_images(tiles: SyntheticTiles, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each tile planted once at a random place: (canvases, class indices)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i, tile in enumerate(tiles.images):
+        lx, ly = tiles.lesion_px(i)
+        at = (rng.uniform(lx, CANVAS - TILE + lx), rng.uniform(ly, CANVAS - TILE + ly))
+        images.append(plant(tile, (lx, ly), at, rng))
+    return images, np.array([CLASS_INDEX[label] for label in tiles.meta.label])
+
+
+def fit_trust(
+    checkpoint: Path,
+    train: tuple[list[np.ndarray], np.ndarray],
+    val: tuple[list[np.ndarray], np.ndarray],
+) -> dict:
+    """Trust statistics for a checkpoint, fitted as export does: OOD on train features (its
+    threshold on val), conformal sets on val probabilities (the checkpoint's temperature)."""
+    loaded = load_checkpoint(checkpoint)
+    predictor = Predictor(loaded)
+    train_features, _ = extract_features(predictor, train[0])
+    val_features, val_logits = extract_features(predictor, val[0])
+    return fit_trust_statistics(
+        train_features, train[1], val_features, val_logits, val[1], loaded.temperature
+    )
+
+
 @pytest.fixture(scope="session")
 def planting() -> SimpleNamespace:
     """The planting helpers, for test modules (importing this plugin module would bypass
     pytest's assertion rewriting)."""
     return SimpleNamespace(
-        plant=plant, tiles=synthetic_tiles, canvas=CANVAS, tile=TILE, tiny_config=TINY_CONFIG
+        plant=plant,
+        tiles=synthetic_tiles,
+        planted=planted_images,
+        fit_trust=fit_trust,
+        encode=encode_image,
+        canvas=CANVAS,
+        tile=TILE,
+        tiny_config=TINY_CONFIG,
     )
 
 
 @pytest.fixture(scope="session")
-def synthetic_model(tmp_path_factory: pytest.TempPathFactory) -> DermResNetSE:
+def synthetic_train_tiles(tmp_path_factory: pytest.TempPathFactory) -> SyntheticTiles:
+    """The SYNTHETIC tiles the planted model is trained on."""
+    return synthetic_tiles(tmp_path_factory.mktemp("planted-train"), num_images=320, seed=1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(synthetic_train_tiles: SyntheticTiles) -> DermResNetSE:
     """The tiny model trained on planted SYNTHETIC lesions (test fixture, ~30 s on 2 CPUs)."""
-    tiles = synthetic_tiles(tmp_path_factory.mktemp("planted-train"), num_images=320, seed=1)
-    return train_planted_model(tiles)
+    return train_planted_model(synthetic_train_tiles)
 
 
 @pytest.fixture(scope="session")
-def model_registry(tmp_path_factory: pytest.TempPathFactory, synthetic_model) -> Path:
-    """A registry folder: `default` (trained, 128 px) and `tiny-random` (untrained, 64 px)."""
+def model_registry(
+    tmp_path_factory: pytest.TempPathFactory, synthetic_model, synthetic_train_tiles
+) -> Path:
+    """A registry folder: `default` (trained, 128 px, no trust statistics: quality checks
+    only), `trusted` (the same weights with OOD + conformal statistics fitted on planted
+    SYNTHETIC canvases, ~7 s) and `tiny-random` (untrained, 64 px)."""
     folder = tmp_path_factory.mktemp("registry")
-    save_checkpoint(
+    common = {
+        "img_size": CANVAS,
+        "metrics": {"note": "SYNTHETIC test fixture"},
+        "provenance": {"data": "SYNTHETIC planted lesions"},
+    }
+    save_checkpoint(folder / "default.pt", synthetic_model, **common)
+    val_tiles = synthetic_tiles(tmp_path_factory.mktemp("planted-val"), num_images=200, seed=2)
+    trust = fit_trust(
         folder / "default.pt",
-        synthetic_model,
-        img_size=CANVAS,
-        metrics={"note": "SYNTHETIC test fixture"},
-        provenance={"data": "SYNTHETIC planted lesions"},
+        planted_images(synthetic_train_tiles, seed=5),
+        planted_images(val_tiles, seed=6),
     )
+    save_checkpoint(folder / "trusted.pt", synthetic_model, trust=trust, **common)
     torch.manual_seed(1)
     save_checkpoint(folder / "tiny-random.pt", create_model(TINY_CONFIG), img_size=64)
     return folder
+
+
+def encode_image(pixels: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def not_dermoscopy() -> dict[str, bytes]:
+    """Pictures that are not dermoscopy, as uploaded by mistake (issue #14): a screenshot of
+    the dashboard itself (docs/images/dashboard.png, made by the browser test), a photo that
+    ships with scikit-learn, a blank image and a 24 px image of a SYNTHETIC lesion."""
+    from sklearn.datasets import load_sample_images
+
+    china = np.asarray(load_sample_images().images[0], dtype=np.uint8)
+    tiny, _ = draw_lesion("MEL", 24, np.random.default_rng(0))
+    screenshot = PROJECT_ROOT / "docs" / "images" / "dashboard.png"
+    return {
+        "screenshot": screenshot.read_bytes(),
+        "photo": encode_image(china, "JPEG", quality=90),
+        "blank": encode_image(np.full((300, 400, 3), 236, dtype=np.uint8)),
+        "24px": encode_image(tiny),
+    }
 
 
 def _free_port() -> int:

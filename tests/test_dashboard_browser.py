@@ -1,9 +1,11 @@
 """The running dashboard in headless Chromium (Playwright driving Debian's /usr/bin/chromium).
 
-Uploads real images (derm-sample when present, else SYNTHETIC), clicks a card, turns Grad-CAM
-on and saves a screenshot to test-artifacts/dashboard.png, which the test then checks: the
-traffic light's colour is on it, and the viewer shows a Grad-CAM image that differs from the
-plain image. Skips with the reason when Chromium or Playwright is missing.
+Uploads real images (derm-sample when present, else SYNTHETIC) and, by mistake, a screenshot of
+the dashboard: its card gets a grey light and viewing it shows why it was refused instead of a
+risk level. Then clicks a lesion's card, turns Grad-CAM on and saves a screenshot to
+test-artifacts/dashboard.png, which the test then checks: the traffic light's colour is on it,
+and the viewer shows a Grad-CAM image that differs from the plain image. Skips with the
+reason when Chromium or Playwright is missing.
 DERMANET_UPDATE_SCREENSHOT=1 also refreshes the README's docs/images/dashboard.png (< 300 KB).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +36,8 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 LIGHT_RGB = {"green": (0x1E, 0x9E, 0x5A), "yellow": (0xE0, 0xA8, 0x00), "red": (0xD6, 0x3A, 0x3A)}
+GREY_RGB = (0x9C, 0xA3, 0xAF)  # the light of an image the gate refused
+SHOT = "dashboard screenshot.png"
 TIMEOUT_MS = 120_000
 
 
@@ -60,11 +65,19 @@ def colour_pixels(png: bytes, rgb: tuple[int, int, int], tolerance: int = 12) ->
     return int((np.abs(pixels - np.array(rgb)).max(axis=-1) <= tolerance).sum())
 
 
-def test_dashboard_in_chromium(browser, dashboard_url: str, screenshot_images: list[Path]) -> None:
+def test_dashboard_in_chromium(
+    browser,
+    dashboard_url: str,
+    screenshot_images: list[Path],
+    not_dermoscopy: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
     from dermanet.paths import PROJECT_ROOT
 
     artifacts = PROJECT_ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
+    shot = tmp_path / SHOT
+    shot.write_bytes(not_dermoscopy["screenshot"])
     page = browser.new_page(
         viewport={"width": 1440, "height": 1000}, device_scale_factor=1, accept_downloads=True
     )
@@ -73,16 +86,29 @@ def test_dashboard_in_chromium(browser, dashboard_url: str, screenshot_images: l
     page.get_by_text("Lesion dashboard").wait_for()
     page.get_by_text("Research software, not a medical device").first.wait_for()
 
-    # upload several real images at once; the gallery shows them with traffic lights
-    page.locator("input[type=file]").set_input_files([str(p) for p in screenshot_images])
+    # upload several real images and a screenshot at once; the gallery shows traffic lights
+    uploads = [*screenshot_images, shot]
+    page.locator("input[type=file]").set_input_files([str(p) for p in uploads])
     cards = page.locator(".dn-card-name")
     page.wait_for_function(
-        f"document.querySelectorAll('.dn-card-name').length >= {len(screenshot_images)}",
+        f"document.querySelectorAll('.dn-card-name').length >= {len(uploads)}",
         timeout=TIMEOUT_MS,
     )
-    assert cards.count() == len(screenshot_images)
-    names = {p.name for p in screenshot_images}
-    assert {cards.nth(i).inner_text() for i in range(cards.count())} == names
+    assert cards.count() == len(uploads)
+    assert {cards.nth(i).inner_text() for i in range(cards.count())} == {p.name for p in uploads}
+
+    # the screenshot: a grey light on its card; viewed, the reason instead of a risk level
+    shot_card = page.locator("[class*='st-key-card-']").filter(has_text=SHOT)
+    assert shot_card.locator(".dn-light").get_attribute("data-light") == "unknown"
+    shot_card.get_by_role("button", name=re.compile("^View")).click()
+    page.locator("h3").filter(has_text=SHOT).wait_for()
+    refusal = page.locator(".dn-refusal")
+    refusal.wait_for()
+    assert "This does not look like a dermoscopic image" in refusal.inner_text()
+    assert page.locator(".dn-light-big").get_attribute("data-light") == "unknown"
+    assert page.locator("[data-bar='benign']").count() == 0
+    assert colour_pixels(page.locator(".dn-light-big").screenshot(), GREY_RGB) > 20
+    assert colour_pixels(shot_card.locator(".dn-light").screenshot(), GREY_RGB) > 10
 
     # click the card of the first image (the last one uploaded is selected after upload)
     wanted = screenshot_images[0].name

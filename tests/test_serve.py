@@ -14,10 +14,11 @@ from PIL import Image
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import decode_image
+from dermanet.data.synthetic import draw_lesion
 from dermanet.inference import Predictor, compute_cams, load_checkpoint
 
 pytest_plugins = ["conftest_serve"]
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]  # session setup: model + Serve
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -28,6 +29,12 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
 
 def random_jpeg(seed: int, size: tuple[int, int] = (96, 80)) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), "JPEG", quality=90)
+
+
+def lesion_jpeg(seed: int, side: int = 120) -> bytes:
+    """A SYNTHETIC lesion: it passes the gate's quality checks (random noise does not)."""
+    pixels, _ = draw_lesion(CLASS_NAMES[seed % len(CLASS_NAMES)], side, np.random.default_rng(seed))
     return encode(Image.fromarray(pixels), "JPEG", quality=90)
 
 
@@ -42,7 +49,7 @@ def direct(model_registry: Path) -> dict[str, Predictor]:
     """dermanet.inference run in-process on the same checkpoints, for comparisons."""
     return {
         name: Predictor(load_checkpoint(model_registry / f"{name}.pt"))
-        for name in ("default", "tiny-random")
+        for name in ("default", "tiny-random", "trusted")
     }
 
 
@@ -57,7 +64,7 @@ def test_health_models_and_docs(client: httpx.Client) -> None:
     listing = client.get("/v1/models").json()
     assert listing["default"] == "default" and "default" in listing["default_reason"]
     models = {m["id"]: m for m in listing["models"]}
-    assert sorted(models) == ["default", "tiny-random"]
+    assert sorted(models) == ["default", "tiny-random", "trusted"]
     assert models["default"]["img_size"] == 128 and models["tiny-random"]["img_size"] == 64
     assert models["default"]["provenance"]["data"] == "SYNTHETIC planted lesions"
     assert "path" not in models["default"]  # server paths stay private
@@ -68,19 +75,29 @@ def test_health_models_and_docs(client: httpx.Client) -> None:
     assert {"/v1/classify", "/v1/gradcam"} <= set(paths)
 
 
-@pytest.mark.parametrize("model", ["default", "tiny-random"])
+def assert_same_answer(body, expected, where: str = "answer") -> None:
+    """The HTTP answer holds every field of the in-process answer (numbers to 1e-6)."""
+    if isinstance(expected, dict):
+        assert isinstance(body, dict) and set(expected) <= set(body), where
+        for key, value in expected.items():
+            assert_same_answer(body[key], value, f"{where}.{key}")
+    elif isinstance(expected, float):
+        assert body == pytest.approx(expected, abs=1e-6), where
+    else:
+        assert body == expected, where
+
+
+@pytest.mark.parametrize("model", ["default", "tiny-random", "trusted"])
 def test_classify_equals_direct_inference(client, direct, model: str) -> None:
-    data = random_jpeg(1)
+    data = lesion_jpeg(1)
     body = classify(client, data, model=model).json()
     expected = direct[model].predict(decode_image(data))
     assert body["model_id"] == model and body["filename"] == "lesion.jpg"
     assert list(body["probabilities"]) == list(CLASS_NAMES)
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-9)
-    assert body["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
-    assert body["top_class"] == expected.top_class
-    for key in ("risk", "malignant", "benign"):
-        assert body[key] == pytest.approx(getattr(expected.risk, key), abs=1e-6)
-    assert body["traffic_light"] == expected.risk.traffic_light
+    assert_same_answer(body, expected.to_dict())  # risk, light, gate, prediction set
+    assert body["gate"]["accepted"] and body["traffic_light"] in ("green", "yellow", "red")
+    assert body["risk"] == pytest.approx(expected.risk.risk, abs=1e-6)
     assert body["latency_ms"] > 0
     raw = client.post(
         "/v1/classify",

@@ -45,7 +45,7 @@ def test_dashboard_workflow(ui_env: Path, ui_images: list[Path], serve_url: str)
     assert markdown(at, "Research software, not a medical device")
     assert "Upload one or more" in at.info[0].value
     assert at.selectbox(key="model").value == "default"  # the server's default at start
-    assert at.selectbox(key="model").options == ["default (default)", "tiny-random"]
+    assert at.selectbox(key="model").options == ["default (default)", "tiny-random", "trusted"]
 
     # upload several at once: kept under generated names, gallery filled, newest selected
     png = io.BytesIO()
@@ -134,6 +134,51 @@ def test_dashboard_workflow(ui_env: Path, ui_images: list[Path], serve_url: str)
     assert markdown(at, "1.5·P(MEL) + 1.3·P(BCC) + 1·P(SCC)")
     assert markdown(at, "Research software, not a medical device")
     assert not markdown(at, 'class="dn-card-name"')
+
+
+def test_refused_upload_and_plausible_classes(
+    ui_env: Path, ui_images: list[Path], not_dermoscopy: dict[str, bytes], serve_url: str
+) -> None:
+    """A screenshot uploaded by mistake: grey light and the reason instead of a risk level; a
+    lesion the `trusted` model accepts: its plausible classes beside the top class."""
+    accepted = [
+        server_answer(serve_url, p.read_bytes(), "trusted")["gate"]["accepted"] for p in ui_images
+    ]
+    lesion = ui_images[accepted.index(True)]  # a SYNTHETIC lesion the trusted model accepts
+    at = run(AppTest.from_file(APP, default_timeout=180))
+    files = [
+        ("dashboard screenshot.png", not_dermoscopy["screenshot"], "image/png"),
+        (lesion.name, lesion.read_bytes(), "image/jpeg"),
+    ]
+    run(at.file_uploader[0].set_value(files))
+    ids = {i.original_name: i.image_id for i in _store(ui_env)}
+    cards = {name: c for name in ids for c in markdown(at, 'class="dn-card-name"') if name in c}
+    shot = cards["dashboard screenshot.png"]
+    assert "dn-light-unknown" in shot and "Not assessed" in shot
+    assert "This does not look like a dermoscopic image" in shot  # the reason, in the tooltip
+    assert any(f"dn-light-{light}" in cards[lesion.name] for light in ("green", "yellow", "red"))
+    assert any(c.value.startswith("Gate: quality checks only") for c in at.caption)
+
+    run(at.button(key=f"view-{ids['dashboard screenshot.png']}").click())
+    big = markdown(at, "dn-light-big")[0]
+    assert "dn-light-unknown" in big and "Not assessed" in big and "risk score" not in big
+    message = markdown(at, "dn-refusal")[0]
+    assert "This does not look like a dermoscopic image" in message
+    assert "looks like a screen, document or graphic" in message
+    assert not markdown(at, 'data-bar="benign"') and markdown(at, "not assessed")
+    assert at.expander[0].label.endswith("(unreliable: the image was refused)")
+    assert not markdown(at, "Plausible classes")
+
+    run(at.selectbox(key="model").set_value("trusted"))  # a model with statistics
+    assert any(c.value.startswith("Gate: quality checks + OOD score") for c in at.caption)
+    assert any(c.value.startswith("Prediction sets: split conformal") for c in at.caption)
+    assert "dn-light-unknown" in markdown(at, "dn-light-big")[0]  # still refused
+    run(at.button(key=f"view-{ids[lesion.name]}").click())
+    expected = server_answer(serve_url, lesion.read_bytes(), "trusted")
+    plausible = f"Plausible classes (90 % set): {', '.join(expected['prediction_set'])}"
+    assert markdown(at, plausible)
+    assert f"dn-light-{expected['traffic_light']}" in markdown(at, "dn-light-big")[0]
+    assert not markdown(at, "dn-refusal") and markdown(at, 'data-bar="benign"')
 
 
 def test_unreachable_server_shows_a_message(ui_env: Path, monkeypatch, serve_url: str) -> None:

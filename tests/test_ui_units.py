@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import zlib
 
 import httpx
 import numpy as np
@@ -15,7 +17,17 @@ from dermanet.ui.client import Classification, ServeClient, ServeError, ServeUna
 from dermanet.ui.gallery import DashboardState
 from dermanet.ui.report import CaseReport, render_html, render_pdf, report_filename
 from dermanet.ui.storage import UploadRejected, UploadStore, display_name
-from dermanet.ui.views import probability_rows, risk_bars_html, traffic_light_html
+from dermanet.ui.views import (
+    card_light_html,
+    model_trust_lines,
+    probabilities_title,
+    probability_rows,
+    refusal_html,
+    risk_bars_html,
+    set_text,
+    top_class_html,
+    traffic_light_html,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,6 +52,35 @@ def answer(light: str = "red", model: str = "default", name: str = "a.jpg") -> d
         "traffic_light": light,
         "malignant": 1.0,
         "benign": 0.0,
+    }
+
+
+def trusted_answer(name: str = "a.jpg") -> dict:
+    """An accepted image from a model with trust statistics (as the server sends it)."""
+    gate = {"accepted": True, "reasons": [], "ood_score": 0.8, "ood_threshold": 1.57}
+    return answer("red", name=name) | {
+        "probabilities_trusted": True,
+        "gate": gate,
+        "prediction_set": ["MEL", "NV", "BKL"],
+        "set_coverage": 0.9,
+    }
+
+
+def refused_answer(name: str = "page.png") -> dict:
+    """A screenshot refused by the gate: no risk claimed (nulls), probabilities kept."""
+    reasons = [
+        "looks like a screen, document or graphic: one flat colour covers 85% of its centre "
+        "(at most 45%)",
+        "unlike the training images (OOD score 71.5 > threshold 1.57) <b>",
+    ]
+    gate = {"accepted": False, "reasons": reasons, "ood_score": 71.5, "ood_threshold": 1.57}
+    body = answer(name=name) | {key: None for key in ("risk", "malignant", "benign")}
+    return body | {
+        "traffic_light": "unknown",
+        "probabilities_trusted": False,
+        "gate": gate,
+        "prediction_set": ["BCC", "MEL"],
+        "set_coverage": 0.9,
     }
 
 
@@ -195,6 +236,98 @@ def test_views_use_the_servers_numbers() -> None:
     assert 'data-bar="benign"' in bars and "width:100.0%" in bars and "0.0%" in bars
     rows = probability_rows(result)
     assert next(r["Class"] for r in rows) == "MEL" and len(rows) == len(CLASS_NAMES)
+
+
+def test_client_parses_the_trust_fields() -> None:
+    refused = Classification.from_json(refused_answer())  # risk null: no float(None) crash
+    assert refused.refused and not refused.accepted and refused.risk is None
+    assert refused.malignant is None and refused.benign is None
+    assert refused.traffic_light == "unknown" and not refused.probabilities_trusted
+    assert refused.reasons[0].startswith("looks like a screen") and refused.ood_score == 71.5
+    accepted = Classification.from_json(trusted_answer())
+    assert accepted.accepted and accepted.prediction_set == ("MEL", "NV", "BKL")
+    assert accepted.set_coverage == 0.9 and accepted.ood_threshold == 1.57
+    old = Classification.from_json(answer())  # a server from before the gate
+    assert old.accepted and old.prediction_set is None and old.probabilities_trusted
+    assert old.to_dict()["risk"] == 1.35
+
+
+def test_views_of_a_refused_image() -> None:
+    result = Classification.from_json(refused_answer())
+    light = traffic_light_html(result.traffic_light, result.risk, big=True)
+    assert "dn-light-unknown" in light and "Not assessed" in light and "#9ca3af" in light
+    assert "risk score" not in light
+    message = refusal_html(result)
+    assert "This does not look like a dermoscopic image" in message
+    assert "one flat colour covers 85%" in message and "OOD score 71.5" in message
+    assert "<b>)" not in message and "&lt;b&gt;" in message  # reasons are escaped
+    bars = risk_bars_html(result)
+    assert "not assessed" in bars and 'data-bar="benign"' not in bars
+    top = top_class_html(result)
+    assert "unreliable" in top and "Plausible" not in top and set_text(result) == ""
+    assert probabilities_title(result) == (
+        "Probabilities of all classes (unreliable: the image was refused)"
+    )
+    card = card_light_html(result)
+    assert "dn-light-unknown" in card and "This does not look like a dermoscopic" in card
+    assert "Not classified" in card_light_html(None)
+
+
+def test_views_of_an_accepted_image_show_the_plausible_classes() -> None:
+    result = Classification.from_json(trusted_answer())
+    assert set_text(result) == "Plausible classes (90 % set): MEL, NV, BKL"
+    top = top_class_html(result)
+    assert "Most likely: <b>Melanoma</b>" in top and 'data-set="MEL,NV,BKL"' in top
+    assert "Plausible classes (90 % set): MEL, NV, BKL" in top
+    assert refusal_html(result) == "" and 'data-bar="malignant"' in risk_bars_html(result)
+    assert probabilities_title(result) == "Probabilities of all classes"
+    assert set_text(Classification.from_json(answer())) == ""  # no sets: no line
+    lines = model_trust_lines(
+        {
+            "gate": {"description": "quality checks + OOD score (mahalanobis_log, threshold 1.57)"},
+            "prediction_sets": {"description": "split conformal (mondrian), 90 % coverage"},
+        }
+    )
+    assert lines == [
+        "Gate: quality checks + OOD score (mahalanobis_log, threshold 1.57)",
+        "Prediction sets: split conformal (mondrian), 90 % coverage",
+    ]
+    assert model_trust_lines({}) == []
+
+
+def pdf_text(pdf: bytes) -> str:
+    """The text drawn on a PDF's pages (fpdf2 deflates its content streams)."""
+    streams = re.findall(rb"stream\r?\n(.*?)\r?\nendstream", pdf, flags=re.S)
+    text = []
+    for stream in streams:
+        try:
+            text.append(zlib.decompress(stream).decode("latin-1"))
+        except zlib.error:
+            text.append(stream.decode("latin-1"))
+    return "".join(text).replace("\\(", "(").replace("\\)", ")")
+
+
+@pytest.mark.parametrize("kind", ["refused", "accepted"])
+def test_case_report_says_what_the_dashboard_says(kind: str) -> None:
+    body = refused_answer() if kind == "refused" else trusted_answer()
+    report = CaseReport(
+        image_name="page.png",
+        image=image_bytes("PNG", size=(120, 90)),
+        image_mime="image/png",
+        result=Classification.from_json(body),
+    )
+    page = render_html(report)
+    text = pdf_text(render_pdf(report))
+    if kind == "refused":
+        assert "dn-light-unknown" in page and "This does not look like a dermoscopic" in page
+        assert "not assessed" in page and 'data-bar="benign"' not in page
+        assert "(unreliable: the image was refused)" in page and "Plausible" not in page
+        assert "This does not look like a dermoscopic image" in text and "Not assessed" in text
+        assert "not assessed" in text and "unreliable" in text and "risk " not in text
+    else:
+        assert "Plausible classes (90 % set): MEL, NV, BKL" in page and "dn-light-red" in page
+        assert "Plausible classes (90 % set): MEL, NV, BKL" in text and "(risk 1.35)" in text
+        assert "not assessed" not in text
 
 
 def test_case_report_html_and_pdf(tmp_path) -> None:

@@ -27,11 +27,15 @@ from dermanet.ui.storage import ALLOWED_EXTENSIONS, UploadStore
 from dermanet.ui.views import (
     CSS,
     MODE_LABELS,
+    card_light_html,
     class_label,
     model_label,
     model_summary,
+    model_trust_lines,
     notice_html,
+    probabilities_title,
     probability_rows,
+    refusal_html,
     risk_bars_html,
     server_problem,
     top_class_html,
@@ -76,6 +80,8 @@ with st.sidebar:
             key="model",
         )
         st.caption(model_summary(listing.info(model_id)))
+        for line in model_trust_lines(listing.info(model_id)):
+            st.caption(line)
         for bad in listing.unusable:
             st.caption(f"⚠ {bad['id']} is not usable: {bad.get('error')}")
     else:
@@ -120,6 +126,17 @@ def about_page() -> None:
         )
     else:
         st.caption(f"The server's risk policy is shown once it answers ({problem}).")
+    st.subheader("When DermaNet does not answer")
+    st.markdown(
+        "Each image first passes the server's **gate**: quality checks (size, blank, blur, "
+        "exposure, screens and documents) and, when the model file has the statistics, an "
+        "out-of-distribution score on the model's own features. A refused image gets a "
+        f"{traffic_light_html('unknown')} light and the reason instead of a risk level; its "
+        "probabilities are still listed, marked as unreliable. For an accepted image, "
+        "*plausible classes* is a conformal prediction set: the classes that contain the true "
+        "one with the stated probability (e.g. 90 %) on images like the calibration ones.",
+        unsafe_allow_html=True,
+    )
     if listing is not None and model_id:
         st.subheader(f"Checkpoint `{model_id}`")
         st.json(listing.info(model_id), expanded=False)
@@ -236,9 +253,11 @@ with panel:
             traffic_light_html(result.traffic_light, result.risk, big=True),
             unsafe_allow_html=True,
         )
-        st.markdown(top_class_html(result), unsafe_allow_html=True)
+        if result.refused:  # in place of a risk level: why the gate refused the image
+            st.markdown(refusal_html(result), unsafe_allow_html=True)
+        st.markdown(top_class_html(result), unsafe_allow_html=True)  # with the plausible set
         st.markdown(risk_bars_html(result), unsafe_allow_html=True)
-        with st.expander("Probabilities of all classes"):
+        with st.expander(probabilities_title(result)):
             st.dataframe(
                 probability_rows(result),
                 hide_index=True,
@@ -303,12 +322,7 @@ for start in range(0, len(images), GALLERY_COLUMNS):
             st.image(store.thumbnail(image.image_id), width="stretch")
             st.markdown(
                 f'<div class="dn-card-name" title="{html.escape(image.original_name)}">'
-                f"{html.escape(image.original_name)}</div>"
-                + traffic_light_html(
-                    answer.traffic_light if answer else "none",
-                    answer.risk if answer else None,
-                    compact=True,
-                ),
+                f"{html.escape(image.original_name)}</div>" + card_light_html(answer),
                 unsafe_allow_html=True,
             )
             b_view, b_remove = st.columns([3, 1])

@@ -30,12 +30,14 @@ from dermanet.inference.gradcam import GradCamExplainer
 from dermanet.inference.predictor import Predictor
 from dermanet.inference.registry import ModelRegistry, RegistryError
 from dermanet.inference.risk import RiskPolicy
-from dermanet.serving.health import smoke_test
+from dermanet.serving.health import ModelCheckError, smoke_test
 
 log = logging.getLogger("ray.serve")
 
 MAX_MODELS_PER_REPLICA = 3
-LOAD_ERRORS = (RegistryError, CheckpointError, OSError)
+# ModelCheckError: the file loads but its served path fails (e.g. trust statistics that do not
+# fit the model); a load error (503 saying why), never a replica failing health checks forever
+LOAD_ERRORS = (RegistryError, CheckpointError, OSError, ModelCheckError)
 
 
 def _error(status: int, message: str) -> dict[str, Any]:
@@ -86,6 +88,7 @@ class _RegistryBacked:
         started = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU only if Serve gave one
         predictor = Predictor(self.registry.load(model_id), self.risk, device=device)
+        smoke_test(predictor)  # the whole served path answers before the model takes requests
         log.info("loaded model %r in %.2f s", model_id, time.perf_counter() - started)
         return predictor
 

@@ -37,6 +37,7 @@ from dermanet.inference.registry import (
 )
 from dermanet.serving.health import LoadChecks
 from dermanet.serving.settings import ServeSettings
+from dermanet.serving.trust_view import json_safe
 from dermanet.serving.uploads import (
     ApiError,
     BodyLimitMiddleware,
@@ -254,7 +255,8 @@ class Ingress:
 
     @api.get("/v1/models", summary="Checkpoints in the registry and the default", responses=ERRORS)
     async def models(self) -> dict[str, Any]:
-        """Every file, with `usable: false` and the reason when it cannot be read or loaded."""
+        """Every file, with `usable: false` and the reason when it cannot be read or loaded, and
+        for usable ones what their gate checks and how their prediction sets were calibrated."""
         try:
             infos = self.registry.list()
             choice = self.registry.default()
@@ -264,7 +266,7 @@ class Ingress:
         return {
             "default": choice.model_id,
             "default_reason": choice.reason,
-            "models": [info.to_dict() for info in checked],
+            "models": [info.to_dict() | trust for info, trust in checked],
             "class_names": list(CLASS_NAMES),
             "risk_policy": self.settings.risk.to_dict(),
         }
@@ -302,9 +304,11 @@ class Ingress:
             }
             for outcome, upload in zip(outcomes, uploads, strict=True)
         ]
+        # each result carries the gate, the prediction set and its coverage as computed; JSON
+        # has no NaN/infinity, so a non-finite number (e.g. a stored threshold) becomes null
         if not several:
-            return results[0]
-        return {"model_id": model_id, "latency_ms": latency_ms, "results": results}
+            return json_safe(results[0])
+        return json_safe({"model_id": model_id, "latency_ms": latency_ms, "results": results})
 
     @api.post(
         "/v1/gradcam",
@@ -358,12 +362,15 @@ class Ingress:
                 cam_shape=[len(outcome["cam"]), len(outcome["cam"][0])],
                 latency_ms=latency_ms,
             )
-            return JSONResponse(body)
+            return JSONResponse(json_safe(body))
+        gate = outcome["prediction"].get("gate") or {}
         headers = {
             "X-DermaNet-Model": model_id,
             "X-DermaNet-Target-Class": outcome["target_class"],
             "X-DermaNet-Target-Probability": f"{outcome['target_probability']:.6f}",
             "X-DermaNet-Top-Class": outcome["prediction"]["top_class"],
+            "X-DermaNet-Traffic-Light": str(outcome["prediction"]["traffic_light"]),
+            "X-DermaNet-Gate-Accepted": "true" if gate.get("accepted", True) else "false",
             "X-DermaNet-Latency-Ms": f"{latency_ms}",
         }
         return Response(outcome["png"], media_type="image/png", headers=headers)

@@ -3,8 +3,8 @@
 Every failure becomes a `ServeError` whose message a person can act on: the server cannot be
 reached (`ServeUnavailable`, with the URL and how to start it), it stayed busy (`ServeBusy`:
 503 with `Retry-After`, retried after the advised delay until a time budget runs out), or it
-answered 4xx/5xx (the server's `detail`). Risk, traffic light and bars are taken from the
-server as they are.
+answered 4xx/5xx (the server's `detail`). Risk, traffic light, bars and the trust fields
+(the gate's verdict, the prediction set) are taken from the server as they are.
 """
 
 from __future__ import annotations
@@ -108,34 +108,72 @@ class ModelListing:
 
 @dataclass(frozen=True)
 class Classification:
-    """One image's answer from `POST /v1/classify`, exactly as the server computed it."""
+    """One image's answer from `POST /v1/classify`, exactly as the server computed it.
+
+    When the server's gate refused the image (`accepted` False: not a dermoscopic image, or
+    unlike the model's training images), it claims no risk: `risk`, `malignant` and `benign`
+    are None, the traffic light is "unknown" and the probabilities are kept but not trusted.
+    `prediction_set` lists the plausible classes (most probable first) that contain the true
+    one with probability `set_coverage`; None when the model has no conformal statistics.
+    """
 
     model_id: str
     filename: str
     probabilities: dict[str, float]
     top_class: str
     top_probability: float
-    risk: float
+    risk: float | None
     traffic_light: str
-    malignant: float
-    benign: float
+    malignant: float | None
+    benign: float | None
+    accepted: bool = True
+    reasons: tuple[str, ...] = ()
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    prediction_set: tuple[str, ...] | None = None
+    set_coverage: float | None = None
+    probabilities_trusted: bool = True
+
+    @property
+    def refused(self) -> bool:
+        return not self.accepted
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Classification:
+        """Parse one result; a server from before the gate (no `gate` field) accepted all."""
+        gate = body.get("gate") or {}
+        accepted = bool(gate.get("accepted", True))
+        members = body.get("prediction_set")
         return cls(
             model_id=str(body["model_id"]),
             filename=str(body.get("filename", "")),
             probabilities={name: float(body["probabilities"][name]) for name in CLASS_NAMES},
             top_class=str(body["top_class"]),
             top_probability=float(body["top_probability"]),
-            risk=float(body["risk"]),
-            traffic_light=str(body["traffic_light"]),
-            malignant=float(body["malignant"]),
-            benign=float(body["benign"]),
+            risk=_number(body.get("risk")),
+            traffic_light=str(body.get("traffic_light") or "unknown"),
+            malignant=_number(body.get("malignant")),
+            benign=_number(body.get("benign")),
+            accepted=accepted,
+            reasons=tuple(str(reason) for reason in gate.get("reasons") or ()),
+            ood_score=_number(gate.get("ood_score")),
+            ood_threshold=_number(gate.get("ood_threshold")),
+            prediction_set=None if members is None else tuple(str(m) for m in members),
+            set_coverage=_number(body.get("set_coverage")),
+            probabilities_trusted=bool(body.get("probabilities_trusted", accepted)),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _number(value: Any) -> float | None:
+    """A float, or None for null (a refused image's risk) and anything not a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """HTML pieces of the dashboard (traffic light, benign/malignant bars, tables) and its CSS.
 
 Pure functions of the server's answer, escaped, so the page and the case report agree and
-tests can read them. Nothing here computes risk: the numbers are the server's.
+tests can read them. Nothing here computes risk: the numbers are the server's. An image the
+server's gate refused gets a grey light and the reason instead of a risk level, no bars, and its
+probabilities marked as unreliable; an accepted one shows its set of plausible classes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ NOTICE = (
     "Research software, not a medical device. DermaNet does not diagnose: never use its output "
     "for clinical decisions."
 )
-LIGHT_COLOURS = {"green": "#1e9e5a", "yellow": "#e0a800", "red": "#d63a3a"}
-LIGHT_LABELS = {"green": "Low risk", "yellow": "Intermediate risk", "red": "High risk"}
+LIGHT_COLOURS = {"green": "#1e9e5a", "yellow": "#e0a800", "red": "#d63a3a", "unknown": "#9ca3af"}
+LIGHT_LABELS = {
+    "green": "Low risk",
+    "yellow": "Intermediate risk",
+    "red": "High risk",
+    "unknown": "Not assessed",  # the gate refused the image: no risk level is claimed
+}
+REFUSED = "This does not look like a dermoscopic image"
+UNRELIABLE = "unreliable: the image was refused"
 MODE_LABELS = {"overlay": "Overlay", "heatmap": "Heatmap", "side_by_side": "Side by side"}
 
 CSS = """
@@ -29,6 +38,7 @@ CSS = """
 .dn-light-green {color:#17603a; background:#e3f5ea;}
 .dn-light-yellow {color:#7a5a00; background:#fff4d1;}
 .dn-light-red {color:#8e1f1f; background:#fde4e4;}
+.dn-light-unknown {color:#374151; background:#eceef1;}
 .dn-light-big {font-size:1.15rem; padding:.35rem .9rem;}
 .dn-light-big .dn-dot {width:1.2rem; height:1.2rem;}
 .dn-bars {margin:.4rem 0 .6rem 0;}
@@ -44,6 +54,10 @@ CSS = """
 .dn-muted {color:#6b7280; font-size:.85rem;}
 .dn-card-name {font-size:.82rem; color:#374151; overflow:hidden; text-overflow:ellipsis;
   white-space:nowrap; margin:.1rem 0 .2rem 0;}
+.dn-refusal {border-left:4px solid #9ca3af; background:#f3f4f6; padding:.5rem .8rem;
+  border-radius:4px; color:#1f2937; margin:.5rem 0;}
+.dn-not-assessed {color:#6b7280; font-style:italic;}
+.dn-set {font-size:.95rem; margin:.1rem 0 .3rem 0;}
 .dn-notice {border-left:4px solid #d97706; background:#fffbeb; padding:.55rem .8rem;
   border-radius:4px; color:#78350f; font-size:.9rem; margin-bottom:.6rem;}
 </style>
@@ -55,19 +69,25 @@ def notice_html() -> str:
 
 
 def traffic_light_html(
-    light: str, risk: float | None = None, big: bool = False, compact: bool = False
+    light: str,
+    risk: float | None = None,
+    big: bool = False,
+    compact: bool = False,
+    note: str = "",
 ) -> str:
-    """A coloured dot with its label, e.g. "High risk · score 0.71"; unknown lights are grey.
+    """A coloured dot with its label, e.g. "High risk · score 0.71"; unknown lights are grey
+    ("unknown": the gate refused the image, "Not assessed").
 
-    `compact` (gallery cards) shows the label only; the score is in the tooltip.
+    `compact` (gallery cards) shows the label only; the score and `note` are in the tooltip.
     """
     light = str(light)
-    colour = LIGHT_COLOURS.get(light, "#9ca3af")
+    colour = LIGHT_COLOURS.get(light, LIGHT_COLOURS["unknown"])
     label = LIGHT_LABELS.get(light, "Not classified")
     score = f"risk score {risk:.2f}" if risk is not None else ""
     shown = f"{label} · {score}" if score and not compact else label
     size = " dn-light-big" if big else ""
     title = f"traffic light {light}" + (f", {score}" if score else "")
+    title += f": {note}" if note else ""
     return (
         f'<span class="dn-light dn-light-{html.escape(light)}{size}" data-light="'
         f'{html.escape(light)}" title="{html.escape(title)}">'
@@ -75,8 +95,45 @@ def traffic_light_html(
     )
 
 
+def _reasons(result: Classification) -> str:
+    return "; ".join(result.reasons) or "the server gave no reason"
+
+
+def refusal_text(result: Classification) -> str:
+    """For a refused image: This does not look like a dermoscopic image (its reasons).
+    Empty for an accepted one."""
+    return f"{REFUSED} ({_reasons(result)})." if result.refused else ""
+
+
+def refusal_html(result: Classification) -> str:
+    """The message shown in place of a risk level when the gate refused the image."""
+    if not result.refused:
+        return ""
+    return (
+        f'<div class="dn-refusal" role="alert" data-refused="true"><b>{html.escape(REFUSED)}</b>'
+        f" ({html.escape(_reasons(result))}). "
+        "No risk level is given; use a dermoscopic image of the lesion.</div>"
+    )
+
+
+def card_light_html(result: Classification | None) -> str:
+    """A gallery card's light: the risk colour, grey for a refused image (reason in the
+    tooltip), or grey "Not classified" while there is no answer."""
+    if result is None:
+        return traffic_light_html("none", compact=True)
+    return traffic_light_html(
+        result.traffic_light, result.risk, compact=True, note=refusal_text(result)
+    )
+
+
 def risk_bars_html(result: Classification) -> str:
-    """The two bars of the original dashboard: benign and malignant (server values)."""
+    """The two bars of the original dashboard: benign and malignant (server values); for an
+    image without a risk assessment (refused by the gate) a "not assessed" line instead."""
+    if result.malignant is None or result.benign is None:
+        return (
+            '<div class="dn-bars dn-not-assessed" data-bar="not-assessed">Benign / malignant: '
+            "not assessed (the image was refused)</div>"
+        )
     rows = []
     for name, value, css in (
         ("Benign", result.benign, "dn-bar-benign"),
@@ -92,12 +149,47 @@ def risk_bars_html(result: Classification) -> str:
     return '<div class="dn-bars">' + "".join(rows) + "</div>"
 
 
-def top_class_html(result: Classification) -> str:
+def _top_lead(result: Classification) -> str:
+    return "Most likely" if result.accepted else f"Top class ({UNRELIABLE})"
+
+
+def top_class_text(result: Classification) -> str:
+    """Most likely: Melanoma (MEL, 86.0%); for a refused image marked as unreliable."""
     name = CLASS_DESCRIPTIONS.get(result.top_class, result.top_class)
-    return (
-        f'<div class="dn-top">Most likely: <b>{html.escape(name)}</b> '
+    return f"{_top_lead(result)}: {name} ({result.top_class}, {result.top_probability:.1%})"
+
+
+def set_text(result: Classification) -> str:
+    """Plausible classes (90 % set): MEL, NV, BKL. Empty when there is no set to show: the
+    model has no conformal statistics, or the image was refused (the coverage is stated for
+    dermoscopic images like the calibration ones)."""
+    if result.refused or not result.prediction_set:
+        return ""
+    coverage = f"{result.set_coverage * 100:.0f} % set" if result.set_coverage else "set"
+    return f"Plausible classes ({coverage}): {', '.join(result.prediction_set)}"
+
+
+def top_class_html(result: Classification) -> str:
+    """The top class and, beside it, the set of plausible classes."""
+    name = CLASS_DESCRIPTIONS.get(result.top_class, result.top_class)
+    top = (
+        f'<div class="dn-top">{html.escape(_top_lead(result))}: <b>{html.escape(name)}</b> '
         f"({html.escape(result.top_class)}, {result.top_probability:.1%})</div>"
     )
+    text = set_text(result)
+    if not text:
+        return top
+    names = ", ".join(f"{c}: {CLASS_DESCRIPTIONS.get(c, c)}" for c in result.prediction_set or ())
+    return (
+        top + f'<div class="dn-set" data-set="{html.escape(",".join(result.prediction_set or ()))}"'
+        f' title="{html.escape(names)}">{html.escape(text)}</div>'
+    )
+
+
+def probabilities_title(result: Classification) -> str:
+    """Heading of the all-classes table; marked when the probabilities are not trusted."""
+    title = "Probabilities of all classes"
+    return title if result.probabilities_trusted else f"{title} ({UNRELIABLE})"
 
 
 def probability_rows(result: Classification) -> list[dict[str, Any]]:
@@ -126,7 +218,7 @@ def model_label(model_id: str, default: str) -> str:
 
 
 def model_summary(info: dict[str, Any]) -> str:
-    """One line about a checkpoint from `/v1/models` (size, input, a headline metric)."""
+    """One line about a checkpoint from `/v1/models` (input, a headline metric, data, date)."""
     parts = []
     if info.get("img_size"):
         parts.append(f"input {info['img_size']} px")
@@ -141,6 +233,20 @@ def model_summary(info: dict[str, Any]) -> str:
     if info.get("modified_utc"):
         parts.append(f"saved {str(info['modified_utc'])[:10]}")
     return " · ".join(parts)
+
+
+def model_trust_lines(info: dict[str, Any]) -> list[str]:
+    """What the checkpoint's gate checks and how its prediction sets were calibrated (from
+    `/v1/models`), e.g. ["Gate: quality checks + OOD score (...)", "Sets: split conformal
+    ..."]; empty for a server from before the gate."""
+    lines = []
+    gate = info.get("gate") or {}
+    if gate.get("description"):
+        lines.append(f"Gate: {gate['description']}")
+    sets = info.get("prediction_sets") or {}
+    if sets.get("description"):
+        lines.append(f"Prediction sets: {sets['description']}")
+    return lines
 
 
 def server_problem(exc: ServeError) -> str:
