@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from dermanet.classes import CLASS_INDEX
 from dermanet.data.transforms import eval_transform, to_model_input
 from dermanet.inference import GradCamExplainer, LoadedCheckpoint, Predictor, compute_cams, render
-from dermanet.inference.gradcam import ExplainedLogits, FeatureGrid, upsample_cam
+from dermanet.inference.gradcam import FeatureGrid, cam_pass, upsample_cam
 from dermanet.models import ModelConfig, create_model
 
 pytest_plugins = ["conftest_serve"]
@@ -49,12 +51,63 @@ def test_cam_peaks_inside_planted_lesions(synthetic_model, planting, tmp_path: P
     assert hits >= 0.7 * len(tiles.meta) * len(PLANT_AT), misses
 
 
-def test_explained_logits_equal_the_models(synthetic_model) -> None:
+def test_one_pass_gives_the_models_logits_and_features(synthetic_model) -> None:
     x = torch.randn(3, 3, 128, 128)
     with torch.no_grad():
-        expected = synthetic_model(x).logits
-        got = ExplainedLogits(synthetic_model).eval()(x)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        expected = synthetic_model(x)
+    result = cam_pass(synthetic_model, x, [0, 4, 7])
+    np.testing.assert_allclose(result.logits, expected.logits.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(result.features, expected.features.numpy(), atol=1e-5, rtol=1e-5)
+    assert result.targets == [0, 4, 7] and result.grid_cams.shape == (3, 4, 4)
+    assert cam_pass(synthetic_model, x).targets == expected.logits.argmax(1).tolist()
+
+
+class _LibraryCAM(GradCAM):
+    """pytorch-grad-cam's GradCAM at grid resolution: the reference our one-pass CAM must equal."""
+
+    def get_target_width_height(self, input_tensor: torch.Tensor) -> None:
+        return None
+
+
+class _Explainable(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.explainable_logits(x)
+
+
+def test_cam_equals_pytorch_grad_cam(synthetic_model) -> None:
+    x = torch.randn(4, 3, 128, 128)
+    targets = [1, 4, 5, 7]
+    with _LibraryCAM(_Explainable(synthetic_model).eval(), [synthetic_model.cam_layer]) as cam:
+        reference = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+    synthetic_model.zero_grad(set_to_none=True)  # the library's backward filled every .grad
+    ours = cam_pass(synthetic_model, x, targets).grid_cams
+    np.testing.assert_allclose(ours, np.nan_to_num(reference), atol=1e-4)
+
+
+def test_explanation_is_one_forward_and_a_short_backward(synthetic_model) -> None:
+    """Nothing computed twice: one pass through the network; gradients stop at the last
+    stage (no weight gets a .grad); the answer equals what classify gives for the image."""
+    checkpoint = LoadedCheckpoint(synthetic_model, synthetic_model.config, [], 128,
+                                  (0.5,) * 3, (0.25,) * 3)  # fmt: skip
+    predictor = Predictor(checkpoint)
+    explainer = GradCamExplainer(predictor, max_side=100)
+    image = np.random.default_rng(3).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    calls = []
+    handle = synthetic_model.stem.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        result = explainer.explain(image, target="NV")
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert all(p.grad is None for p in synthetic_model.parameters())
+    expected = predictor.predict(image)
+    assert result.prediction.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+    assert result.prediction.gate == expected.gate
+    assert result.target_probability == result.prediction.probabilities["NV"]
 
 
 def test_feature_grid_and_aligned_upsampling() -> None:

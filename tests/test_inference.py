@@ -133,7 +133,10 @@ def test_predictor_uses_the_evaluation_transform(tiny_checkpoint: Path) -> None:
     expected = to_model_input(
         eval_transform(48, predictor.checkpoint.mean, predictor.checkpoint.std), image
     )
-    np.testing.assert_array_equal(predictor.preprocess(image), expected)
+    # same pixels as the albumentations pipeline; normalised on the batch tensor (float order)
+    unnormalised = eval_transform(48, normalize=False)(image=image)["image"]
+    np.testing.assert_array_equal(predictor.pixels(image), unnormalised)
+    np.testing.assert_allclose(predictor.preprocess(image), expected, atol=1e-5, rtol=0)
     images = [rng.integers(0, 255, (40 + 10 * i, 60, 3), dtype=np.uint8) for i in range(3)]
     batch = predictor.predict_batch(images)
     for image, prediction in zip(images, batch, strict=True):

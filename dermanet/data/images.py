@@ -57,11 +57,22 @@ def _preference(path: Path) -> tuple[int, int, str]:
     return (int(Path(path).stem.endswith(DOWNSAMPLED_SUFFIX)), len(str(path)), str(path))
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_short_side: int | None = None,
+    min_long_side: int | None = None,
+) -> np.ndarray:
     """Decode bytes into an RGB uint8 array (H, W, 3), whatever the source mode.
 
     Grayscale, RGBA (composited on white), palette, 16-bit and CMYK images are converted, EXIF
     rotation applied. Raises ImageDecodeError for empty, non-image, truncated or oversized data.
+
+    With `min_short_side` / `min_long_side`, a JPEG is decoded straight at the smallest DCT
+    scale (1/2, 1/4, 1/8) that keeps its short and long sides at least that long: libjpeg
+    then does a fraction of the work, and a 12 MP photo meant for an 80 px model never
+    exists at full size. Other formats, and JPEGs too small to shrink, decode at full size.
+    The pixel limit applies to the file's own size.
     """
     if not data:
         raise ImageDecodeError("the image is empty (0 bytes)")
@@ -75,6 +86,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                     f"the image is {width}x{height} = {width * height:,} pixels, over the limit "
                     f"of {max_pixels:,}; resize it before uploading"
                 )
+            if image.format in ("JPEG", "MPO") and (min_short_side or min_long_side):
+                scale = jpeg_scale((width, height), min_short_side or 1, min_long_side or 1)
+                if scale > 1:
+                    image.draft(image.mode, (width // scale, height // scale))
             image.load()
     except ImageDecodeError:
         raise
@@ -90,6 +105,22 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"the image is corrupt or truncated ({exc})") from None
     return to_rgb_array(image)
+
+
+JPEG_SCALES = (8, 4, 2)  # the DCT scalings libjpeg decodes at directly
+
+
+def jpeg_scale(size: tuple[int, int], min_short_side: int, min_long_side: int) -> int:
+    """The largest JPEG reduction (8, 4, 2, else 1) whose result keeps both minimum sides.
+
+    PIL's `draft` rounds the reduced size up and picks its factor as min(W // w, H // h),
+    so asking it for (W // s, H // s) gives exactly factor s.
+    """
+    short, long = min(size), max(size)
+    for scale in JPEG_SCALES:
+        if short // scale >= min_short_side and long // scale >= min_long_side:
+            return scale
+    return 1
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

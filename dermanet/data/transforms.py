@@ -158,6 +158,44 @@ def eval_transform(
     )
 
 
+# The short side images keep when decoded for a model (`decode_side`): the served quality
+# checks measure content on a 128 px copy (dermanet.trust.quality), so never below that.
+MIN_DECODE_SIDE = 128
+
+
+def decode_side(img_size: int, at_least: int = MIN_DECODE_SIDE) -> int:
+    """How small a JPEG may be decoded (`decode_image(min_short_side=...)`) for a model of
+    input `img_size`: twice the input side, so the one resize after it still averages at
+    least 2x2 pixels and hides the DCT scaling (at 1x the shipped model's probabilities moved
+    by up to 0.02 on derm-sample; at 2x by < 1e-6 at those sizes), and never below what the
+    quality checks measure on. Evaluation, batch inference and serving all use it, so an
+    image gets one set of probabilities wherever it is scored."""
+    return max(2 * int(img_size), int(at_least))
+
+
+def eval_pixels(image: np.ndarray, img_size: int, color_constancy: str = "none") -> np.ndarray:
+    """Evaluation preprocessing up to normalisation: RGB uint8 (H, W, 3) → (S, S, 3).
+
+    The steps of `eval_transform` (colour constancy if the model was trained with it, one
+    INTER_AREA resize to a square) without albumentations' per-call overhead; normalisation
+    runs once on the whole batch tensor (`pixels_to_tensor`, `normalize_images`).
+    """
+    _colour_steps(color_constancy)  # validates the name
+    if color_constancy == "shades_of_gray":
+        image = shades_of_gray(image)
+    if image.shape[:2] != (img_size, img_size):
+        image = cv2.resize(image, (img_size, img_size), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def pixels_to_tensor(
+    pixels: list[np.ndarray], mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """`eval_pixels` outputs → normalised float32 (N, 3, S, S), in one step for the batch."""
+    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
+    return normalize_images(batch, mean, std).contiguous()
+
+
 def to_model_input(transform: A.Compose, image: np.ndarray) -> np.ndarray:
     """Apply a transform to an RGB uint8 (H, W, 3) image; return float32 (3, H, W)."""
     out = transform(image=image)["image"]

@@ -1,67 +1,111 @@
-"""Grad-CAM explanations through pytorch-grad-cam, rendered as PNGs for people.
+"""Grad-CAM explanations, rendered as PNGs for people.
 
-The machinery (model wrapper, CAM computation, explanation) lives here once; each display mode
-is a small render function in RENDERERS, the way pytorch-grad-cam keeps variants small.
+One explanation is ONE forward and ONE short backward on the already preprocessed input: the
+forward gives the logits and pooled features (so the answer, the gate and the prediction set
+come from the same pass), the backward runs from the target logit to the last stage only
+(`torch.autograd.grad`), not through the whole network into every weight as a generic CAM
+library does. The CAM is pytorch-grad-cam's GradCAM (the tests check it against that library)
+upsampled with the network's real geometry straight to the displayed size. Each display mode
+is a small render function in RENDERERS.
 """
 
 from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from torch import nn
 
 from dermanet.classes import CLASS_NAMES
-from dermanet.data.images import shrink_image
+from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image, shrink_image
 from dermanet.inference.predictor import Prediction, Predictor, resolve_class
 from dermanet.models import DermResNetSE
 from dermanet.models.dermresnet import FeatureGrid
 
 DEFAULT_MAX_SIDE = 768  # rendered PNGs are downscaled to this longest side
+PNG_COMPRESSION = 1  # zlib level: a heatmap PNG in a fraction of the default's time
 
 
-class ExplainedLogits(nn.Module):
-    """The model's logits as a plain tensor for pytorch-grad-cam (DermNetOutput is not one),
-    with the gradients the model says explanations need (`explainable_logits`)."""
+def upsample_cam(
+    cam: np.ndarray,
+    size: tuple[int, int],
+    grid: FeatureGrid,
+    input_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Bilinear upsampling of a feature-grid CAM to (width, height) `size`.
 
-    def __init__(self, model: DermResNetSE):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.explainable_logits(x)
-
-
-class NativeGradCAM(GradCAM):
-    """GradCAM that returns the map at the feature grid's own resolution.
-
-    pytorch-grad-cam would resize it with cv2, which assumes each cell is centred in its
-    stride block; we upsample with the network's real geometry instead
-    (`DermResNetSE.feature_grid`).
+    The grid's geometry is in model-input pixels (cell j is centred on pixel offset + stride
+    * j). When `size` is not the input's own (`input_size`, e.g. the displayed image), the map
+    is stretched the way the image was squashed into the input (pixel centres aligned), in the
+    same single warp.
     """
-
-    def get_target_width_height(self, input_tensor: torch.Tensor) -> None:
-        return None
-
-
-def upsample_cam(cam: np.ndarray, size: tuple[int, int], grid: FeatureGrid) -> np.ndarray:
-    """Bilinear upsampling of a feature-grid CAM to an input of (width, height) `size`."""
-    scale = 1.0 / grid.stride
-    matrix = np.array([[scale, 0, -grid.offset * scale], [0, scale, -grid.offset * scale]])
+    in_w, in_h = input_size or size
+    sx, sy = size[0] / in_w, size[1] / in_h
+    # cell j → input pixel u = offset + stride j → output pixel (u + 0.5) s - 0.5
+    ax, bx = grid.stride * sx, (grid.offset + 0.5) * sx - 0.5
+    ay, by = grid.stride * sy, (grid.offset + 0.5) * sy - 0.5
+    inverse = np.array([[1 / ax, 0, -bx / ax], [0, 1 / ay, -by / ay]])
     return cv2.warpAffine(
         cam.astype(np.float32),
-        matrix,
+        inverse,
         size,
         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REPLICATE,
+    )
+
+
+@dataclass
+class CamPass:
+    """What one forward + backward gives: the answer's inputs and the grid-resolution CAMs."""
+
+    logits: np.ndarray  # (N, K) float32, equal to the model's forward logits
+    features: np.ndarray  # (N, D) float32 pooled features (the OOD score's input)
+    targets: list[int]  # the class each CAM explains
+    grid_cams: np.ndarray  # (N, h, w) in [0, 1], at the last stage's resolution
+
+
+def cam_pass(model: DermResNetSE, x: torch.Tensor, targets: Sequence[int] | None = None) -> CamPass:
+    """Grad-CAM of the last stage (`model.cam_layer`) in one forward and one backward.
+
+    `targets` default to each image's top class. The logits come from `explainable_logits`
+    (the forward values are the model's; LayerNorm's scale is held constant only in the
+    backward pass, see DermResNetSE). Not thread-safe per model: the caller serialises.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_module, _inputs, output):
+            captured[name] = output
+
+        return hook
+
+    handles = [model.cam_layer.register_forward_hook(keep("maps")),
+               model.pool.register_forward_hook(keep("features"))]  # fmt: skip
+    try:
+        with torch.enable_grad():
+            logits = model.explainable_logits(x)
+            maps = captured["maps"]
+            chosen = logits.argmax(dim=1).tolist() if targets is None else [int(t) for t in targets]
+            score = logits[torch.arange(len(chosen)), chosen].sum()
+            (grads,) = torch.autograd.grad(score, maps)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+        cams = torch.relu((weights * maps).sum(dim=1)).float().cpu().numpy()
+    lo = cams.min(axis=(1, 2), keepdims=True)
+    cams = (cams - lo) / (1e-7 + (cams - lo).max(axis=(1, 2), keepdims=True))
+    return CamPass(
+        logits=logits.detach().float().cpu().numpy(),
+        features=captured["features"].detach().float().cpu().numpy(),
+        targets=chosen,
+        grid_cams=np.nan_to_num(cams).astype(np.float32),
     )
 
 
@@ -72,19 +116,18 @@ def compute_cams(
 
     The maps have the input tensor's spatial size (the model's input size), aligned with it.
     """
-    wrapper = ExplainedLogits(model).eval()
-    targets = [ClassifierOutputTarget(int(i)) for i in target_indices]
-    with NativeGradCAM(model=wrapper, target_layers=[model.cam_layer]) as cam:
-        maps = cam(input_tensor=input_tensor, targets=targets)
+    result = cam_pass(model, input_tensor, target_indices)
     grid = model.feature_grid()
     size = (int(input_tensor.shape[-1]), int(input_tensor.shape[-2]))
-    full = np.stack([upsample_cam(m, size, grid) for m in np.nan_to_num(maps)])
+    full = np.stack([upsample_cam(m, size, grid) for m in result.grid_cams])
     return np.clip(full, 0.0, 1.0).astype(np.float32)
 
 
 def colorize(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """CAM in [0, 1] → RGB uint8 JET heatmap of (width, height) `size`."""
-    resized = cv2.resize(cam.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    resized = cam.astype(np.float32, copy=False)
+    if (cam.shape[1], cam.shape[0]) != tuple(size):
+        resized = cv2.resize(resized, size, interpolation=cv2.INTER_LINEAR)
     bgr = cv2.applyColorMap(np.uint8(np.clip(resized, 0, 1) * 255), cv2.COLORMAP_JET)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
@@ -96,9 +139,8 @@ def render_heatmap(image: np.ndarray, cam: np.ndarray, opacity: float) -> np.nda
 
 def render_overlay(image: np.ndarray, cam: np.ndarray, opacity: float) -> np.ndarray:
     """Heatmap blended over the image; opacity 0 shows the image, 1 the heatmap."""
-    heat = colorize(cam, (image.shape[1], image.shape[0])).astype(np.float32)
-    blended = (1.0 - opacity) * image.astype(np.float32) + opacity * heat
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    heat = colorize(cam, (image.shape[1], image.shape[0]))
+    return cv2.addWeighted(image, 1.0 - opacity, heat, opacity, 0.0)
 
 
 def render_side_by_side(image: np.ndarray, cam: np.ndarray, opacity: float) -> np.ndarray:
@@ -124,8 +166,9 @@ def render(image: np.ndarray, cam: np.ndarray, mode: str = "overlay", opacity: f
 
 
 def encode_png(image: np.ndarray) -> bytes:
+    """RGB uint8 → PNG bytes, fast zlib level (the picture travels once, to a browser)."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESSION)
     return buffer.getvalue()
 
 
@@ -143,12 +186,26 @@ class Explanation:
 
 
 class GradCamExplainer:
-    """Explains a Predictor's decisions; one explanation at a time (CAM hooks are per model)."""
+    """Explains a Predictor's decisions; one explanation at a time (CAM hooks are per model).
+
+    Always on torch (gradients), whatever backend the predictor classifies with; the answer
+    that comes with an explanation is computed from the explanation's own forward pass.
+    """
 
     def __init__(self, predictor: Predictor, max_side: int = DEFAULT_MAX_SIDE):
         self.predictor = predictor
         self.max_side = int(max_side)
         self._lock = threading.Lock()
+
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Decode an upload only as large as the rendering and the model need (JPEG DCT
+        scaling: the long side stays >= max_side, the short side >= the model's decode side)."""
+        return decode_image(
+            data,
+            max_pixels=max_pixels,
+            min_short_side=self.predictor.decode_side,
+            min_long_side=self.max_side,
+        )
 
     def explain(
         self,
@@ -163,12 +220,18 @@ class GradCamExplainer:
         if not 0.0 <= float(opacity) <= 1.0:
             raise ValueError(f"opacity must be between 0 and 1, got {opacity}")
         index = None if target is None else resolve_class(target)
+        predictor = self.predictor
+        x = predictor.to_tensor([image])
         with self._lock:  # CAM hooks would also see a concurrent forward on the same model
-            prediction = self.predictor.predict(image)
-            if index is None:
-                index = CLASS_NAMES.index(prediction.top_class)
-            cam = compute_cams(self.predictor.model, self.predictor.to_tensor([image]), [index])[0]
-        picture = render(shrink_image(image, self.max_side, "long"), cam, mode, float(opacity))
+            result = cam_pass(predictor.model, x, None if index is None else [index])
+        prediction = predictor.predictions([image], result.logits, result.features)[0]
+        index = result.targets[0]
+        grid = predictor.model.feature_grid()
+        side = (predictor.img_size, predictor.img_size)
+        cam = np.clip(upsample_cam(result.grid_cams[0], side, grid), 0.0, 1.0)
+        shown = shrink_image(image, self.max_side, "long")
+        shown_cam = upsample_cam(result.grid_cams[0], (shown.shape[1], shown.shape[0]), grid, side)
+        picture = render(shown, np.clip(shown_cam, 0.0, 1.0), mode, float(opacity))
         name = CLASS_NAMES[index]
         return Explanation(
             png=encode_png(picture),

@@ -1,18 +1,23 @@
-"""Batched prediction from a loaded checkpoint, with training's evaluation preprocessing."""
+"""Batched prediction from a loaded checkpoint, with training's evaluation preprocessing.
+
+The model call is pluggable (`backend`): torch (any device, Grad-CAM's too) or ONNX Runtime
+(`dermanet.inference.onnx_backend`, the fastest on a CPU); both return the same logits and
+pooled features, so the trust gate and the answers do not depend on the choice.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from dermanet.classes import CLASS_INDEX, CLASS_NAMES, NUM_CLASSES
 from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image
-from dermanet.data.transforms import eval_transform, to_model_input
+from dermanet.data.transforms import decode_side, eval_pixels, pixels_to_tensor
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from dermanet.inference.risk import RiskAssessment, RiskPolicy
 from dermanet.trust.conformal import prediction_sets
@@ -83,8 +88,64 @@ class Prediction:
         }
 
 
+BACKENDS = ("auto", "torch", "onnx")  # auto: ONNX Runtime on a CPU, torch on a GPU
+
+
+class Engine(Protocol):
+    """What runs the model: float32 (N, 3, S, S) in, (logits (N, K), features (N, D)) out."""
+
+    name: str
+
+    def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class TorchEngine:
+    """The model called by torch (eager), optionally in channels-last memory format."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, channels_last: bool = False):
+        self.model = model
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model = model.to(memory_format=torch.channels_last)
+
+    def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            out = self.model(x.to(self.device).contiguous(memory_format=self.memory_format))
+        return out.logits.float().cpu().numpy(), out.features.float().cpu().numpy()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` → `onnx` on a CPU, `torch` on a GPU; unknown names and ONNX on a GPU fail."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown inference backend {backend!r}; use one of {list(BACKENDS)}")
+    if backend == "auto":
+        return "onnx" if device.type == "cpu" else "torch"
+    if backend == "onnx" and device.type != "cpu":
+        raise ValueError(
+            f"the onnx backend runs on the CPU (onnxruntime), not on {device}; use torch there"
+        )
+    return backend
+
+
+def create_engine(checkpoint: LoadedCheckpoint, backend: str, device: torch.device) -> Engine:
+    """The model call for a backend (ONNX: exported once per model content, then cached)."""
+    if resolve_backend(backend, device) == "onnx":
+        from dermanet.inference.onnx_backend import OnnxEngine  # onnxruntime only when asked
+
+        return OnnxEngine.for_checkpoint(checkpoint)
+    return TorchEngine(checkpoint.model, device)
+
+
 class Predictor:
-    """A model in eval mode plus its exact preprocessing; thread-compatible for inference."""
+    """A model in eval mode plus its exact preprocessing; thread-compatible for inference.
+
+    Preprocessing (`decode`, `to_tensor`) is evaluation's (`eval_pixels`): JPEGs decode
+    straight towards the model's size, one resize, normalisation on the batch tensor. The
+    torch model stays available as `model` (Grad-CAM needs gradients) whatever the backend.
+    """
 
     def __init__(
         self,
@@ -92,29 +153,43 @@ class Predictor:
         risk_policy: RiskPolicy | None = None,
         device: str | torch.device = "cpu",
         quality: QualityThresholds | None = None,
+        backend: str = "torch",
     ):
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.model = checkpoint.model.to(self.device).eval()
         self.risk_policy = risk_policy or RiskPolicy()
         self.quality = quality or QualityThresholds()
-        self.transform = eval_transform(
-            checkpoint.img_size,
-            checkpoint.mean,
-            checkpoint.std,
-            color_constancy=checkpoint.color_constancy,
-        )
+        self.engine = create_engine(checkpoint, backend, self.device)
 
     @classmethod
-    def from_path(cls, path: str | Path, risk_policy: RiskPolicy | None = None) -> Predictor:
-        return cls(load_checkpoint(path), risk_policy)
+    def from_path(
+        cls, path: str | Path, risk_policy: RiskPolicy | None = None, backend: str = "torch"
+    ) -> Predictor:
+        return cls(load_checkpoint(path), risk_policy, backend=backend)
 
     @property
     def img_size(self) -> int:
         return self.checkpoint.img_size
 
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """RGB uint8 (H, W, 3) → float32 (3, img_size, img_size), exactly as in evaluation."""
+    @property
+    def backend(self) -> str:
+        return self.engine.name
+
+    @property
+    def decode_side(self) -> int:
+        """The short side uploads keep when decoded (`decode`): the model's input size, and
+        never less than the quality checks measure on."""
+        return max(decode_side(self.img_size), self.quality.analysis_size,
+                   self.quality.min_short_side)  # fmt: skip
+
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Decode an upload for this model (JPEGs at a reduced DCT scale, see `decode_image`);
+        raises ImageDecodeError on bad data."""
+        return decode_image(data, max_pixels=max_pixels, min_short_side=self.decode_side)
+
+    def pixels(self, image: np.ndarray) -> np.ndarray:
+        """RGB uint8 (H, W, 3) → uint8 (S, S, 3): evaluation's preprocessing before normalising."""
         if not (
             isinstance(image, np.ndarray)
             and image.dtype == np.uint8
@@ -123,20 +198,24 @@ class Predictor:
         ):
             got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image)
             raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {got}")
-        return to_model_input(self.transform, image)
+        return eval_pixels(image, self.img_size, self.checkpoint.color_constancy)
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """RGB uint8 (H, W, 3) → float32 (3, img_size, img_size), exactly as in evaluation."""
+        return self.to_tensor([image])[0].numpy()
 
     def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Preprocess a list of RGB images into one (N, 3, S, S) tensor on the model's device."""
-        return torch.from_numpy(np.stack([self.preprocess(im) for im in images])).to(self.device)
+        """Preprocess RGB images into one normalised float32 (N, 3, S, S) tensor on the model's
+        device."""
+        pixels = [self.pixels(image) for image in images]
+        return pixels_to_tensor(pixels, self.checkpoint.mean, self.checkpoint.std).to(self.device)
 
     def forward(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(raw logits (N, K), pooled features (N, D)), float32, from one forward pass."""
         if not images:
             dim = self.checkpoint.config.feature_dim
             return np.zeros((0, NUM_CLASSES), np.float32), np.zeros((0, dim), np.float32)
-        with torch.inference_mode():
-            out = self.model(self.to_tensor(images))
-        return out.logits.float().cpu().numpy(), out.features.float().cpu().numpy()
+        return self.engine(self.to_tensor(images))
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
         """softmax(logits / temperature), float64 for exact sums.
@@ -167,6 +246,13 @@ class Predictor:
         from the same forward pass (statistics stored in the checkpoint at export).
         """
         logits, features = self.forward(images)
+        return self.predictions(images, logits, features)
+
+    def predictions(
+        self, images: Sequence[np.ndarray], logits: np.ndarray, features: np.ndarray
+    ) -> list[Prediction]:
+        """The answers (probabilities, risk, gate, prediction set) for images whose forward
+        pass has already run (`forward`, or Grad-CAM's own forward and backward)."""
         probs = self.calibrated(logits)
         ood_stats = self.checkpoint.trust.get("ood")
         sets_stats = self.checkpoint.trust.get("conformal")
@@ -196,7 +282,7 @@ class Predictor:
 
     def predict_bytes(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prediction:
         """Decode (any mode, size-limited) and predict; raises ImageDecodeError on bad data."""
-        return self.predict(decode_image(data, max_pixels=max_pixels))
+        return self.predict(self.decode(data, max_pixels=max_pixels))
 
     def prediction_from_probabilities(self, probs: np.ndarray, **trust: Any) -> Prediction:
         values = {name: float(p) for name, p in zip(CLASS_NAMES, probs, strict=True)}

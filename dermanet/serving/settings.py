@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from dermanet.inference.predictor import BACKENDS
 from dermanet.inference.registry import DEFAULT_MODEL_ENV, MODEL_DIR_ENV
 from dermanet.inference.risk import RiskPolicy
 
@@ -25,6 +26,9 @@ class ServeSettings:
     max_batch_size: int = 16  # @serve.batch size (1 turns batching off)
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
     gradcam_max_side: int = 768  # rendered Grad-CAM PNGs are downscaled to this
+    # Classifier model call: auto = ONNX Runtime on a CPU (the fastest there, see
+    # docs/benchmarks.md), torch on a GPU; torch | onnx force one. Grad-CAM is always torch.
+    backend: str = "auto"
     # Resilience (serve/config.yaml's `deployments:` section overrides the first five):
     classifier_replicas: int = 2  # >= 2: a dying replica is not the end of answers
     classifier_num_cpus: float = 0.5  # per replica; 2 x 0.5 fit a 2-core machine
@@ -61,6 +65,8 @@ class ServeSettings:
             bad.append(f"ready_timeout_s={self.ready_timeout_s} (> 0)")
         if self.gradcam_max_side < 16:
             bad.append(f"gradcam_max_side={self.gradcam_max_side} (needs >= 16)")
+        if self.backend not in BACKENDS:
+            bad.append(f"backend={self.backend!r} (one of {', '.join(BACKENDS)})")
         if bad:
             raise ValueError(f"invalid serving settings: {'; '.join(bad)}")
 

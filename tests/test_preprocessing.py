@@ -1,0 +1,84 @@
+"""Preprocessing at the speed of decode: JPEGs decoded towards the model's size, one resize,
+normalisation on the batch; the answers stay those of the full-size path on real images."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dermanet.classes import CLASS_NAMES
+from dermanet.data.images import decode_image
+from dermanet.data.transforms import eval_transform, to_model_input
+from dermanet.inference import Predictor, load_checkpoint
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "default.pt"
+TOLERANCE = 0.02  # largest allowed change of any class probability
+
+
+def full_size_probabilities(predictor: Predictor, data: bytes) -> np.ndarray:
+    """The path before this change: full decode, albumentations' eval transform per image."""
+    loaded = predictor.checkpoint
+    transform = eval_transform(
+        loaded.img_size, loaded.mean, loaded.std, color_constancy=loaded.color_constancy
+    )
+    x = torch.from_numpy(to_model_input(transform, decode_image(data)))[None]
+    with torch.inference_mode():
+        logits = loaded.model(x).logits.numpy()
+    return predictor.calibrated(logits)[0]
+
+
+@pytest.fixture(scope="module")
+def uploads(derm_sample: Path) -> list[tuple[str, bytes]]:
+    """Real derm-sample JPEGs of every size class, and some re-encoded at phone size."""
+    root = derm_sample
+    meta = pd.read_csv(root / "metadata.csv")
+    meta["size"] = meta["width"].astype(str) + "x" + meta["height"].astype(str)
+    picked = pd.concat(
+        [
+            meta[meta["size"] == "200x150"].sample(12, random_state=0),
+            meta[meta["size"] == "256x256"].sample(8, random_state=0),
+            meta[meta["size"] == "341x256"].sample(8, random_state=0),
+            meta[meta["width"] >= 360].sample(6, random_state=0),
+        ]
+    )
+    uploads = [(f"{i} ({s})", (root / "images" / f"{i}.jpg").read_bytes())
+               for i, s in zip(picked["image"], picked["size"], strict=True)]  # fmt: skip
+    for name, data in uploads[-8:]:  # the biggest ones again, as a camera would send them
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(data)).resize((1600, 1200)).save(buffer, "JPEG", quality=92)
+        uploads.append((f"{name} at 1600x1200", buffer.getvalue()))
+    return uploads
+
+
+@pytest.mark.sample
+@pytest.mark.parametrize("color_constancy", ["none", "shades_of_gray"])
+def test_served_probabilities_stay_within_tolerance(uploads, color_constancy) -> None:
+    loaded = dataclasses.replace(load_checkpoint(SHIPPED), color_constancy=color_constancy)
+    predictor = Predictor(loaded)
+    worst, where = 0.0, ""
+    for name, data in uploads:
+        image = predictor.decode(data)
+        served = predictor.predict(image)
+        new = np.array([served.probabilities[c] for c in CLASS_NAMES])
+        gap = float(np.abs(new - full_size_probabilities(predictor, data)).max())
+        if gap > worst:
+            worst, where = gap, name
+    print(f"largest probability change ({color_constancy}): {worst:.4f} on {where}")
+    assert worst <= TOLERANCE, f"{where}: a probability moved by {worst:.4f}"
+
+
+@pytest.mark.sample
+def test_big_uploads_are_decoded_small(uploads) -> None:
+    predictor = Predictor(load_checkpoint(SHIPPED))
+    _, data = uploads[-1]
+    assert min(decode_image(data).shape[:2]) == 1200
+    image = predictor.decode(data)
+    assert min(image.shape[:2]) == 300 >= predictor.decode_side  # 1/4 of 1200: >= 2 x 80 px
+    assert predictor.predict_bytes(data).probabilities == predictor.predict(image).probabilities
