@@ -149,3 +149,19 @@ def test_serve_settings_choose_the_backend() -> None:
     for config in ("serve/config.yaml", "deploy/serve-cluster.yaml"):
         args = yaml.safe_load((ROOT / config).read_text())["applications"][0]["args"]
         assert args["backend"] == "auto", config
+
+
+def test_gradcam_stays_on_torch_with_the_onnx_backend(tmp_path: Path) -> None:
+    """An explainer over an ONNX-backed predictor still gets gradients (torch model), and its
+    answer is the classify answer."""
+    from dermanet.inference import GradCamExplainer
+
+    torch.manual_seed(0)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "t.pt", create_model(TINY), img_size=64))
+    predictor = Predictor(loaded, backend="onnx")
+    image = draw_lesion("MEL", 120, np.random.default_rng(5))[0]
+    result = GradCamExplainer(predictor, max_side=96).explain(image)
+    assert result.png.startswith(b"\x89PNG") and result.cam.shape == (64, 64)
+    assert result.cam.min() >= 0.0 and result.cam.max() <= 1.0 and result.cam.max() > 0.5
+    expected = predictor.predict(image).probabilities
+    assert result.prediction.probabilities == pytest.approx(expected, abs=1e-4)
