@@ -30,6 +30,12 @@ from dermanet.inference.gradcam import GradCamExplainer
 from dermanet.inference.predictor import Predictor
 from dermanet.inference.registry import ModelRegistry, RegistryError
 from dermanet.inference.risk import RiskPolicy
+from dermanet.inference.similar import (
+    IndexCache,
+    IndexMismatchError,
+    IndexMissingError,
+    IndexUnreadableError,
+)
 from dermanet.serving.health import ModelCheckError, smoke_test
 
 log = logging.getLogger("ray.serve")
@@ -137,6 +143,7 @@ class Classifier(_RegistryBacked):
         default_model: str | None = None,
     ):
         super().__init__(model_dir, risk, max_image_pixels, default_model)
+        self.indexes = IndexCache(MAX_MODELS_PER_REPLICA)  # similar cases, once per model
         await self._preload_default(self.get_predictor)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -169,6 +176,41 @@ class Classifier(_RegistryBacked):
             return _load_error(model_id, exc)
         forward_ms = await asyncio.to_thread(smoke_test, predictor)
         return {"ok": True, "model_id": model_id, "forward_ms": round(forward_ms, 2)}
+
+    async def similar(self, data: bytes, k: int) -> dict[str, Any]:
+        """The k nearest confirmed training cases of one upload and their vote, with the
+        upload's gate; or an error value: no index (404), an index built from another model
+        file (409) or one that cannot be read (503), each with the command that builds one."""
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            predictor = await self.get_predictor(model_id)
+        except LOAD_ERRORS as exc:
+            return _load_error(model_id, exc)
+        return await asyncio.to_thread(self._similar, predictor, model_id, data, k)
+
+    def _similar(self, predictor: Predictor, model_id: str, data: bytes, k: int) -> dict[str, Any]:
+        try:
+            info = self.registry.get(model_id)
+            index = self.indexes.get(info.path, info.provenance)
+        except RegistryError as exc:
+            return _load_error(model_id, exc)
+        except IndexMissingError as exc:
+            return _error(404, str(exc))
+        except IndexMismatchError as exc:
+            return _error(409, str(exc))
+        except IndexUnreadableError as exc:
+            return _error(503, str(exc))
+        image = _decode(data, self.max_image_pixels)
+        if isinstance(image, dict):
+            return image
+        prediction = predictor.predict(image)
+        return {
+            "ok": True,
+            **index.similar(prediction.features, k).to_dict(),
+            "gate": prediction.gate,
+            "probabilities_trusted": prediction.accepted,
+            "index_rows": len(index),
+        }
 
     def _classify(self, predictor: Predictor, uploads: list[bytes]) -> list[dict[str, Any]]:
         started = time.perf_counter()

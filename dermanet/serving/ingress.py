@@ -35,6 +35,7 @@ from dermanet.inference.registry import (
     NoCheckpointsError,
     UnknownModelError,
 )
+from dermanet.inference.similar import MAX_K
 from dermanet.serving.health import LoadChecks
 from dermanet.serving.settings import ServeSettings
 from dermanet.serving.trust_view import json_safe
@@ -82,6 +83,15 @@ ERRORS = {
         503: "model not usable, registry empty, or busy (then with Retry-After: try again)",
     }.items()
 }
+
+SIMILAR_ERRORS = ERRORS | {
+    404: ERRORS[404] | {"description": "unknown model id, or a model without a similar-cases "
+                        "index (the detail says the command that builds it)"},
+    409: {"description": "the index was built from another model file (rebuild command in the "
+          "detail)", "content": ERRORS[404]["content"]},
+    422: ERRORS[422] | {"description": f"not a readable image, or k outside 1..{MAX_K}"},
+}  # fmt: skip
+DEFAULT_K = 8
 
 api = FastAPI(
     title="DermaNet",
@@ -162,6 +172,17 @@ def _as_bool(value: Any, name: str) -> bool:
     raise ApiError(422, f"{name} must be true or false, got {value!r}")
 
 
+def _as_k(value: Any) -> int:
+    """The number of neighbours asked for: a whole number in 1..MAX_K (else a 422)."""
+    try:
+        k = int(str(value).strip())
+    except ValueError:
+        raise ApiError(422, f"k must be a whole number from 1 to {MAX_K}, got {value!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise ApiError(422, f"k must be from 1 to {MAX_K}, got {k}")
+    return k
+
+
 def _check_outcome(outcome: dict[str, Any], upload: Upload, several: bool) -> None:
     if not outcome.get("ok"):
         prefix = f"{upload.filename}: " if several else ""
@@ -179,7 +200,8 @@ def _check_outcome(outcome: dict[str, Any], upload: Upload, several: bool) -> No
 )
 @serve.ingress(api)
 class Ingress:
-    """Routes: /healthz[/live|/ready], /v1/models, /v1/classify, /v1/gradcam (docs at /docs)."""
+    """Routes: /healthz[/live|/ready], /v1/models, /v1/classify, /v1/similar, /v1/gradcam
+    (docs at /docs)."""
 
     def __init__(self, classifier: DeploymentHandle, explainer: DeploymentHandle, settings: dict):
         self.settings = ServeSettings.from_mapping(settings)
@@ -309,6 +331,36 @@ class Ingress:
         if not several:
             return json_safe(results[0])
         return json_safe({"model_id": model_id, "latency_ms": latency_ms, "results": results})
+
+    @api.post(
+        "/v1/similar",
+        summary="The k most similar confirmed training cases of one image and their vote",
+        openapi_extra=UPLOAD_BODY,
+        responses=SIMILAR_ERRORS,
+    )
+    async def similar(
+        self,
+        request: Request,
+        model: str | None = Query(None, description="registry model id (GET /v1/models)"),
+        k: str = Query(str(DEFAULT_K), description=f"neighbours to return, 1..{MAX_K}"),
+    ) -> dict[str, Any]:
+        """Exact cosine search over the model's `<model id>.index.parquet`: `neighbours`
+        (image, label, distance = 1 - cosine, thumbnail as base64 JPEG or null) nearest first,
+        and `knn_probabilities`, their class-balanced vote. The upload's `gate` says whether it
+        looks like the images the model knows; when it does not, the neighbours mean little."""
+        started = time.perf_counter()
+        uploads, form = await read_uploads(request, max_files=1)
+        check_sizes(uploads, max_files=1)
+        model_id = await self._model_id(_form_value(form, "model", model))
+        count = _as_k(_form_value(form, "k", k))
+        handle = self.classifier.options(multiplexed_model_id=model_id)
+        outcome = await self._call(
+            lambda: handle.similar.remote(uploads[0].data, count), "classifier"
+        )
+        _check_outcome(outcome, uploads[0], several=False)
+        answer = {key: value for key, value in outcome.items() if key != "ok"}
+        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        return json_safe({"model_id": model_id, **answer, "latency_ms": latency_ms})
 
     @api.post(
         "/v1/gradcam",
