@@ -227,3 +227,44 @@ def serve_url(model_registry: Path) -> Iterator[str]:
     finally:
         stop_local()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def similar_index(
+    tmp_path_factory: pytest.TempPathFactory, model_registry: Path, synthetic_dir: Path, ray_local
+) -> SimpleNamespace:
+    """`default`'s similar-cases index in the session registry (issue 19), built by
+    jobs/build_index.py on Ray Data from the TRAIN split of a copy of the SYNTHETIC set in
+    which one training image is truncated (left out, never fatal); 32 px thumbnails.
+
+    Returns the index path, the catalogue (with splits and paths), the truncated image's id,
+    the CSV and the job module."""
+    import importlib.util
+
+    from dermanet.data.sources import DataLocation, load_catalogue
+
+    data = tmp_path_factory.mktemp("similar-data")
+    shutil.copytree(synthetic_dir, data, dirs_exist_ok=True)
+    csv = data / "metadata.csv"
+    catalogue = load_catalogue(DataLocation(csv=str(csv), images=str(data / "images")))
+    truncated = str(catalogue.loc[catalogue["split"] == "train", "image"].iloc[0])
+    broken = Path(catalogue.set_index("image").loc[truncated, "path"])
+    broken.write_bytes(broken.read_bytes()[:200])
+    spec = importlib.util.spec_from_file_location(
+        "build_index_job", PROJECT_ROOT / "jobs" / "build_index.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    code = job.main(
+        ["--model", "default", "--model-dir", str(model_registry), "--csv", str(csv),
+         "--images", str(data / "images"), "--thumbnails", "32", "--batch-size", "16",
+         "--cpus-per-worker", "0.5", "--decode-cpus", "0.5"]
+    )  # fmt: skip
+    assert code == 0, "jobs/build_index.py failed on the SYNTHETIC catalogue"
+    return SimpleNamespace(
+        path=model_registry / "default.index.parquet",
+        catalogue=catalogue,
+        truncated=truncated,
+        csv=csv,
+        job=job,
+    )

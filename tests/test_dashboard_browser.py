@@ -67,11 +67,13 @@ def colour_pixels(png: bytes, rgb: tuple[int, int, int], tolerance: int = 12) ->
 
 def test_dashboard_in_chromium(
     browser,
+    similar_index,
     dashboard_url: str,
     screenshot_images: list[Path],
     not_dermoscopy: dict[str, bytes],
     tmp_path: Path,
 ) -> None:
+    from dermanet.classes import CLASS_NAMES
     from dermanet.paths import PROJECT_ROOT
 
     artifacts = PROJECT_ROOT / "test-artifacts"
@@ -109,6 +111,7 @@ def test_dashboard_in_chromium(
     assert page.locator("[data-bar='benign']").count() == 0
     assert colour_pixels(page.locator(".dn-light-big").screenshot(), GREY_RGB) > 20
     assert colour_pixels(shot_card.locator(".dn-light").screenshot(), GREY_RGB) > 10
+    page.locator("[data-similar-caveat]").wait_for()  # its nearest cases "mean little"
 
     # click the card of the first image (the last one uploaded is selected after upload)
     wanted = screenshot_images[0].name
@@ -121,6 +124,19 @@ def test_dashboard_in_chromium(
     assert colour in LIGHT_RGB
     viewer = page.locator("[data-testid='stImage']").first
     plain = viewer.screenshot()
+
+    # under the prediction: the nearest confirmed cases of `default`'s index (SYNTHETIC train
+    # split), nearest first, each with its thumbnail painted, and their vote
+    page.get_by_role("heading", name="Similar confirmed cases").wait_for()
+    cases = page.locator(".dn-cases figure.dn-case")
+    cases.first.wait_for()
+    assert cases.count() == 8 and page.locator("[data-similar-caveat]").count() == 0
+    distances = [float(cases.nth(i).get_attribute("data-distance")) for i in range(8)]
+    assert distances == sorted(distances)
+    assert {cases.nth(i).get_attribute("data-label") for i in range(8)} <= set(CLASS_NAMES)
+    widths = cases.locator("img").evaluate_all("images => images.map(i => i.naturalWidth)")
+    assert widths == [32] * 8  # the index's 32 px thumbnails, decoded by the browser
+    assert page.get_by_text("Vote of the 8 nearest confirmed cases").count() == 1
 
     # Grad-CAM on (sidebar toggle): the overlay replaces the plain image
     page.locator("[data-testid='stSidebar']").get_by_text("Grad-CAM").click()
@@ -154,6 +170,7 @@ def test_dashboard_in_chromium(
         assert download.value.suggested_filename.startswith("dermanet-report-")
     assert b"DermaNet case report" in reports["HTML"] and b"data:image/png" in reports["HTML"]
     assert wanted.encode() in reports["HTML"] and b"Research software" in reports["HTML"]
+    assert reports["HTML"].count(b'<figure class="dn-case') == 8  # the cases, in the report
     assert reports["PDF"].startswith(b"%PDF")
     page.close()
     if os.environ.get(UPDATE_README_ENV) == "1":

@@ -181,6 +181,39 @@ def test_refused_upload_and_plausible_classes(
     assert not markdown(at, "dn-refusal") and markdown(at, 'data-bar="benign"')
 
 
+def test_similar_confirmed_cases_under_the_prediction(
+    similar_index, ui_env: Path, ui_images: list[Path], serve_url: str
+) -> None:
+    """`default` has an index (built from the SYNTHETIC training split): under the prediction,
+    the server's 8 nearest cases (thumbnail, diagnosis, distance) and their vote as a column
+    beside the probabilities; `tiny-random` has none: the server's 404 saying how to build one."""
+    lesion = ui_images[1]
+    expected = httpx.post(
+        f"{serve_url}/v1/similar", files={"file": ("x.jpg", lesion.read_bytes())}, timeout=120
+    ).json()
+    at = run(AppTest.from_file(APP, default_timeout=180))
+    run(at.file_uploader[0].set_value([(lesion.name, lesion.read_bytes(), "image/jpeg")]))
+    assert "Similar confirmed cases" in [s.value for s in at.subheader]
+    (strip,) = markdown(at, 'class="dn-cases"')
+    assert strip.count('<figure class="dn-case') == 8 == len(expected["neighbours"])
+    for case in expected["neighbours"]:
+        assert f'data-label="{case["label"]}" data-image="{case["image"]}"' in strip
+        assert f'data-distance="{case["distance"]:.4f}"' in strip
+    assert strip.count("data:image/jpeg;base64,") == 8  # the index's thumbnails
+    top = expected["knn_top_class"]
+    vote = markdown(at, "Vote of the 8 nearest confirmed cases (class-balanced)")[0]
+    assert f"({top}) {expected['knn_probabilities'][top]:.1%}" in vote
+    table = at.dataframe[0].value
+    assert list(table.columns)[-1] == "k-NN vote"
+    for name, vote in zip(table["Class"], table["k-NN vote"], strict=True):
+        assert vote == pytest.approx(expected["knn_probabilities"][name])
+
+    run(at.selectbox(key="model").set_value("tiny-random"))  # a model without an index
+    assert not markdown(at, 'class="dn-cases"')
+    message = next(i.value for i in at.info if "similar-cases index" in i.value)
+    assert "(404)" in message and "python jobs/build_index.py --model" in message
+
+
 def test_unreachable_server_shows_a_message(ui_env: Path, monkeypatch, serve_url: str) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
 import zlib
+from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -13,18 +15,29 @@ import pytest
 from PIL import Image
 
 from dermanet.classes import CLASS_NAMES
-from dermanet.ui.client import Classification, ServeClient, ServeError, ServeUnavailable
+from dermanet.ui.cases import case_thumbnails, folder_thumbnail
+from dermanet.ui.client import (
+    Classification,
+    ServeClient,
+    ServeError,
+    ServeUnavailable,
+    SimilarCase,
+    SimilarCases,
+)
 from dermanet.ui.gallery import DashboardState
 from dermanet.ui.report import CaseReport, render_html, render_pdf, report_filename
 from dermanet.ui.storage import UploadRejected, UploadStore, display_name
 from dermanet.ui.views import (
+    VOTE_COLUMN,
     card_light_html,
+    knn_vote_text,
     model_trust_lines,
     probabilities_title,
     probability_rows,
     refusal_html,
     risk_bars_html,
     set_text,
+    similar_cases_html,
     top_class_html,
     traffic_light_html,
 )
@@ -351,3 +364,252 @@ def test_case_report_html_and_pdf(tmp_path) -> None:
     assert pdf.startswith(b"%PDF") and len(pdf) > 2000
     name = report_filename(report, "pdf")
     assert name.startswith("dermanet-report-img_src_x_onerror_alert_1-") and name.endswith(".pdf")
+
+
+# --- similar confirmed cases (issue 19) ---------------------------------------------------------
+SIMILAR_LABELS = ("MEL", "NV", "NV", "BKL", "MEL", "NV", "BCC", "NV")
+
+
+def similar_answer(accepted: bool = True, thumbnails: bool = True) -> dict:
+    """POST /v1/similar as the server sends it (k = 8, class-balanced vote)."""
+    thumb = base64.b64encode(image_bytes(size=(32, 32), seed=7)).decode() if thumbnails else None
+    votes = dict.fromkeys(CLASS_NAMES, 0.0) | {"MEL": 0.62, "NV": 0.18, "BKL": 0.12, "BCC": 0.08}
+    neighbours = [
+        {"image": f"ISIC_{i:07d}", "label": label, "distance": 0.05 + 0.01 * i, "thumbnail": thumb}
+        for i, label in enumerate(SIMILAR_LABELS)
+    ]
+    return {
+        "model_id": "default",
+        "k": len(neighbours),
+        "vote": "class-balanced",
+        "neighbours": neighbours,
+        "knn_probabilities": votes,
+        "knn_top_class": "MEL",
+        "gate": {"accepted": accepted, "reasons": []},
+        "index_rows": 9000,
+    }
+
+
+def test_client_parses_similar_cases_and_the_missing_index() -> None:
+    asked = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/similar"
+        asked.append(dict(request.url.params))
+        if request.url.params.get("model") == "bare":
+            detail = "model 'bare' has no similar-cases index; build one: python jobs/x.py"
+            return httpx.Response(404, json={"detail": detail})
+        if request.url.params.get("model") == "odd":
+            return httpx.Response(200, json={"neighbours": []})  # no model_id: not our server
+        return httpx.Response(200, json=similar_answer())
+
+    client = mock_client(handler)
+    cases = client.similar("a.jpg", b"x", "default", k=8)
+    assert asked[0] == {"k": "8", "model": "default"}
+    assert cases.k == 8 and cases.knn_top_class == "MEL" and cases.accepted
+    assert cases.neighbours[0] == SimilarCase(
+        "ISIC_0000000", "MEL", 0.05, image_bytes(size=(32, 32), seed=7)
+    )
+    assert cases.knn_probabilities["MEL"] == 0.62 and set(cases.knn_probabilities) == set(
+        CLASS_NAMES
+    )
+    assert cases.index_rows == 9000 and cases.vote == "class-balanced"
+    with pytest.raises(ServeError, match=r"\(404\): .*build one: python jobs/") as info:
+        client.similar("a.jpg", b"x", "bare")
+    assert info.value.status == 404
+    with pytest.raises(ServeUnavailable, match="without similar cases"):
+        client.similar("a.jpg", b"x", "odd")
+
+
+def test_state_asks_for_similar_cases_once_and_remembers_a_refusal(tmp_path) -> None:
+    store = UploadStore(tmp_path)
+    image = store.save("a.jpg", image_bytes(seed=3))
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.params.get("model"))
+        if request.url.params.get("model") == "bare":
+            return httpx.Response(404, json={"detail": "no similar-cases index; build one"})
+        return httpx.Response(200, json=similar_answer())
+
+    state, client = DashboardState(), mock_client(handler)
+    first = state.similar_cases(client, store, image, "default")
+    assert first is not None and state.similar_cases(client, store, image, "default") is first
+    assert state.similar_cases(client, store, image, "bare") is None
+    assert state.similar_cases(client, store, image, "bare") is None
+    assert calls == ["default", "bare"]  # each asked once
+    assert "build one" in state.similar_error(image.image_id, "bare")
+    state.remove(store, image.image_id)
+    assert not state.similar and state.similar_error(image.image_id, "bare") is None
+
+    # no answer at all is not remembered: asked again on the next run
+    down = ServeClient("http://127.0.0.1:9", connect_timeout_s=1)
+    again = store.save("b.jpg", image_bytes(seed=4))
+    with pytest.raises(ServeUnavailable):
+        state.similar_cases(down, store, again, "default")
+    assert state.similar_error(again.image_id, "default") is None
+
+
+def test_similar_cases_views() -> None:
+    cases = SimilarCases.from_json(similar_answer())
+    result = Classification.from_json(trusted_answer())
+    strip = similar_cases_html(cases, case_thumbnails(cases.neighbours))
+    assert strip.count("<figure") == 8 and 'data-k="8"' in strip
+    assert strip.count("data:image/jpeg;base64,") == 8 and "data-similar-caveat" not in strip
+    assert 'data-label="MEL" data-image="ISIC_0000000" data-distance="0.0500"' in strip
+    assert "distance 0.050" in strip and "Melanoma" in strip and "dn-case-malignant" in strip
+    assert knn_vote_text(cases, result) == (
+        "Vote of the 8 nearest confirmed cases (class-balanced): Melanoma (MEL) 62.0%; "
+        "the model: Melanoma (MEL) 86.0%"
+    )
+    rows = probability_rows(result, cases)
+    assert rows[0]["Class"] == "MEL" and rows[0][VOTE_COLUMN] == 0.62
+    assert sum(row[VOTE_COLUMN] for row in rows) == pytest.approx(1.0)
+    assert VOTE_COLUMN not in probability_rows(result)[0]
+
+    # a refused upload: said above the cases; ids from the server are escaped
+    refused = SimilarCases.from_json(similar_answer(accepted=False, thumbnails=False))
+    odd = SimilarCase('<img src=x onerror="alert(1)">', "NV", 0.5)
+    refused = SimilarCases(**{**refused.__dict__, "neighbours": (odd,)})
+    strip = similar_cases_html(refused, [None])
+    assert "data-similar-caveat" in strip and "mean little" in strip
+    assert "no picture" in strip and "<img src=x" not in strip
+
+
+def test_case_pictures_come_from_the_data_folder_without_thumbnails(tmp_path) -> None:
+    (tmp_path / "ISIC_0000001.jpg").write_bytes(image_bytes(size=(120, 90), seed=1))
+    (tmp_path / "ISIC_0000002.png").write_bytes(image_bytes("PNG", size=(50, 70), seed=2))
+    (tmp_path / "ISIC_0000003.jpg").write_bytes(b"not a picture")
+    ids = ["ISIC_0000001", "ISIC_0000002", "ISIC_0000003", "ISIC_0000404", "../ISIC_0000001"]
+    cases = [SimilarCase(i, "NV", 0.1) for i in ids]
+    own = SimilarCase("ISIC_0000001", "NV", 0.1, thumbnail=b"JPEG bytes of the index")
+    pictures = case_thumbnails([*cases, own], images_dir=tmp_path)
+    assert [Image.open(io.BytesIO(p)).size for p in pictures[:2]] == [(96, 96), (96, 96)]
+    assert pictures[2:5] == [None, None, None]  # unreadable, absent, not a plain file name
+    assert pictures[5] == b"JPEG bytes of the index"  # the index's own thumbnail first
+    assert folder_thumbnail(tmp_path, ".hidden") is None
+
+
+def test_case_report_shows_the_similar_cases() -> None:
+    report = CaseReport(
+        image_name="a.jpg",
+        image=image_bytes(size=(120, 90)),
+        image_mime="image/jpeg",
+        result=Classification.from_json(trusted_answer()),
+        similar=SimilarCases.from_json(similar_answer()),
+    )
+    page = render_html(report)
+    assert "<h2>Similar confirmed cases</h2>" in page and page.count('<figure class="dn-case') == 8
+    assert "<th>k-NN vote (k=8)</th>" in page and "62.00%" in page
+    assert "Vote of the 8 nearest confirmed cases" in page
+    text = pdf_text(render_pdf(report))
+    assert "Similar confirmed cases" in text and "k-NN vote (k=8)" in text
+    assert "62.00%" in text and "d = 0.050" in text and "d = 0.120" in text
+    assert "Vote of the 8 nearest confirmed cases (class-balanced): Melanoma" in text
+
+
+# --- the PDF as drawn: rectangle fills under the table's text -----------------------------------
+WHITE = (1.0, 1.0, 1.0)
+MALIGNANT_ORANGE = (194 / 255, 65 / 255, 12 / 255)  # the malignant bar's fill
+TOKEN = re.compile(rb"\((?:\\.|[^\\)])*\)|[-+]?(?:\d+\.?\d*|\.\d+)|[A-Za-z'\"*]+|\S")
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """What one PDF page paints, in order: filled rectangles and text runs (page points)."""
+
+    fills: list[tuple[int, tuple[float, ...], tuple[float, float, float, float]]]
+    texts: list[tuple[int, str, float, float]]  # (order, text, x, y) at the baseline start
+
+    def background(self, text: str) -> list[tuple[float, ...]]:
+        """The colour under each run of `text`: the last rectangle filled at its start before
+        it was drawn (the painter's model), white where none was."""
+        colours = []
+        for order, what, x, y in self.texts:
+            if what != text:
+                continue
+            under = [
+                colour
+                for at, colour, (left, bottom, right, top) in self.fills
+                if at < order and left <= x + 1 <= right and bottom <= y + 2 <= top
+            ]
+            colours.append(under[-1] if under else WHITE)
+        return colours
+
+
+def page_streams(pdf: bytes) -> list[bytes]:
+    """The deflated streams that draw text: the pages' content (images are left out)."""
+    pages = []
+    for stream in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", pdf, flags=re.S):
+        try:
+            content = zlib.decompress(stream)
+        except zlib.error:
+            continue  # a JPEG image (DCTDecode)
+        if b"BT " in content and b" Tj" in content:
+            pages.append(content)
+    return pages
+
+
+def pdf_drawing(pdf: bytes) -> Drawn:
+    """Interpret the first page's content stream: enough of PDF's graphics operators (q/Q,
+    g/rg, re with f/B/b, BT/Td/Tj) to know which fill colour lies under each text."""
+    page = page_streams(pdf)[0]
+    fills, texts, operands, stack = [], [], [], []
+    colour, rects, position = (0.0, 0.0, 0.0), [], (0.0, 0.0)
+    for order, token in enumerate(TOKEN.findall(page)):
+        word = token.decode("latin-1")
+        if re.fullmatch(r"[-+]?(?:\d+\.?\d*|\.\d+)", word):
+            operands.append(float(word))
+            continue
+        if word.startswith("("):
+            operands.append(word[1:-1].replace("\\(", "(").replace("\\)", ")"))
+            continue
+        if word == "q":
+            stack.append(colour)
+        elif word == "Q":
+            colour = stack.pop()
+        elif word == "g":
+            colour = (operands[-1],) * 3
+        elif word == "rg":
+            colour = tuple(operands[-3:])
+        elif word == "re":
+            x, y, w, h = operands[-4:]
+            rects.append((min(x, x + w), min(y, y + h), max(x, x + w), max(y, y + h)))
+        elif word in ("f", "F", "f*", "B", "B*", "b", "b*"):
+            fills.extend((order, colour, rect) for rect in rects)
+            rects = []
+        elif word in ("S", "s", "n"):
+            rects = []
+        elif word == "Td":
+            position = (operands[-2], operands[-1])
+        elif word == "Tj":
+            texts.append((order, operands[-1], *position))
+        operands = [] if word.isalpha() or word in ("f*", "B*", "b*") else operands
+    return Drawn(fills, texts)
+
+
+@pytest.mark.parametrize("with_cases", [False, True])
+def test_pdf_probability_table_is_not_painted_in_the_bar_colour(with_cases: bool) -> None:
+    """The PDF once drew every cell of "Probabilities of all classes" in the malignant bar's
+    orange: fpdf2's table takes the fill colour in force as its cells' background, and the
+    bars left it set. The table's body must lie on white, its heading on light grey."""
+    report = CaseReport(
+        image_name="a.jpg",
+        image=image_bytes(size=(120, 90)),
+        image_mime="image/jpeg",
+        result=Classification.from_json(answer()),  # malignant 100 %: a full orange bar
+        similar=SimilarCases.from_json(similar_answer()) if with_cases else None,
+    )
+    drawn = pdf_drawing(render_pdf(report))
+    orange = [f for f in drawn.fills if np.allclose(f[1], MALIGNANT_ORANGE, atol=2e-3)]
+    assert orange, "the malignant bar is no longer drawn: this test would check nothing"
+    cells = ["Melanoma", "Actinic keratosis", "86.00%", "2.00%", "yes"]
+    cells += ["62.00%", "18.00%"] if with_cases else []
+    for text in cells:
+        backgrounds = drawn.background(text)
+        assert backgrounds, f"{text!r} is not drawn in the PDF"
+        for colour in backgrounds:
+            assert not np.allclose(colour, MALIGNANT_ORANGE, atol=0.02), f"{text!r} on orange"
+            assert np.allclose(colour, WHITE), f"{text!r} lies on {colour}, not white"
+    (heading,) = drawn.background("Probability")
+    assert np.allclose(heading, (243 / 255, 244 / 255, 246 / 255), atol=2e-3)

@@ -13,6 +13,7 @@ import math
 import streamlit as st
 
 from dermanet.classes import CLASS_DESCRIPTIONS, CLASS_NAMES, MALIGNANT_CLASSES
+from dermanet.ui.cases import case_thumbnails
 from dermanet.ui.client import ModelListing, ServeClient, ServeError, default_serve_url
 from dermanet.ui.gallery import DashboardState
 from dermanet.ui.report import (
@@ -27,8 +28,11 @@ from dermanet.ui.storage import ALLOWED_EXTENSIONS, UploadStore
 from dermanet.ui.views import (
     CSS,
     MODE_LABELS,
+    SIMILAR_TITLE,
+    VOTE_COLUMN,
     card_light_html,
     class_label,
+    knn_vote_text,
     model_label,
     model_summary,
     model_trust_lines,
@@ -38,6 +42,7 @@ from dermanet.ui.views import (
     refusal_html,
     risk_bars_html,
     server_problem,
+    similar_cases_html,
     top_class_html,
     traffic_light_html,
 )
@@ -223,6 +228,16 @@ if show_cam and result is not None:  # the Grad-CAM display settings, above the 
     )
     cam_request = (target, mode, opacity)
 
+similar = None  # the nearest confirmed training cases (POST /v1/similar)
+similar_problem = ""
+if result is not None:
+    try:
+        with st.spinner("Finding similar confirmed cases…"):
+            similar = state.similar_cases(client, store, current, model_id)
+        similar_problem = state.similar_error(current.image_id, model_id) or ""
+    except ServeError as exc:
+        similar_problem = server_problem(exc)
+
 viewer, panel = st.columns([3, 2], gap="large")
 cam = None
 with viewer:
@@ -259,18 +274,25 @@ with panel:
         st.markdown(risk_bars_html(result), unsafe_allow_html=True)
         with st.expander(probabilities_title(result)):
             st.dataframe(
-                probability_rows(result),
+                probability_rows(result, similar),  # with the nearest cases' vote beside it
                 hide_index=True,
                 column_config={
                     "Probability": st.column_config.ProgressColumn(
                         "Probability", format="percent", min_value=0.0, max_value=1.0
+                    ),
+                    VOTE_COLUMN: st.column_config.ProgressColumn(
+                        f"{VOTE_COLUMN} (k={similar.k})" if similar else VOTE_COLUMN,
+                        format="percent",
+                        min_value=0.0,
+                        max_value=1.0,
+                        help="Class-balanced vote of the nearest confirmed training cases",
                     ),
                 },
             )
         st.caption(f"Model `{result.model_id}`")
 
         report = functools.partial(  # built only when a download button is clicked
-            build_case_report, url, store, current, result, listing, cam
+            build_case_report, url, store, current, result, listing, cam, similar
         )
 
         def html_bytes(report=report) -> bytes:
@@ -305,6 +327,24 @@ with panel:
             key="report_pdf",
             width="stretch",
         )
+
+
+# --- similar confirmed cases, under the prediction ---------------------------------------------
+if result is not None:
+    st.subheader(SIMILAR_TITLE)
+    if similar is not None:
+        st.markdown(knn_vote_text(similar, result))
+        st.markdown(
+            similar_cases_html(similar, case_thumbnails(similar.neighbours)),
+            unsafe_allow_html=True,
+        )
+        st.caption(
+            "The training images nearest to this one by the model's features (distance = "
+            "1 − cosine similarity), with their confirmed diagnoses; the vote weighs each "
+            "class by its share of the training images."
+        )
+    elif similar_problem:
+        st.info(similar_problem, icon=":material/search_off:")
 
 
 # --- gallery ------------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ Every failure becomes a `ServeError` whose message a person can act on: the serv
 reached (`ServeUnavailable`, with the URL and how to start it), it stayed busy (`ServeBusy`:
 503 with `Retry-After`, retried after the advised delay until a time budget runs out), or it
 answered 4xx/5xx (the server's `detail`). Risk, traffic light, bars and the trust fields
-(the gate's verdict, the prediction set) are taken from the server as they are.
+(the gate's verdict, the prediction set) are taken from the server as they are, and so are the
+similar confirmed cases (`/v1/similar`) and their vote.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import random
@@ -177,6 +179,59 @@ def _number(value: Any) -> float | None:
 
 
 @dataclass(frozen=True)
+class SimilarCase:
+    """One confirmed training case near the uploaded image (`distance` = 1 - cosine)."""
+
+    image: str
+    label: str
+    distance: float
+    thumbnail: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SimilarCases:
+    """`POST /v1/similar`: the nearest confirmed cases and their class vote, as the server
+    found them; `accepted` is the upload's gate (a refused image's neighbours mean little)."""
+
+    model_id: str
+    neighbours: tuple[SimilarCase, ...]
+    knn_probabilities: dict[str, float]
+    knn_top_class: str
+    vote: str = "class-balanced"
+    accepted: bool = True
+    index_rows: int | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.neighbours)
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> SimilarCases:
+        neighbours = tuple(
+            SimilarCase(
+                image=str(item["image"]),
+                label=str(item["label"]),
+                distance=float(item["distance"]),
+                thumbnail=base64.b64decode(item["thumbnail"]) if item.get("thumbnail") else None,
+            )
+            for item in body.get("neighbours") or ()
+        )
+        votes = body.get("knn_probabilities") or {}
+        probabilities = {name: float(votes.get(name, 0.0)) for name in CLASS_NAMES}
+        top = body.get("knn_top_class") or max(probabilities, key=probabilities.__getitem__)
+        rows = body.get("index_rows")
+        return cls(
+            model_id=str(body["model_id"]),
+            neighbours=neighbours,
+            knn_probabilities=probabilities,
+            knn_top_class=str(top),
+            vote=str(body.get("vote") or "class-balanced"),
+            accepted=bool((body.get("gate") or {}).get("accepted", True)),
+            index_rows=int(rows) if rows is not None else None,
+        )
+
+
+@dataclass(frozen=True)
 class GradCamImage:
     """`POST /v1/gradcam` as a PNG plus the response headers that describe it."""
 
@@ -246,6 +301,21 @@ class ServeClient:
             items = body.get("results", [body])
             results.extend(Classification.from_json(item) for item in items)
         return results
+
+    def similar(self, name: str, data: bytes, model: str | None = None, k: int = 8) -> SimilarCases:
+        """The k most similar confirmed cases of one image; a model without an index is a
+        ServeError with status 404 whose message says how to build one."""
+        params: dict[str, Any] = {"k": int(k)}
+        if model:
+            params["model"] = model
+        response = self._request("POST", "/v1/similar", files={"file": (name, data)}, params=params)
+        body = self._json(response)
+        try:
+            return SimilarCases.from_json(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServeUnavailable(
+                f"{self.base_url} answered /v1/similar without similar cases ({exc})"
+            ) from None
 
     def gradcam(
         self,

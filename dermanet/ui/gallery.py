@@ -1,4 +1,5 @@
-"""Dashboard state that outlives one Streamlit rerun: selection, answers and Grad-CAM renders.
+"""Dashboard state that outlives one Streamlit rerun: selection, answers, similar cases and
+Grad-CAM renders.
 
 One `DashboardState` lives in `st.session_state`; it knows nothing about Streamlit, so the
 rules (what is selected after an upload or a removal, which images still need a prediction
@@ -11,7 +12,13 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dermanet.ui.client import Classification, GradCamImage, ServeClient, ServeError
+from dermanet.ui.client import (
+    Classification,
+    GradCamImage,
+    ServeClient,
+    ServeError,
+    SimilarCases,
+)
 from dermanet.ui.storage import StoredImage, UploadRejected, UploadStore
 
 # (image, model, target class or "" for the predicted one, mode, opacity)
@@ -28,7 +35,7 @@ class UploadOutcome:
 
 @dataclass
 class DashboardState:
-    """Selection, predictions per (image, model) and a small Grad-CAM cache."""
+    """Selection, predictions and similar cases per (image, model), a small Grad-CAM cache."""
 
     selected: str | None = None
     seen_uploads: set[str] = field(default_factory=set)
@@ -38,6 +45,8 @@ class DashboardState:
     errors: dict[tuple[str, str], str] = field(default_factory=dict)
     gradcams: OrderedDict[GradCamKey, GradCamImage] = field(default_factory=OrderedDict)
     max_gradcams: int = 24
+    similar: dict[tuple[str, str], SimilarCases] = field(default_factory=dict)
+    similar_errors: dict[tuple[str, str], str] = field(default_factory=dict)
 
     # --- uploads and selection -----------------------------------------------------------------
     def add_uploads(
@@ -72,7 +81,7 @@ class DashboardState:
         store.remove(image_id)
         if self.selected == image_id:
             self.selected = None
-        for cache in (self.predictions, self.errors):
+        for cache in (self.predictions, self.errors, self.similar, self.similar_errors):
             for key in [k for k in cache if k[0] == image_id]:
                 del cache[key]
         for key in [k for k in self.gradcams if k[0] == image_id]:
@@ -124,6 +133,32 @@ class DashboardState:
         for image, answer in zip(todo, answers, strict=True):
             self.predictions[(image.image_id, model_id)] = answer
         return len(todo)
+
+    # --- similar cases -------------------------------------------------------------------------
+    def similar_cases(
+        self, client: ServeClient, store: UploadStore, image: StoredImage, model_id: str, k: int = 8
+    ) -> SimilarCases | None:
+        """The server's nearest confirmed cases, asked once per (image, model); None when it
+        refused (e.g. 404: the model has no index; `similar_error` says why, remembered).
+        ServeUnavailable (no answer, busy) propagates and is not remembered: asked again on
+        the next run."""
+        key = (image.image_id, model_id)
+        if key in self.similar:
+            return self.similar[key]
+        if key in self.similar_errors:
+            return None
+        try:
+            cases = client.similar(image.original_name, store.read(image.image_id), model_id, k)
+        except ServeError as exc:
+            if exc.status is None:
+                raise
+            self.similar_errors[key] = str(exc)
+            return None
+        self.similar[key] = cases
+        return cases
+
+    def similar_error(self, image_id: str, model_id: str) -> str | None:
+        return self.similar_errors.get((image_id, model_id))
 
     # --- Grad-CAM ------------------------------------------------------------------------------
     def gradcam(

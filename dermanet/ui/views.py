@@ -3,16 +3,20 @@
 Pure functions of the server's answer, escaped, so the page and the case report agree and
 tests can read them. Nothing here computes risk: the numbers are the server's. An image the
 server's gate refused gets a grey light and the reason instead of a risk level, no bars, and its
-probabilities marked as unreliable; an accepted one shows its set of plausible classes.
+probabilities marked as unreliable; an accepted one shows its set of plausible classes. The
+similar confirmed cases (`/v1/similar`) are a strip of thumbnails with diagnosis and distance,
+and their vote is a column beside the model's probabilities.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+from collections.abc import Sequence
 from typing import Any
 
 from dermanet.classes import CLASS_DESCRIPTIONS, CLASS_NAMES, is_malignant
-from dermanet.ui.client import Classification, ServeBusy, ServeError
+from dermanet.ui.client import Classification, ServeBusy, ServeError, SimilarCases
 
 NOTICE = (
     "Research software, not a medical device. DermaNet does not diagnose: never use its output "
@@ -54,10 +58,17 @@ CSS = """
 .dn-muted {color:#6b7280; font-size:.85rem;}
 .dn-card-name {font-size:.82rem; color:#374151; overflow:hidden; text-overflow:ellipsis;
   white-space:nowrap; margin:.1rem 0 .2rem 0;}
-.dn-refusal {border-left:4px solid #9ca3af; background:#f3f4f6; padding:.5rem .8rem;
+.dn-refusal, .dn-caveat {border-left:4px solid #9ca3af; background:#f3f4f6; padding:.5rem .8rem;
   border-radius:4px; color:#1f2937; margin:.5rem 0;}
 .dn-not-assessed {color:#6b7280; font-style:italic;}
 .dn-set {font-size:.95rem; margin:.1rem 0 .3rem 0;}
+.dn-cases {display:flex; flex-wrap:wrap; gap:.6rem; margin:.3rem 0 .5rem 0;}
+.dn-case {margin:0; width:6.6rem; font-size:.78rem; color:#374151;}
+.dn-case img, .dn-case-blank {width:6.6rem; height:6.6rem; object-fit:cover; border-radius:6px;
+  border:1px solid #e5e7eb; display:block; background:#f3f4f6;}
+.dn-case-blank {display:flex; align-items:center; justify-content:center; color:#9ca3af;}
+.dn-case figcaption {margin-top:.15rem; line-height:1.25;}
+.dn-case-malignant figcaption b {color:#8e1f1f;}
 .dn-notice {border-left:4px solid #d97706; background:#fffbeb; padding:.55rem .8rem;
   border-radius:4px; color:#78350f; font-size:.9rem; margin-bottom:.6rem;}
 </style>
@@ -192,8 +203,11 @@ def probabilities_title(result: Classification) -> str:
     return title if result.probabilities_trusted else f"{title} ({UNRELIABLE})"
 
 
-def probability_rows(result: Classification) -> list[dict[str, Any]]:
-    """All classes, most probable first: code, name, malignant flag, probability."""
+def probability_rows(
+    result: Classification, cases: SimilarCases | None = None
+) -> list[dict[str, Any]]:
+    """All classes, most probable first: code, name, malignant flag, probability, and with
+    `cases` the nearest cases' vote beside it (VOTE_COLUMN)."""
     rows = [
         {
             "Class": name,
@@ -201,9 +215,62 @@ def probability_rows(result: Classification) -> list[dict[str, Any]]:
             "Malignant": is_malignant(name),
             "Probability": float(result.probabilities[name]),
         }
+        | ({VOTE_COLUMN: float(cases.knn_probabilities[name])} if cases is not None else {})
         for name in CLASS_NAMES
     ]
     return sorted(rows, key=lambda row: row["Probability"], reverse=True)
+
+
+SIMILAR_TITLE = "Similar confirmed cases"
+VOTE_COLUMN = "k-NN vote"
+
+
+def similar_caveat(cases: SimilarCases) -> str:
+    """Said above the cases of an image the gate refused; empty otherwise."""
+    if cases.accepted:
+        return ""
+    return "The image was refused: the nearest cases of an image unlike dermoscopy mean little."
+
+
+def similar_cases_html(cases: SimilarCases, thumbnails: Sequence[bytes | None]) -> str:
+    """The neighbours nearest first: thumbnail (or a blank), diagnosis and distance."""
+    figures = []
+    for case, thumb in zip(cases.neighbours, thumbnails, strict=True):
+        name = CLASS_DESCRIPTIONS.get(case.label, case.label)
+        alt = html.escape(f"{case.image} ({case.label})")
+        picture = (
+            f'<img alt="{alt}" src="data:image/jpeg;base64,{base64.b64encode(thumb).decode()}">'
+            if thumb
+            else f'<div class="dn-case-blank" title="{alt}">no picture</div>'
+        )
+        malignant = " dn-case-malignant" if is_malignant(case.label) else ""
+        figures.append(
+            f'<figure class="dn-case{malignant}" data-label="{html.escape(case.label)}" '
+            f'data-image="{html.escape(case.image)}" data-distance="{case.distance:.4f}">'
+            f"{picture}<figcaption><b>{html.escape(case.label)}</b> {html.escape(name)}<br>"
+            f'<span class="dn-muted">distance {case.distance:.3f}</span></figcaption></figure>'
+        )
+    caveat = similar_caveat(cases)
+    note = f'<div class="dn-caveat" data-similar-caveat="true">{html.escape(caveat)}</div>'
+    strip = f'<div class="dn-cases" data-k="{cases.k}">' + "".join(figures) + "</div>"
+    return (note if caveat else "") + strip
+
+
+def knn_vote_text(cases: SimilarCases, result: Classification | None = None) -> str:
+    """Vote of the 8 nearest confirmed cases (class-balanced): Melanoma (MEL) 62.0%; the
+    model: Melanoma (MEL) 86.0%."""
+    top = cases.knn_top_class
+    text = (
+        f"Vote of the {cases.k} nearest confirmed cases ({cases.vote}): "
+        f"{CLASS_DESCRIPTIONS.get(top, top)} ({top}) {cases.knn_probabilities[top]:.1%}"
+    )
+    if result is not None:
+        model = result.top_class
+        text += (
+            f"; the model: {CLASS_DESCRIPTIONS.get(model, model)} ({model}) "
+            f"{result.top_probability:.1%}"
+        )
+    return text
 
 
 def class_label(name: str | None, predicted: str | None = None) -> str:
