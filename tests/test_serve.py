@@ -16,6 +16,7 @@ from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import decode_image
 from dermanet.data.synthetic import draw_lesion
 from dermanet.inference import Predictor, compute_cams, load_checkpoint
+from dermanet.serving import ServeSettings
 
 pytest_plugins = ["conftest_serve"]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]  # session setup: model + Serve
@@ -46,9 +47,10 @@ def client(serve_url: str):
 
 @pytest.fixture(scope="module")
 def direct(model_registry: Path) -> dict[str, Predictor]:
-    """dermanet.inference run in-process on the same checkpoints, for comparisons."""
+    """dermanet.inference run in-process on the same checkpoints and backend, for comparisons."""
+    backend = ServeSettings().backend  # the served default: ONNX Runtime on a CPU
     return {
-        name: Predictor(load_checkpoint(model_registry / f"{name}.pt"))
+        name: Predictor(load_checkpoint(model_registry / f"{name}.pt"), backend=backend)
         for name in ("default", "tiny-random", "trusted")
     }
 

@@ -39,7 +39,7 @@ def build_app(settings: ServeSettings | None = None) -> Application:
             "max_batch_size": settings.max_batch_size,
             "batch_wait_timeout_s": settings.batch_wait_timeout_s,
         },
-    ).bind(**common)
+    ).bind(backend=settings.backend, **common)  # Grad-CAM: always torch
     explainer = GradCam.options(
         max_queued_requests=settings.gradcam_max_queued_requests,
         backpressure_config=backpressure,

@@ -24,7 +24,7 @@ import ray
 import torch
 from ray import serve
 
-from dermanet.data.images import ImageDecodeError, ImageTooLargeError, decode_image
+from dermanet.data.images import ImageDecodeError, ImageTooLargeError
 from dermanet.inference.checkpoint import CheckpointError
 from dermanet.inference.gradcam import GradCamExplainer
 from dermanet.inference.predictor import Predictor
@@ -50,10 +50,11 @@ def _error(status: int, message: str) -> dict[str, Any]:
     return {"ok": False, "status": status, "error": message}
 
 
-def _decode(data: bytes, max_pixels: int) -> Any:
-    """RGB array, or an error value; oversize images are a 413, the rest 422."""
+def _decode(model: Predictor | GradCamExplainer, data: bytes, max_pixels: int) -> Any:
+    """RGB array decoded for this model (`decode`: a JPEG at a reduced DCT scale towards the
+    model's size), or an error value; oversize images are a 413, the rest 422."""
     try:
-        return decode_image(data, max_pixels=max_pixels)
+        return model.decode(data, max_pixels=max_pixels)
     except ImageTooLargeError as exc:
         return _error(413, str(exc))
     except ImageDecodeError as exc:
@@ -82,8 +83,10 @@ class _RegistryBacked:
         risk: dict[str, Any],
         max_image_pixels: int,
         default_model: str | None = None,
+        backend: str = "torch",
     ):
         self.registry = ModelRegistry(model_dir, default_model)
+        self.backend = backend  # the model call (Predictor backend); Grad-CAM keeps torch
         self.risk = RiskPolicy.from_mapping(risk)
         self.max_image_pixels = int(max_image_pixels)
         self.threads = use_assigned_cpus()
@@ -93,7 +96,9 @@ class _RegistryBacked:
     def _predictor(self, model_id: str) -> Predictor:
         started = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU only if Serve gave one
-        predictor = Predictor(self.registry.load(model_id), self.risk, device=device)
+        predictor = Predictor(
+            self.registry.load(model_id), self.risk, device=device, backend=self.backend
+        )
         smoke_test(predictor)  # the whole served path answers before the model takes requests
         log.info("loaded model %r in %.2f s", model_id, time.perf_counter() - started)
         return predictor
@@ -141,8 +146,9 @@ class Classifier(_RegistryBacked):
         risk: dict[str, Any],
         max_image_pixels: int,
         default_model: str | None = None,
+        backend: str = "auto",
     ):
-        super().__init__(model_dir, risk, max_image_pixels, default_model)
+        super().__init__(model_dir, risk, max_image_pixels, default_model, backend)
         self.indexes = IndexCache(MAX_MODELS_PER_REPLICA)  # similar cases, once per model
         await self._preload_default(self.get_predictor)
 
@@ -200,7 +206,7 @@ class Classifier(_RegistryBacked):
             return _error(409, str(exc))
         except IndexUnreadableError as exc:
             return _error(503, str(exc))
-        image = _decode(data, self.max_image_pixels)
+        image = _decode(predictor, data, self.max_image_pixels)
         if isinstance(image, dict):
             return image
         prediction = predictor.predict(image)
@@ -214,7 +220,7 @@ class Classifier(_RegistryBacked):
 
     def _classify(self, predictor: Predictor, uploads: list[bytes]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        decoded = [_decode(data, self.max_image_pixels) for data in uploads]
+        decoded = [_decode(predictor, data, self.max_image_pixels) for data in uploads]
         good = [i for i, item in enumerate(decoded) if not isinstance(item, dict)]
         predictions = predictor.predict_batch([decoded[i] for i in good])
         model_ms = (time.perf_counter() - started) * 1000
@@ -274,7 +280,7 @@ class GradCam(_RegistryBacked):
             explainer = await self.get_explainer(model_id)
         except LOAD_ERRORS as exc:
             return _load_error(model_id, exc)
-        image = _decode(data, self.max_image_pixels)
+        image = _decode(explainer, data, self.max_image_pixels)
         if isinstance(image, dict):
             return image
         result = await asyncio.to_thread(explainer.explain, image, target, mode, opacity)
