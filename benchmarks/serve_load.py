@@ -3,11 +3,15 @@
     .venv/bin/python benchmarks/serve_load.py                  # private Ray + Serve on :8123
     .venv/bin/python benchmarks/serve_load.py --requests 128 --img-size 224
 
-It starts its own local Ray + Serve (never touching another cluster), measures concurrency
-1, 8 and 32 with `@serve.batch` on, then redeploys with max_batch_size=1 (batching off, same
-replicas, changed through user_config) and measures again, then Grad-CAM latency. Without a
-usable registry it uses a temporary one holding an untrained default-config checkpoint: timing
-does not depend on the weights. Prints a Markdown table for docs/benchmarks.md.
+It first measures the in-process `Predictor` (same model, same backend, same upload: decode +
+predict_batch in batches of --max-batch-size, torch/ONNX Runtime on every core), the ceiling
+Serve is compared with; then it starts its own local Ray + Serve (never touching another
+cluster), measures concurrency 1, 8 and 32 with `@serve.batch` on, redeploys with
+max_batch_size=1 (batching off, same replicas, changed through user_config) and measures
+again, then Grad-CAM latency. Without a usable registry it uses a temporary one holding an
+untrained default-config checkpoint: timing does not depend on the weights. --image sends a
+real file (e.g. a derm-sample JPEG re-encoded at 427x320) instead of a synthetic lesion.
+Prints a Markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from PIL import Image
 from ray import serve
 
 from dermanet.data.synthetic import draw_lesion
-from dermanet.inference import ModelRegistry, RegistryError, save_checkpoint
+from dermanet.inference import ModelRegistry, Predictor, RegistryError, save_checkpoint
 from dermanet.models import create_model
 from dermanet.serving import ServeSettings, build_app
 from dermanet.serving.runner import APP_NAME, start_local, stop_local, wait_ready
@@ -85,6 +89,22 @@ async def run_load(url: str, path: str, data: bytes, concurrency: int, total: in
     return LoadResult(path, concurrency, total, seconds, latencies)
 
 
+def in_process(model_dir: str, backend: str, data: bytes, batch: int, total: int) -> LoadResult:
+    """The registry's default model in this process: decode + predict_batch per `batch`."""
+    registry = ModelRegistry(model_dir)
+    predictor = Predictor(registry.load(registry.default().model_id), backend=backend)
+    predictor.predict_batch([predictor.decode(data)] * batch)  # warm-up
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for done in range(0, total, batch):
+        begun = time.perf_counter()
+        predictor.predict_batch([predictor.decode(data) for _ in range(min(batch, total - done))])
+        latencies.append((time.perf_counter() - begun) * 1000)
+    seconds = time.perf_counter() - started
+    return LoadResult(f"in-process Predictor ({predictor.backend})", batch, total, seconds,
+                      latencies)  # fmt: skip
+
+
 def ensure_registry(model_dir: str | None, img_size: int, scratch: Path) -> tuple[str, str]:
     try:
         registry = ModelRegistry(model_dir)
@@ -96,21 +116,24 @@ def ensure_registry(model_dir: str | None, img_size: int, scratch: Path) -> tupl
         return str(folder), "bench-untrained (untrained default config, timing only)"
 
 
-def table(rows: list[tuple[str, LoadResult]], ratios: dict[int, float]) -> str:
+def table(rows: list[tuple[str, LoadResult]], ratios: dict[int, float], ceiling: LoadResult) -> str:
     lines = [
-        "| endpoint | batching | concurrency | requests | images/s | p50 ms | p95 ms | p99 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| endpoint | batching | concurrency | requests | images/s | vs in-process | p50 ms "
+        "| p95 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for batching, r in rows:
         lines.append(
             f"| `{r.label}` | {batching} | {r.concurrency} | {r.requests} | {r.throughput:.1f} "
-            f"| {r.percentile(50):.0f} | {r.percentile(95):.0f} | {r.percentile(99):.0f} |"
+            f"| {r.throughput / ceiling.throughput:.2f}× | {r.percentile(50):.0f} "
+            f"| {r.percentile(95):.0f} | {r.percentile(99):.0f} |"
         )
     lines.append("")
     lines.append(
         "Batching speed-up (images/s on ÷ off): "
         + ", ".join(f"concurrency {c}: {v:.2f}×" for c, v in ratios.items())
     )
+    lines.append("In-process rows: concurrency = batch size, latencies per batch.")
     return "\n".join(lines)
 
 
@@ -125,17 +148,23 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--gradcam-requests", type=int, default=10)
     parser.add_argument("--num-cpus", type=float, default=4, help="logical CPUs for Ray")
+    parser.add_argument("--image", help="upload this file instead of a synthetic lesion")
+    parser.add_argument("--backend", help="Serve's model call: auto | torch | onnx (default: the "
+                        "Serve setting, auto)")  # fmt: skip
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="drn-bench-", dir="/tmp"))
     model_dir, model_note = ensure_registry(args.model_dir, args.img_size, scratch)
     on = ServeSettings.from_mapping(
-        {"model_dir": model_dir, "max_batch_size": args.max_batch_size},
+        {"model_dir": model_dir, "max_batch_size": args.max_batch_size}
+        | ({"backend": args.backend} if args.backend else {}),
         base=ServeSettings.from_env(),
     )
     off = ServeSettings.from_mapping({"max_batch_size": 1}, base=on)
-    data = test_image(args.image_side)
-    rows: list[tuple[str, LoadResult]] = []
+    data = Path(args.image).read_bytes() if args.image else test_image(args.image_side)
+    ceiling = in_process(model_dir, on.backend, data, args.max_batch_size, args.requests)
+    rows: list[tuple[str, LoadResult]] = [(f"batch {args.max_batch_size}", ceiling)]
+    print(f"in-process: {ceiling.throughput:.1f} img/s")
     try:
         url = start_local(on, port=args.port, num_cpus=args.num_cpus, temp_dir=scratch / "ray")
         for batching, settings in (("on", on), ("off", off)):
@@ -161,12 +190,13 @@ def main() -> None:
     print()
     print(
         f"{time.strftime('%Y-%m-%d')}, {platform.node() or 'this machine'}: "
-        f"{os.cpu_count()} CPU cores, no GPU, model {model_note}, "
-        f"{args.image_side}x{args.image_side} JPEG ({len(data) / 1024:.0f} KiB), "
+        f"{os.cpu_count()} CPU cores, no GPU, model {model_note}, backend {on.backend}, "
+        f"{args.image or f'{args.image_side}x{args.image_side} synthetic'} JPEG "
+        f"({len(data) / 1024:.0f} KiB), "
         f"statistics over {args.requests} requests per level"
     )
     print()
-    print(table(rows, ratios))
+    print(table(rows, ratios, ceiling))
     print(f"\nmedian Grad-CAM latency: {statistics.median(gradcam.latencies_ms):.0f} ms")
 
 
