@@ -354,7 +354,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += _trust_lines(report["trust"])
     lines += ["", "## Per class (official scorer)", "", _markdown_table(table)]
     if "per_origin" in report:
-        rows = pd.DataFrame(
+        rows = pd.DataFrame.from_dict(  # one row per origin; counts stay integers
             {
                 origin: {
                     "images": r["images"],
@@ -364,8 +364,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                     "classes present": len(CLASS_NAMES) - len(r["official"]["absent_classes"]),
                 }
                 for origin, r in report["per_origin"].items()
-            }
-        ).T
+            },
+            orient="index",
+        )
         lines += ["", "## Per origin (image source)", "", _markdown_table(rows)]
     lines += [
         "",
