@@ -82,3 +82,21 @@ def test_big_uploads_are_decoded_small(uploads) -> None:
     image = predictor.decode(data)
     assert min(image.shape[:2]) == 300 >= predictor.decode_side  # 1/4 of 1200: >= 2 x 80 px
     assert predictor.predict_bytes(data).probabilities == predictor.predict(image).probabilities
+
+
+def test_shades_of_gray_is_exactly_the_per_pixel_scaling() -> None:
+    """The lookup table gives the very pixels of scaling every pixel by the channel gain."""
+    from dermanet.data.synthetic import draw_lesion
+    from dermanet.data.transforms import shades_of_gray
+
+    rng = np.random.default_rng(0)
+    images = [draw_lesion(name, 150, rng)[0] for name in CLASS_NAMES]
+    images += [rng.integers(0, 256, (97, 131, 3), dtype=np.uint8), np.zeros((8, 8, 3), np.uint8)]
+    for image in images:
+        pixels = image.astype(np.float32)
+        sample = pixels[::2, ::2] / 255.0
+        illuminant = np.power(np.mean(np.power(sample, 6.0), axis=(0, 1)), 1.0 / 6.0)
+        illuminant = illuminant / max(float(np.linalg.norm(illuminant)), 1e-6)
+        gain = 1.0 / (illuminant * np.sqrt(3.0) + 1e-6)
+        expected = np.clip(pixels * gain, 0, 255).astype(np.uint8)  # the code before issue 16
+        np.testing.assert_array_equal(shades_of_gray(image), expected)
