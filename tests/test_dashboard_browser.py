@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 pytest_plugins = ["conftest_serve", "conftest_ui"]
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]  # setup: registry, index, Serve
 UPDATE_README_ENV = "DERMANET_UPDATE_SCREENSHOT"  # =1: also refresh docs/images/dashboard.png
 
 CHROMIUM = Path("/usr/bin/chromium")
