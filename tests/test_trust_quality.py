@@ -96,6 +96,12 @@ def test_other_checks() -> None:
     noise = np.random.default_rng(0).normal(0, 80, base.shape)
     noisy = np.clip(base + noise, 0, 255).astype(np.uint8)
     assert assess_quality(noisy).failed == ["noisy"]
+    # Faint pixel noise over grey (a camera with its cap on): the 128 px analysis copy averages
+    # it to a low spread, but its finest detail still carries as much energy as the whole.
+    faint = np.random.default_rng(1).integers(0, 256, (600, 800, 3)).astype(np.uint8)
+    report = assess_quality(faint)
+    assert report.failed == ["noisy"], report
+    assert "x the grey variance" in report.reasons[0]
     mel = lesion(label="MEL").astype(np.float32)
     low = (128 + (mel - 128) * 0.1).astype(np.uint8)
     assert "low_contrast" in assess_quality(low).failed

@@ -33,6 +33,9 @@ class QualityThresholds:
     max_clipped_share: float = 0.5  # share of pixels at >= 250 grey: over-exposed
     min_sharpness: float = 8.0  # variance of the Laplacian of the grey copy: below = blurred
     max_sharpness: float = 5000.0  # above = grainy noise (derm-sample val: at most ~2,900)
+    # Laplacian variance / grey variance: pixel noise has as much energy in its finest detail as
+    # overall (white noise ~18 at any strength); 1,500 derm-sample images: at most 4.8
+    max_grain: float = 10.0
     min_contrast: float = 20.0  # 99th minus 1st grey percentile: below = low contrast
 
     def __post_init__(self) -> None:
@@ -192,11 +195,12 @@ def _content_checks(m: dict[str, float], t: QualityThresholds, trip) -> None:
             f"too blurred: sharpness {m['sharpness']:.1f} (variance of the Laplacian), at "
             f"least {t.min_sharpness:g}",
         )
-    if m["sharpness"] > t.max_sharpness:
+    grain = m["sharpness"] / max(m["grey_std"], 1e-6) ** 2
+    if m["sharpness"] > t.max_sharpness or grain > t.max_grain:
         trip(
             "noisy",
-            f"too noisy or grainy: Laplacian variance {m['sharpness']:.0f}, at most "
-            f"{t.max_sharpness:g}",
+            f"too noisy or grainy: Laplacian variance {m['sharpness']:.0f} (at most "
+            f"{t.max_sharpness:g}), {grain:.1f}x the grey variance (at most {t.max_grain:g}x)",
         )
     if m["contrast"] < t.min_contrast:
         trip(
