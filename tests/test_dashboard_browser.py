@@ -120,6 +120,13 @@ def test_dashboard_in_chromium(
     page.locator("h3").filter(has_text=wanted).wait_for()
     light = page.locator(".dn-light-big")
     light.wait_for()
+    # Streamlit re-renders progressively: the screenshot's grey light can outlive the new
+    # heading for a moment, so wait (bounded) for this image's own, accepted, light.
+    page.wait_for_function(
+        "['green', 'yellow', 'red'].includes("
+        "document.querySelector('.dn-light-big')?.getAttribute('data-light'))",
+        timeout=TIMEOUT_MS,
+    )
     colour = light.get_attribute("data-light")
     assert colour in LIGHT_RGB
     viewer = page.locator("[data-testid='stImage']").first

@@ -118,6 +118,9 @@ class OnnxEngine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
+        # ONNX Runtime's pool spin-waits after each call by default: on a few shared cores
+        # (Serve's replicas, proxy and ingress) the spinning threads steal the CPU others need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
         self.path = Path(path)
