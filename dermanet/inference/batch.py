@@ -61,6 +61,25 @@ DECODE_BATCH = 16  # images decoded per call (bounds the memory of one output bl
 PROGRESS_EVERY_S = 10.0
 
 
+def model_option(files: str) -> Any:
+    """The `--model` flag of the jobs that load one model (predict, build_index)."""
+    return option(
+        None,
+        f"registry id (in --model-dir) or {files}; default: the registry's default model "
+        "(weights/default.pt)",
+        group="model",
+    )
+
+
+def model_dir_option() -> Any:
+    """The `--model-dir` flag beside `model_option`."""
+    return option(
+        None,
+        "registry folder for model ids; default $DERMANET_MODEL_DIR, else weights/",
+        group="model",
+    )
+
+
 @dataclass(frozen=True)
 class PredictSettings:
     """Everything jobs/predict.py accepts (its flags are generated from these fields)."""
@@ -85,16 +104,8 @@ class PredictSettings:
     embeddings: bool = option(
         False, "also write each image's pooled feature vector (`embedding`)", group="output"
     )
-    model: str | None = option(
-        None,
-        "registry id (in --model-dir) or a checkpoint file / URI (.pt); default: the "
-        "registry's default model (weights/default.pt)",
-        group="model",
-    )
-    model_dir: str | None = option(
-        None, "registry folder for model ids; default $DERMANET_MODEL_DIR, else weights/",
-        group="model",
-    )  # fmt: skip
+    model: str | None = model_option("a checkpoint file / URI (.pt)")
+    model_dir: str | None = model_dir_option()
     batch_size: int = option(32, "images per model call", group="run", minimum=1)
     num_workers: int = option(1, "model workers (the actor pool's size)", group="run", minimum=1)
     use_gpu: bool = option(False, "run each model worker on one GPU", group="run")

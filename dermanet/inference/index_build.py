@@ -39,6 +39,8 @@ from dermanet.inference.batch import (
     PredictSettings,
     PredictWorker,
     check_resources,
+    model_dir_option,
+    model_option,
     output_schema,
     resolve_model,
 )
@@ -59,16 +61,8 @@ THUMBNAIL_QUALITY = 80
 class IndexSettings:
     """Everything jobs/build_index.py accepts (its flags are generated from these fields)."""
 
-    model: str | None = option(
-        None,
-        "registry id (in --model-dir) or a checkpoint file (.pt); default: the registry's "
-        "default model (weights/default.pt)",
-        group="model",
-    )
-    model_dir: str | None = option(
-        None, "registry folder for model ids; default $DERMANET_MODEL_DIR, else weights/",
-        group="model",
-    )  # fmt: skip
+    model: str | None = model_option("a checkpoint file (.pt)")
+    model_dir: str | None = model_dir_option()
     shards: str | None = option(None, "prepared Parquet shards (jobs/prepare_data.py)",
                                 group="data")  # fmt: skip
     csv: str | None = option(None, "catalogue CSV (any supported format)", group="data")
