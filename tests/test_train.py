@@ -191,6 +191,33 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
     assert resumed.epochs_completed == 6
     assert history["step"].is_monotonic_increasing
 
+    # --init-checkpoint warm-starts every weight (head included) at another resolution: with a
+    # vanishing learning rate the new run's weights are the old run's.
+    warm = run_training(
+        _settings(
+            synthetic_train_data, tmp_path, name="warm", img_size=64, epochs=1, lr=1e-12,
+            warmup_epochs=0, init_checkpoint=str(outcome.best_checkpoint),
+        )
+    )  # fmt: skip
+    started, warmed = (
+        load_checkpoint(outcome.best_checkpoint),
+        load_checkpoint(warm.last_checkpoint),
+    )
+    assert warmed.img_size == 64
+    assert warmed.provenance["init_checkpoint"].endswith("best.pt")
+    for name, weight in started.model.named_parameters():
+        torch.testing.assert_close(
+            dict(warmed.model.named_parameters())[name], weight, atol=1e-6, rtol=0
+        )
+    with pytest.raises(ValueError, match="another model config"):
+        run_training(
+            _settings(
+                synthetic_train_data, tmp_path, name="warm-wrong",
+                init_checkpoint=str(outcome.best_checkpoint),
+                model_config=str(REPO / "configs" / "dermanet_small.yaml"),
+            )
+        )  # fmt: skip
+
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)

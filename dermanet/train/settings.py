@@ -137,6 +137,14 @@ class TrainSettings(RunSettings):
     pretrain_ckpt: str | None = option(
         None, "BYOL backbone.pt to start from (reports matched/missing keys)", group="model"
     )
+    init_checkpoint: str | None = option(
+        None,
+        "whole classifier checkpoint (e.g. best.pt) to warm-start every weight from, head "
+        "included, with a fresh optimiser and schedule: progressive resizing (train at a "
+        "higher --img-size from a lower-resolution model). Same --model-config and "
+        "--color-constancy as that checkpoint. Not a resume: re-run --name for that",
+        group="model",
+    )
     dropout: float | None = option(
         None, "override the model config's head dropout", group="model", minimum=0, maximum=1
     )
@@ -227,6 +235,11 @@ class TrainSettings(RunSettings):
             raise ValueError("give either --shards or --csv (with --images), not both or neither")
         if self.csv is not None and self.images is None:
             raise ValueError("--csv needs --images (the image folder)")
+        if self.init_checkpoint and self.pretrain_ckpt:
+            raise ValueError(
+                "give --init-checkpoint (a whole classifier) or --pretrain-ckpt (a BYOL "
+                "backbone), not both"
+            )
 
 
 @dataclass

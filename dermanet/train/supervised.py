@@ -23,7 +23,13 @@ from dermanet.data.catalogue import CatalogueError
 from dermanet.data.pipelines import class_repeats
 from dermanet.data.sources import DataLocation, split_rows
 from dermanet.data.splits import class_weights_from_counts
-from dermanet.inference.checkpoint import load_backbone_file, save_checkpoint
+from dermanet.inference.checkpoint import (
+    CheckpointError,
+    load_backbone_file,
+    load_checkpoint,
+    read_checkpoint_dict,
+    save_checkpoint,
+)
 from dermanet.settings import load_settings_yaml as _load_yaml
 from dermanet.storage import copy_file, join
 from dermanet.train.classifier_module import ClassifierModule
@@ -64,6 +70,29 @@ class TrainOutcome:
     epochs_completed: int
 
 
+def check_warm_start(path: str, model_config: dict[str, Any], settings: TrainSettings) -> None:
+    """Refuse, before any worker starts, a --init-checkpoint this run cannot continue from."""
+    try:
+        data = read_checkpoint_dict(path, mmap=True)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise ValueError(f"--init-checkpoint: {exc}") from None
+
+    def shape(config: dict[str, Any]) -> dict[str, Any]:  # dropout changes no weight
+        return {k: v for k, v in config.items() if k != "dropout"}
+
+    if shape(dict(data["model_config"])) != shape(model_config):
+        raise ValueError(
+            f"--init-checkpoint {path} was trained with another model config than "
+            f"--model-config {settings.model_config}; pass the config it was trained with"
+        )
+    theirs = str((data.get("preprocessing") or {}).get("color_constancy", "none"))
+    if theirs != settings.color_constancy:
+        raise ValueError(
+            f"--init-checkpoint {path} was trained with --color-constancy {theirs}, this run "
+            f"with {settings.color_constancy}; use the same"
+        )
+
+
 class SupervisedJob(TrainingJob):
     """Fine-tune DermResNetSE on labelled images; export best.pt and last.pt."""
 
@@ -74,6 +103,8 @@ class SupervisedJob(TrainingJob):
 
     def load_data(self) -> JobData:
         s = self.settings
+        if s.init_checkpoint:
+            check_warm_start(s.init_checkpoint, self.model_config(), s)
         location = data_location(s)
         rows = {
             split: split_rows(location, split, exclude_origins=s.exclude_origins)
@@ -102,7 +133,10 @@ class SupervisedJob(TrainingJob):
         return config
 
     def provenance(self) -> dict[str, Any]:
-        return {"pretrain_ckpt": relative_location(self.settings.pretrain_ckpt)}
+        return {
+            "pretrain_ckpt": relative_location(self.settings.pretrain_ckpt),
+            "init_checkpoint": relative_location(self.settings.init_checkpoint),
+        }
 
     def build_module(self, config: dict[str, Any]) -> pl.LightningModule:
         module = ClassifierModule(
@@ -122,6 +156,12 @@ class SupervisedJob(TrainingJob):
                 module.ema_model.load_state_dict(module.model.state_dict())
             if ray.train.get_context().get_world_rank() == 0:
                 log.warning("--pretrain-ckpt %s: %s", self.settings.pretrain_ckpt, report.summary())
+        if self.settings.init_checkpoint:
+            # Every weight, head included; a resume then overwrites them with the run's own state.
+            state = load_checkpoint(self.settings.init_checkpoint).model.state_dict()
+            module.model.load_state_dict(state, strict=True)
+            if module.ema_model is not None:
+                module.ema_model.load_state_dict(module.model.state_dict())
         return module
 
     def required_metrics(self) -> tuple[str, ...]:
