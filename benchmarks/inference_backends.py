@@ -115,7 +115,8 @@ def predictor_table(checkpoint, datas: list[bytes], args) -> tuple[list[str], li
             x = before_tensor(torch_p, chunk)
             with torch.inference_mode():
                 out = torch_p.model(x)
-            torch_p.predictions(images, out.logits.numpy(), out.features.numpy())
+            torch_p.predictions([torch_p.assess(i) for i in images], out.logits.numpy(),
+                               out.features.numpy())  # fmt: skip
         return len(datas) // batch * batch
 
     def today(predictor: Predictor) -> int:
@@ -161,8 +162,8 @@ def stage_table(torch_p: Predictor, onnx_p: Predictor, chunk: list[bytes], args)
         "model, torch eager": (lambda: torch_p.engine(x_before), lambda: torch_p.engine(x_today)),
         "model, ONNX Runtime": (None, lambda: onnx_p.engine(x_today)),
         "trust: quality checks, OOD score, prediction set": (
-            lambda: torch_p.predictions(full, logits, features),
-            lambda: torch_p.predictions(small, logits, features)),
+            lambda: torch_p.predictions([torch_p.assess(i) for i in full], logits, features),
+            lambda: torch_p.predictions([torch_p.assess(i) for i in small], logits, features)),
     }  # fmt: skip
     lines = ["| stage (batch 16) | before ms/image | today ms/image |", "|---|---:|---:|"]
     for name, (old, new) in stages.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import ray
@@ -53,3 +54,15 @@ def check_storage_location(location: str) -> None:
             "working directory is temporary; pass an absolute path on shared storage or an "
             "s3:// / gs:// URI (e.g. --storage-path s3://my-bucket/runs)"
         )
+
+
+def use_assigned_cpus() -> int:
+    """Torch threads = the whole CPUs Ray gave this actor (at least 1): two half-CPU Serve
+    replicas or batch-inference workers on two cores must not each start a thread per core
+    and fight over them. Call it inside the actor; returns the thread count."""
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = max(1, math.floor(cpus))
+    torch.set_num_threads(threads)
+    return threads

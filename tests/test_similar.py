@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 
 from dermanet.classes import CLASS_NAMES
-from dermanet.data.images import decode_image
 from dermanet.inference import Predictor, load_checkpoint
 from dermanet.inference.similar import (
     MAX_K,
@@ -162,9 +161,10 @@ def test_build_index_job(similar_index, model_registry: Path) -> None:
         thumb = Image.open(io.BytesIO(index.thumbnails[row]))
         assert thumb.format == "JPEG" and thumb.size == (32, 32)
 
-    # the stored feature is the served model's feature of the same file (float16 rounding)
+    # the stored feature is the served model's feature of the same file, decoded as the server
+    # decodes a /v1/similar query (float16 rounding)
     predictor = Predictor(load_checkpoint(model_registry / "default.pt"))
-    images = [decode_image(Path(by_id.loc[i, "path"]).read_bytes()) for i in index.images[:6]]
+    images = [predictor.decode(Path(by_id.loc[i, "path"]).read_bytes()) for i in index.images[:6]]
     _, served = predictor.forward(images)
     served /= np.linalg.norm(served, axis=1, keepdims=True)
     np.testing.assert_allclose(index.features[:6], served, atol=2e-3)

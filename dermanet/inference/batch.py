@@ -1,8 +1,9 @@
 """Batch inference on Ray Data: score a folder, a catalogue or a bucket, one row per image.
 
-jobs/predict.py's logic. Files are listed in the driver, read and decoded in CPU tasks with the
-server's decoding (`Predictor.decode`'s: a JPEG at a reduced DCT scale towards the model's
-size, same pixel limit), and scored by an actor pool that holds a
+jobs/predict.py's logic. Files are listed in the driver, then read, decoded and prepared in CPU
+tasks exactly as the server does before its model call (`Preprocessing`: a JPEG decoded at a
+reduced DCT scale towards the model's size with the same pixel limit, colour constancy, one
+resize, the gate's quality checks), and scored by an actor pool that holds a
 `Predictor` (`map_batches` with a callable class, one GPU per actor when asked; the same
 `backend` choice as Serve), so every row is what `/v1/classify` answers for that image:
 probabilities, top class, risk, traffic light and the trust fields of `Prediction.to_dict()`,
@@ -38,20 +39,23 @@ import ray
 import ray.data
 
 from dermanet.classes import CLASS_NAMES
-from dermanet.data.images import (
-    IMAGE_EXTENSIONS,
-    ImageDecodeError,
-    decode_image,
-    image_id_from_filename,
-)
+from dermanet.data.images import IMAGE_EXTENSIONS, ImageDecodeError, image_id_from_filename
 from dermanet.data.ray_io import dataset_from_frame
 from dermanet.data.readers import read_catalogue
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint
-from dermanet.inference.predictor import BACKENDS, Prediction, Predictor
+from dermanet.inference.predictor import (
+    BACKENDS,
+    Prediction,
+    Predictor,
+    PreparedImage,
+    Preprocessing,
+)
 from dermanet.inference.registry import ModelRegistry, RegistryError
 from dermanet.inference.risk import RiskPolicy
+from dermanet.runtime import use_assigned_cpus
 from dermanet.settings import check_settings, option
 from dermanet.storage import exists, is_uri, read_bytes, resolve_filesystem
+from dermanet.trust.quality import QualityReport
 
 log = logging.getLogger(__name__)
 
@@ -305,28 +309,43 @@ def read_error(exc: BaseException) -> str:
     return f"cannot read the file: {reason}"
 
 
-def decode_rows(batch: pd.DataFrame, max_pixels: int, min_short_side: int) -> pa.Table:
-    """Read and decode files (the server's decoder); failures become an `error`, not a crash."""
-    pixels, heights, widths, errors = [], [], [], []
+def prepare_column(
+    images: list[np.ndarray | None], preprocessing: Preprocessing
+) -> tuple[list[bytes | None], list[str | None]]:
+    """Each decoded image's model-size pixels and quality report (JSON), for a model worker:
+    the server's preprocessing and gate checks, run in the CPU tasks so that the actors only
+    run the model (None stays None: an unreadable file)."""
+    pixels: list[bytes | None] = []
+    qualities: list[str | None] = []
+    for image in images:
+        prepared = None if image is None else preprocessing.prepare(image)
+        pixels.append(None if prepared is None else np.ascontiguousarray(prepared.pixels).tobytes())
+        qualities.append(None if prepared is None else json.dumps(prepared.quality.to_dict()))
+    return pixels, qualities
+
+
+def prepared_image(pixels: bytes, quality: str, side: int) -> PreparedImage:
+    """`prepare_column`'s columns back into what `Predictor.predict_prepared` takes."""
+    image = np.frombuffer(pixels, dtype=np.uint8).reshape(side, side, 3)
+    return PreparedImage(image, QualityReport(**json.loads(quality)))
+
+
+def decode_rows(batch: pd.DataFrame, preprocessing: Preprocessing, max_pixels: int) -> pa.Table:
+    """Read, decode and prepare files as the server does; failures become an `error`."""
+    images: list[np.ndarray | None] = []
+    errors: list[str | None] = []
     for path in batch["path"]:
         try:
-            data = read_file(str(path))
-            image = decode_image(data, max_pixels=max_pixels, min_short_side=min_short_side)
+            images.append(preprocessing.decode(read_file(str(path)), max_pixels=max_pixels))
+            errors.append(None)
         except (ImageDecodeError, OSError) as exc:
-            pixels.append(None)
-            heights.append(None)
-            widths.append(None)
+            images.append(None)
             errors.append(read_error(exc))  # logged by the driver, which sees every row
-            continue
-        pixels.append(image.tobytes())
-        heights.append(image.shape[0])
-        widths.append(image.shape[1])
-        errors.append(None)
+    pixels, qualities = prepare_column(images, preprocessing)
     table = pa.Table.from_pandas(batch.reset_index(drop=True), preserve_index=False)
     return (
-        table.append_column("height", pa.array(heights, pa.int32()))
-        .append_column("width", pa.array(widths, pa.int32()))
-        .append_column("pixels", pa.array(pixels, pa.large_binary()))
+        table.append_column("pixels", pa.array(pixels, pa.large_binary()))
+        .append_column("quality", pa.array(qualities, pa.string()))
         .append_column("error", pa.array(errors, pa.string()))
     )
 
@@ -381,12 +400,6 @@ def prediction_row(prediction: Prediction, embeddings: bool) -> dict[str, Any]:
     return row
 
 
-def _assigned_cpu_threads() -> int:
-    """Torch threads = the whole CPUs Ray gave this worker (at least 1), as Serve replicas do."""
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    return max(1, math.floor(cpus))
-
-
 class PredictWorker:
     """One model replica in Ray Data's actor pool: decoded pixels in, result rows out."""
 
@@ -401,7 +414,7 @@ class PredictWorker:
     ):
         import torch
 
-        torch.set_num_threads(_assigned_cpu_threads())
+        use_assigned_cpus()
         data = ray.get(model) if isinstance(model, ray.ObjectRef) else model
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("--use-gpu: this worker got no usable CUDA device")
@@ -418,13 +431,9 @@ class PredictWorker:
         n = batch.num_rows
         rows: list[dict[str, Any]] = [{"error": columns["error"][i]} for i in range(n)]
         good = [i for i in range(n) if columns["error"][i] is None]
-        images = [
-            np.frombuffer(columns["pixels"][i], dtype=np.uint8).reshape(
-                columns["height"][i], columns["width"][i], 3
-            )
-            for i in good
-        ]
-        for i, outcome in zip(good, self._predict(images), strict=True):
+        side = self.predictor.img_size
+        prepared = [prepared_image(columns["pixels"][i], columns["quality"][i], side) for i in good]
+        for i, outcome in zip(good, self._predict(prepared), strict=True):
             if isinstance(outcome, Prediction):
                 rows[i] = prediction_row(outcome, self.embeddings) | {"error": None}
             else:
@@ -434,16 +443,16 @@ class PredictWorker:
             row.update({name: columns[name][i] for name in passthrough}, model_id=self.model_id)
         return pa.Table.from_pylist(rows, schema=self.schema)
 
-    def _predict(self, images: list[np.ndarray]) -> list[Prediction | str]:
+    def _predict(self, prepared: list[PreparedImage]) -> list[Prediction | str]:
         """One batched pass; if it fails, image by image so one bad image only loses itself."""
         try:
-            return list(self.predictor.predict_batch(images))
+            return list(self.predictor.predict_prepared(prepared))
         except Exception:
             log.exception("batch prediction failed; retrying image by image")
         outcomes: list[Prediction | str] = []
-        for image in images:
+        for item in prepared:
             try:
-                outcomes.append(self.predictor.predict(image))
+                outcomes.append(self.predictor.predict_prepared([item])[0])
             except Exception as exc:
                 outcomes.append(f"prediction failed: {type(exc).__name__}: {exc}")
         return outcomes
@@ -464,10 +473,11 @@ def build_dataset(
     context.op_resource_reservation_enabled = False
     decoded = source.map_batches(
         decode_rows,
-        # What Predictor.decode (the server's) does, here in CPU tasks without a model.
+        # What the server does before its model call (decode, resize, colour constancy,
+        # quality checks), here in CPU tasks without a model.
         fn_kwargs={
+            "preprocessing": Predictor(model.loaded).preprocessing,
             "max_pixels": settings.max_image_pixels,
-            "min_short_side": Predictor(model.loaded).decode_side,
         },
         batch_size=DECODE_BATCH,
         batch_format="pandas",

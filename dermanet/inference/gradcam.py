@@ -224,7 +224,9 @@ class GradCamExplainer:
         x = predictor.to_tensor([image])
         with self._lock:  # CAM hooks would also see a concurrent forward on the same model
             result = cam_pass(predictor.model, x, None if index is None else [index])
-        prediction = predictor.predictions([image], result.logits, result.features)[0]
+        prediction = predictor.predictions(
+            [predictor.assess(image)], result.logits, result.features
+        )[0]
         index = result.targets[0]
         grid = predictor.model.feature_grid()
         side = (predictor.img_size, predictor.img_size)

@@ -30,7 +30,8 @@ import ray.data
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import SPLITS
-from dermanet.data.images import ImageDecodeError, decode_image, encode_jpeg, shrink_image
+from dermanet.data.images import ImageDecodeError, encode_jpeg, shrink_image
+from dermanet.data.pipelines import encoded_images
 from dermanet.data.shards import shard_dir
 from dermanet.data.sources import DataLocation, catalogue_rows, load_catalogue, split_rows
 from dermanet.inference.batch import (
@@ -42,8 +43,10 @@ from dermanet.inference.batch import (
     model_dir_option,
     model_option,
     output_schema,
+    prepare_column,
     resolve_model,
 )
+from dermanet.inference.predictor import Predictor, Preprocessing
 from dermanet.inference.registry import ModelRegistry, RegistryError
 from dermanet.inference.risk import RiskPolicy
 from dermanet.inference.similar import index_path, write_index
@@ -191,31 +194,34 @@ def thumbnail(image: np.ndarray, side: int) -> bytes:
     return encode_jpeg(shrink_image(square, side, "short"), quality=THUMBNAIL_QUALITY)
 
 
-def decode_batch(batch: pd.DataFrame, max_pixels: int, thumbnail_px: int) -> pa.Table:
-    """Decode shard/file bytes with the server's decoder into PredictWorker's input columns,
-    plus a thumbnail from the same pixels; failures become an `error`, not a crash."""
-    pixels, heights, widths, thumbs, errors = [], [], [], [], []
-    for data in batch["jpeg"]:
+def decode_batch(
+    batch: pd.DataFrame, preprocessing: Preprocessing, max_pixels: int, thumbnail_px: int
+) -> pa.Table:
+    """Decode and prepare shard/file bytes as the server does (`/v1/similar`'s query takes the
+    same path) into PredictWorker's input columns, plus a thumbnail from the same decoded
+    pixels; failures become an `error`, not a crash."""
+    images: list[np.ndarray | None] = []
+    thumbs: list[bytes | None] = []
+    errors: list[str | None] = []
+    for data in encoded_images(batch):
         try:
-            image = decode_image(bytes(data), max_pixels=max_pixels)
-        except ImageDecodeError as exc:
-            pixels.append(None)
-            heights.append(None)
-            widths.append(None)
+            if isinstance(data, OSError):
+                raise data
+            image = preprocessing.decode(data, max_pixels=max_pixels)
+        except (ImageDecodeError, OSError) as exc:
+            images.append(None)
             thumbs.append(None)
             errors.append(str(exc))
             continue
-        pixels.append(image.tobytes())
-        heights.append(image.shape[0])
-        widths.append(image.shape[1])
+        images.append(image)
         thumbs.append(thumbnail(image, thumbnail_px) if thumbnail_px else None)
         errors.append(None)
+    pixels, qualities = prepare_column(images, preprocessing)
     return pa.table(
         {
             "index": pa.array(batch["index"].to_numpy(), pa.int64()),
-            "height": pa.array(heights, pa.int32()),
-            "width": pa.array(widths, pa.int32()),
             "pixels": pa.array(pixels, pa.large_binary()),
+            "quality": pa.array(qualities, pa.string()),
             "thumbnail": pa.array(thumbs, pa.binary()),
             "error": pa.array(errors, pa.string()),
         }
@@ -242,7 +248,11 @@ def embed_split(
     context.op_resource_reservation_enabled = False  # as in batch.build_dataset
     decoded = source.map_batches(
         decode_batch,
-        fn_kwargs={"max_pixels": SERVER_MAX_PIXELS, "thumbnail_px": settings.thumbnails},
+        fn_kwargs={
+            "preprocessing": Predictor(model.loaded).preprocessing,
+            "max_pixels": SERVER_MAX_PIXELS,
+            "thumbnail_px": settings.thumbnails,
+        },
         batch_size=DECODE_BATCH,
         batch_format="pandas",
         num_cpus=settings.decode_cpus,

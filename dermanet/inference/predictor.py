@@ -23,7 +23,7 @@ from dermanet.inference.risk import RiskAssessment, RiskPolicy
 from dermanet.trust.conformal import prediction_sets
 from dermanet.trust.evaluation import gate_decision
 from dermanet.trust.ood import ood_scores
-from dermanet.trust.quality import QualityThresholds, assess_quality
+from dermanet.trust.quality import QualityReport, QualityThresholds, assess_quality
 
 
 class UnknownClassError(ValueError):
@@ -139,42 +139,25 @@ def create_engine(checkpoint: LoadedCheckpoint, backend: str, device: torch.devi
     return TorchEngine(checkpoint.model, device)
 
 
-class Predictor:
-    """A model in eval mode plus its exact preprocessing; thread-compatible for inference.
+@dataclass(frozen=True)
+class PreparedImage:
+    """An upload made ready for the model: its model-size pixels and its quality report."""
 
-    Preprocessing (`decode`, `to_tensor`) is evaluation's (`eval_pixels`): JPEGs decode
-    straight towards the model's size, one resize, normalisation on the batch tensor. The
-    torch model stays available as `model` (Grad-CAM needs gradients) whatever the backend.
+    pixels: np.ndarray  # uint8 (S, S, 3): `eval_pixels`, normalised on the batch tensor
+    quality: QualityReport  # the gate's model-free checks, measured on the decoded image
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything between an upload's bytes and the model call, without the model.
+
+    Small and picklable, so batch inference runs it in CPU tasks beside the model workers;
+    the `Predictor` (serving, evaluation) runs the very same steps in process.
     """
 
-    def __init__(
-        self,
-        checkpoint: LoadedCheckpoint,
-        risk_policy: RiskPolicy | None = None,
-        device: str | torch.device = "cpu",
-        quality: QualityThresholds | None = None,
-        backend: str = "torch",
-    ):
-        self.checkpoint = checkpoint
-        self.device = torch.device(device)
-        self.model = checkpoint.model.to(self.device).eval()
-        self.risk_policy = risk_policy or RiskPolicy()
-        self.quality = quality or QualityThresholds()
-        self.engine = create_engine(checkpoint, backend, self.device)
-
-    @classmethod
-    def from_path(
-        cls, path: str | Path, risk_policy: RiskPolicy | None = None, backend: str = "torch"
-    ) -> Predictor:
-        return cls(load_checkpoint(path), risk_policy, backend=backend)
-
-    @property
-    def img_size(self) -> int:
-        return self.checkpoint.img_size
-
-    @property
-    def backend(self) -> str:
-        return self.engine.name
+    img_size: int
+    color_constancy: str = "none"
+    quality: QualityThresholds = field(default_factory=QualityThresholds)
 
     @property
     def decode_side(self) -> int:
@@ -198,7 +181,62 @@ class Predictor:
         ):
             got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image)
             raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {got}")
-        return eval_pixels(image, self.img_size, self.checkpoint.color_constancy)
+        return eval_pixels(image, self.img_size, self.color_constancy)
+
+    def prepare(self, image: np.ndarray) -> PreparedImage:
+        """The model-size pixels and the quality report of one decoded image."""
+        return PreparedImage(self.pixels(image), assess_quality(image, self.quality))
+
+
+class Predictor:
+    """A model in eval mode plus its exact preprocessing; thread-compatible for inference.
+
+    Preprocessing (`decode`, `to_tensor`) is evaluation's (`eval_pixels`): JPEGs decode
+    straight towards the model's size, one resize, normalisation on the batch tensor. The
+    torch model stays available as `model` (Grad-CAM needs gradients) whatever the backend.
+    """
+
+    def __init__(
+        self,
+        checkpoint: LoadedCheckpoint,
+        risk_policy: RiskPolicy | None = None,
+        device: str | torch.device = "cpu",
+        quality: QualityThresholds | None = None,
+        backend: str = "torch",
+    ):
+        self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        self.model = checkpoint.model.to(self.device).eval()
+        self.risk_policy = risk_policy or RiskPolicy()
+        self.quality = quality or QualityThresholds()
+        self.preprocessing = Preprocessing(
+            checkpoint.img_size, checkpoint.color_constancy, self.quality
+        )
+        self.engine = create_engine(checkpoint, backend, self.device)
+
+    @classmethod
+    def from_path(
+        cls, path: str | Path, risk_policy: RiskPolicy | None = None, backend: str = "torch"
+    ) -> Predictor:
+        return cls(load_checkpoint(path), risk_policy, backend=backend)
+
+    @property
+    def img_size(self) -> int:
+        return self.checkpoint.img_size
+
+    @property
+    def backend(self) -> str:
+        return self.engine.name
+
+    @property
+    def decode_side(self) -> int:
+        return self.preprocessing.decode_side
+
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        return self.preprocessing.decode(data, max_pixels)
+
+    def pixels(self, image: np.ndarray) -> np.ndarray:
+        return self.preprocessing.pixels(image)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """RGB uint8 (H, W, 3) → float32 (3, img_size, img_size), exactly as in evaluation."""
@@ -207,8 +245,12 @@ class Predictor:
     def to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Preprocess RGB images into one normalised float32 (N, 3, S, S) tensor on the model's
         device."""
-        pixels = [self.pixels(image) for image in images]
-        return pixels_to_tensor(pixels, self.checkpoint.mean, self.checkpoint.std).to(self.device)
+        return self._normalised([self.pixels(image) for image in images])
+
+    def _normalised(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        return pixels_to_tensor(list(pixels), self.checkpoint.mean, self.checkpoint.std).to(
+            self.device
+        )
 
     def forward(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(raw logits (N, K), pooled features (N, D)), float32, from one forward pass."""
@@ -245,25 +287,37 @@ class Predictor:
         Quality checks run on the decoded image; the OOD score and the prediction set come
         from the same forward pass (statistics stored in the checkpoint at export).
         """
-        logits, features = self.forward(images)
-        return self.predictions(images, logits, features)
+        return self.predict_prepared([self.preprocessing.prepare(image) for image in images])
+
+    def predict_prepared(self, prepared: Sequence[PreparedImage]) -> list[Prediction]:
+        """`predict_batch` for images whose preprocessing already ran (batch inference runs
+        `Preprocessing.prepare` in CPU tasks): one forward pass, then the gate."""
+        if not prepared:
+            return []
+        logits, features = self.engine(self._normalised([p.pixels for p in prepared]))
+        return self.predictions([p.quality for p in prepared], logits, features)
+
+    def assess(self, image: np.ndarray) -> QualityReport:
+        """The gate's quality checks of one decoded image."""
+        return assess_quality(image, self.quality)
 
     def predictions(
-        self, images: Sequence[np.ndarray], logits: np.ndarray, features: np.ndarray
+        self, qualities: Sequence[QualityReport], logits: np.ndarray, features: np.ndarray
     ) -> list[Prediction]:
         """The answers (probabilities, risk, gate, prediction set) for images whose forward
-        pass has already run (`forward`, or Grad-CAM's own forward and backward)."""
+        pass has already run (`forward`, or Grad-CAM's own forward and backward) and whose
+        quality checks (`assess`) are done."""
         probs = self.calibrated(logits)
         ood_stats = self.checkpoint.trust.get("ood")
         sets_stats = self.checkpoint.trust.get("conformal")
-        scores = ood_scores(ood_stats, features, logits) if ood_stats else [None] * len(images)
+        scores = ood_scores(ood_stats, features, logits) if ood_stats else [None] * len(probs)
         threshold = float(ood_stats["threshold"]) if ood_stats else None
-        sets = prediction_sets(probs, sets_stats) if sets_stats else [None] * len(images)
+        sets = prediction_sets(probs, sets_stats) if sets_stats else [None] * len(probs)
         coverage = float(sets_stats["coverage"]) if sets_stats else None
         predictions = []
-        for image, p, f, score, members in zip(images, probs, features, scores, sets,
-                                                strict=True):  # fmt: skip
-            gate = gate_decision(assess_quality(image, self.quality), score, threshold)
+        for quality, p, f, score, members in zip(qualities, probs, features, scores, sets,
+                                                  strict=True):  # fmt: skip
+            gate = gate_decision(quality, score, threshold)
             if not ood_stats:
                 gate["checks"] = QUALITY_ONLY
             predictions.append(

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from ray import serve
 
@@ -36,6 +34,7 @@ from dermanet.inference.similar import (
     IndexMissingError,
     IndexUnreadableError,
 )
+from dermanet.runtime import use_assigned_cpus
 from dermanet.serving.health import ModelCheckError, smoke_test
 
 log = logging.getLogger("ray.serve")
@@ -63,15 +62,6 @@ def _decode(model: Predictor | GradCamExplainer, data: bytes, max_pixels: int) -
 
 def _load_error(model_id: str, exc: Exception) -> dict[str, Any]:
     return _error(503, f"model {model_id!r} could not be loaded on the server: {exc}")
-
-
-def use_assigned_cpus() -> int:
-    """Torch threads = the CPUs Ray gave this replica (at least 1), so two half-CPU replicas on
-    two cores do not each spin up a thread per core and fight over them."""
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    threads = max(1, math.floor(cpus))
-    torch.set_num_threads(threads)
-    return threads
 
 
 class _RegistryBacked:
