@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -130,14 +130,16 @@ def _read_parquet_files(batch: pd.DataFrame, keep_index: set[int] | None) -> pa.
 
 
 def read_catalogue_files(table: pd.DataFrame) -> ray.data.Dataset:
-    """Rows from raw image files (quick start, no prepare step).
+    """Rows from raw image files (quick start, no prepare step): paths only; each decode task
+    reads its own files (`decode_transform_batch`), as a DataLoader worker does.
 
-    `table` has `path`, `label_index` and `index` (see `dermanet.data.sources.split_rows`).
+    A separate quarter-CPU read operator let up to four reads per CPU crowd out decoding on a
+    small machine (0.15-0.24x a DataLoader, docs/benchmarks.md); reading inside the decode task
+    scales with the decode tasks instead. `table` has `path`, `label_index` and `index` (see
+    `dermanet.data.sources.split_rows`).
     """
     table = table.loc[:, ["path", "label_index", "index"]].astype({"path": object})
-    return dataset_from_frame(table, rows_per_block=256).map_batches(
-        _read_file_batch, batch_format="pandas", num_cpus=IO_CPUS
-    )
+    return dataset_from_frame(table, rows_per_block=256)
 
 
 def read_image_folders(folders: list[str]) -> ray.data.Dataset:
@@ -148,11 +150,19 @@ def read_image_folders(folders: list[str]) -> ray.data.Dataset:
     return ds.map_batches(_binary_to_rows, batch_format="pandas", num_cpus=IO_CPUS)
 
 
-def _read_file_batch(batch: pd.DataFrame) -> pd.DataFrame:
-    jpegs = [read_bytes(p) for p in batch["path"]]
-    return pd.DataFrame(
-        {"jpeg": jpegs, "label_index": batch["label_index"], "index": batch["index"]}
-    )
+def encoded_images(batch: Mapping[str, Any]) -> list[bytes | OSError]:
+    """Each row's encoded image: the `jpeg` column (shards, image folders), or the file at
+    `path` (catalogue sources, read by the task that decodes them); an unreadable file gives
+    its OSError, for the caller to report."""
+    if "jpeg" in batch:
+        return [bytes(data) for data in batch["jpeg"]]
+    out: list[bytes | OSError] = []
+    for path in batch["path"]:
+        try:
+            out.append(read_bytes(str(path)))
+        except OSError as exc:
+            out.append(exc)
+    return out
 
 
 def _binary_to_rows(batch: pd.DataFrame) -> pd.DataFrame:
@@ -190,7 +200,8 @@ def decode_transform_batch(
     color_constancy: str = "none",
     camera_p: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """Decode JPEG bytes and apply the mode's transform; unreadable images are dropped + logged.
+    """Decode JPEG bytes (`jpeg`, or the files at `path`) and apply the mode's transform;
+    unreadable images are dropped + logged.
 
     The one place where bytes become model input, shared by Ray Data, the benchmark's
     DataLoader baseline and evaluation. Training streams carry `u`, this epoch's seeded random
@@ -200,11 +211,13 @@ def decode_transform_batch(
     if "u" in batch and len(batch["u"]):
         transform.set_random_seed(int(batch["u"][0] * 2**31) ^ int(batch["index"][0]) % 2**31)
     keep, images = [], []
-    for i, data in enumerate(batch["jpeg"]):
+    for i, data in enumerate(encoded_images(batch)):
         try:
-            images.append(decode_image_fast(bytes(data)))
+            if isinstance(data, OSError):
+                raise data
+            images.append(decode_image_fast(data))
             keep.append(i)
-        except ImageDecodeError as exc:
+        except (ImageDecodeError, OSError) as exc:
             log.warning("skipping unreadable image (index %s): %s", batch["index"][i], exc)
     index = np.asarray(batch["index"], dtype=np.int64)[keep]
     if mode == "two_view":

@@ -63,7 +63,9 @@ def load_catalogue(
 
 @dataclass
 class SplitRows:
-    """Undecoded rows (`jpeg`, `label_index`, `index`) and what each row is, by `index`."""
+    """Undecoded rows (`jpeg` bytes from shards, or `path` for catalogue files, read by the task
+    that decodes them: see `pipelines.encoded_images`), `label_index`, `index`, and what each
+    row is, by `index`."""
 
     dataset: ray.data.Dataset
     table: pd.DataFrame  # index -> image, label_index, origin (None when unknown)
