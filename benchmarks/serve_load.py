@@ -64,14 +64,20 @@ def test_image(size: int) -> bytes:
     return buffer.getvalue()
 
 
-async def run_load(url: str, path: str, data: bytes, concurrency: int, total: int) -> LoadResult:
+async def run_load(
+    url: str, path: str, data: bytes | None, concurrency: int, total: int
+) -> LoadResult:
+    """`total` POSTs of `data` (GETs when None) from `concurrency` closed-loop clients."""
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
 
         async def one() -> None:
             started = time.perf_counter()
-            response = await client.post(path, files={"file": ("lesion.jpg", data)})
+            if data is None:
+                response = await client.get(path)
+            else:
+                response = await client.post(path, files={"file": ("lesion.jpg", data)})
             response.raise_for_status()
             latencies.append((time.perf_counter() - started) * 1000)
 
@@ -179,6 +185,10 @@ def main() -> None:
                 print(f"batching {batching} c={concurrency}: {result.throughput:.1f} img/s")
         gradcam = asyncio.run(run_load(url, "/v1/gradcam", data, 1, args.gradcam_requests))
         rows.append(("n/a", gradcam))
+        # What HTTP alone costs here: proxy -> Ingress -> answer, no upload, no model call.
+        for concurrency in args.concurrency:
+            live = asyncio.run(run_load(url, "/healthz/live", None, concurrency, args.requests))
+            rows.append(("n/a (transport only)", live))
     finally:
         stop_local()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -13,6 +13,7 @@ import httpx
 import ray
 from ray import serve
 
+from dermanet.runtime import serve_fast_path_default
 from dermanet.serving.app import build_app
 from dermanet.serving.settings import ServeSettings
 
@@ -31,6 +32,7 @@ def start_local(
 ) -> str:
     """Start a private local Ray, Serve on host:port and the app; return the base URL."""
     if not ray.is_initialized():
+        serve_fast_path_default()
         ray.init(
             address="local",
             num_cpus=num_cpus,
