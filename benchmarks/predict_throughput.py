@@ -7,9 +7,10 @@ Same model (weights/default.pt unless --model), same real derm-sample images, tw
 derm-sample's 341x256 files as they are, and 600x450 upscaled copies (HAM10000's original size)
 written to a temporary folder. Methods, each end to end (files in, result rows out):
 - plain loop: one process, Predictor.decode + Predictor.predict_batch per batch, every core;
-- jobs/predict.py (`run_prediction`) on a local Ray with the machine's cores, 1 model worker
-  (1 CPU) and 2 model workers (0.5 CPU each), decoding in 1-CPU Ray tasks; the time includes
-  starting the workers (`startup` = the same run on one batch);
+- jobs/predict.py (`run_prediction`) on a local Ray with the machine's cores: 1 model worker
+  (1 CPU) with read+prepare tasks of 1 or 0.5 CPU (one or two at a time beside the worker on
+  2 cores), and 2 model workers of 0.5 CPU; the time includes starting the workers
+  (`startup` = the same run on one batch);
 - sequential HTTP: one POST /v1/classify at a time to a private Serve (default replicas).
 The plain loop and the job use the same --backend (auto: ONNX Runtime on a CPU, as Serve).
 Medians of --repeats rounds, methods interleaved per round. Prints Markdown tables for
@@ -43,9 +44,10 @@ from dermanet.paths import sample_available, sample_dir
 
 LONG_RUN = Path("/tmp/dn/LONG_RUN")
 UPSCALED = (600, 450)
-RAY_CONFIGS = {  # label: (workers, CPUs per worker)
-    "jobs/predict.py, 1 worker": (1, 1.0),
-    "jobs/predict.py, 2 workers": (2, 0.5),
+RAY_CONFIGS = {  # label: (model workers, CPUs per worker, CPUs per read+prepare task)
+    "jobs/predict.py, 1 worker, 1-CPU tasks": (1, 1.0, 1.0),
+    "jobs/predict.py, 1 worker, 0.5-CPU tasks": (1, 1.0, 0.5),
+    "jobs/predict.py, 2 workers, 0.5-CPU tasks": (2, 0.5, 0.5),
 }
 
 
@@ -171,11 +173,13 @@ def main() -> None:
         predictor = Predictor(model.loaded, backend=args.backend)
         init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
 
-        def settings(paths_csv: str, workers: int, cpus: float) -> PredictSettings:
+        def settings(
+            paths_csv: str, workers: int, cpus: float, task_cpus: float
+        ) -> PredictSettings:
             return PredictSettings(
                 input=paths_csv, output=str(work / "out.parquet"), overwrite=True,
                 model=args.model, batch_size=args.batch_size, num_workers=workers,
-                cpus_per_worker=cpus, decode_cpus=1.0, backend=args.backend,
+                cpus_per_worker=cpus, decode_cpus=task_cpus, backend=args.backend,
             )  # fmt: skip
 
         inputs = {size: path_list(paths, work / f"{size}.csv") for size, paths in sizes.items()}
@@ -187,9 +191,9 @@ def main() -> None:
             "plain loop": lambda size: plain_loop(predictor, sizes[size], args.batch_size,
                                                   work / "plain.parquet"),
         }  # fmt: skip
-        for label, (workers, cpus) in RAY_CONFIGS.items():
-            methods[label] = lambda size, w=workers, c=cpus: ray_job(settings(inputs[size], w, c))
-        ray_job(settings(one_batch["341x256"], 1, 1.0))  # warm-up: Ray's worker processes
+        for label, config in RAY_CONFIGS.items():
+            methods[label] = lambda size, c=config: ray_job(settings(inputs[size], *c))
+        ray_job(settings(one_batch["341x256"], 1, 1.0, 1.0))  # warm-up: Ray's worker processes
         seconds: dict[tuple[str, str], list[float]] = {}
         startup: dict[tuple[str, str], list[float]] = {}
         for round_ in range(args.repeats):
@@ -198,8 +202,8 @@ def main() -> None:
                     seconds.setdefault((size, label), []).append(method(size))
                     print(f"round {round_ + 1} {size} {label}: "
                           f"{seconds[(size, label)][-1]:.2f} s", flush=True)  # fmt: skip
-                for label, (workers, cpus) in RAY_CONFIGS.items():
-                    job = settings(one_batch[size], workers, cpus)
+                for label, config in RAY_CONFIGS.items():
+                    job = settings(one_batch[size], *config)
                     startup.setdefault((size, label), []).append(ray_job(job))
         steps = {size: profile(predictor, paths, args.batch_size) for size, paths in sizes.items()}
         # Sequential HTTP last: Serve's replicas hold CPUs the Ray Data workers need.
