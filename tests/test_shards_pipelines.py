@@ -178,6 +178,20 @@ def test_eval_pipeline_is_deterministic(synthetic_shards: str) -> None:
     np.testing.assert_array_equal(images[0], images[1])
 
 
+def test_frame_blocks_get_new_columns_in_every_row(ray_local) -> None:
+    """Training adds a per-row random draw (`with_column`); Ray Data aligned it by the pandas
+    index, so blocks cut from a catalogue after the first 256 rows got NaN and a training
+    stream from raw files over 256 images failed."""
+    from ray.data.expressions import random
+
+    from dermanet.data.ray_io import dataset_from_frame
+
+    ds = dataset_from_frame(pd.DataFrame({"index": np.arange(600)}), rows_per_block=256)
+    batches = ds.with_column("u", random(seed=0)).iter_batches(batch_format="numpy")
+    u = np.concatenate([b["u"] for b in batches])
+    assert len(u) == 600 and not np.isnan(u).any()
+
+
 def test_raw_file_and_folder_sources(ray_local, synthetic_with_corrupt, synthetic_dir) -> None:
     cat, bad = synthetic_with_corrupt
     rows = catalogue_rows(cat)
