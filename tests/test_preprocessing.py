@@ -100,3 +100,31 @@ def test_shades_of_gray_is_exactly_the_per_pixel_scaling() -> None:
         gain = 1.0 / (illuminant * np.sqrt(3.0) + 1e-6)
         expected = np.clip(pixels * gain, 0, 255).astype(np.uint8)  # the code before issue 16
         np.testing.assert_array_equal(shades_of_gray(image), expected)
+
+
+@pytest.mark.parametrize("color_constancy", ["none", "shades_of_gray"])
+def test_evaluation_batches_are_the_served_pixels(color_constancy: str) -> None:
+    """Validation during training and jobs/evaluate.py score exactly the pixels the server
+    feeds its model: the same reduced-scale JPEG decoding and resize (a 1100x800 upload decodes
+    at 1/4 scale for a 64 px model; full-size decoding gives other pixels)."""
+    from dermanet.data.pipelines import decode_transform_batch
+    from dermanet.data.synthetic import draw_lesion
+    from dermanet.inference.predictor import Preprocessing
+
+    rng = np.random.default_rng(3)
+    uploads = []
+    for size in ((1100, 800), (300, 200)):
+        lesion, _ = draw_lesion("MEL", 512, rng)
+        buffer = io.BytesIO()
+        Image.fromarray(lesion).resize(size).save(buffer, "JPEG", quality=90)
+        uploads.append(buffer.getvalue())
+    batch = {
+        "jpeg": np.array(uploads, dtype=object),
+        "label_index": np.array([0, 1]),
+        "index": np.array([7, 8]),
+    }
+    out = decode_transform_batch(batch, "eval", 64, color_constancy)
+    served = Preprocessing(64, color_constancy)
+    for image, data in zip(out["image"], uploads, strict=True):
+        expected = served.pixels(served.decode(data))
+        np.testing.assert_array_equal(image, expected.transpose(2, 0, 1))

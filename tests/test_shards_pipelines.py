@@ -114,18 +114,20 @@ def test_streamed_batches_contract(synthetic_shards: str) -> None:
 def test_normalised_batches_match_the_serving_preprocessing(
     synthetic_shards: str, synthetic_with_corrupt
 ) -> None:
-    """Training normalises uint8 on the device; serving uses to_model_input: same numbers."""
-    from dermanet.data.images import decode_image_fast
+    """Evaluation normalises uint8 on the device; the server decodes, resizes and normalises
+    with its Preprocessing: the same numbers."""
     from dermanet.data.pipelines import NormalizedBatches
-    from dermanet.data.transforms import eval_transform, to_model_input
+    from dermanet.data.transforms import DERM_MEAN, DERM_STD, pixels_to_tensor
+    from dermanet.inference.predictor import Preprocessing
 
     ds = build_pipeline(read_shards(synthetic_shards, "val"), "eval", PipelineConfig(img_size=32))
     batch = next(iter(NormalizedBatches(ds.iter_torch_batches(batch_size=4))))
     assert batch["image"].dtype == torch.float32
     rows = _shard_rows(synthetic_shards).set_index("index")
     for image, index in zip(batch["image"], batch["index"], strict=True):
-        pixels = decode_image_fast(rows.loc[int(index), "jpeg"])
-        expected = to_model_input(eval_transform(32), pixels)
+        served = Preprocessing(32)
+        pixels = served.pixels(served.decode(rows.loc[int(index), "jpeg"]))
+        expected = pixels_to_tensor([pixels], DERM_MEAN, DERM_STD)[0].numpy()
         np.testing.assert_allclose(image.numpy(), expected, atol=1e-5)
 
 

@@ -34,14 +34,20 @@ from ray.data.expressions import random
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import SPLITS
-from dermanet.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image_fast
+from dermanet.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    decode_image,
+    decode_image_fast,
+)
 from dermanet.data.ray_io import dataset_from_frame
 from dermanet.data.shards import shard_dir
 from dermanet.data.transforms import (
     DERM_MEAN,
     DERM_STD,
     byol_transform,
-    eval_transform,
+    decode_side,
+    eval_pixels,
     normalize_images,
     to_uint8_chw,
     train_transform,
@@ -188,8 +194,6 @@ def _transform(mode: Mode, img_size: int, color_constancy: str, camera_p: float)
     if mode == "train":
         return train_transform(img_size, normalize=False, color_constancy=color_constancy,
                                camera_p=camera_p)  # fmt: skip
-    if mode == "eval":
-        return eval_transform(img_size, normalize=False, color_constancy=color_constancy)
     return byol_transform(img_size, normalize=False)
 
 
@@ -204,22 +208,35 @@ def decode_transform_batch(
     unreadable images are dropped + logged.
 
     The one place where bytes become model input, shared by Ray Data, the benchmark's
-    DataLoader baseline and evaluation. Training streams carry `u`, this epoch's seeded random
-    draw per row: the batch's augmentation is seeded from it, so seeded runs repeat exactly.
+    DataLoader baseline and evaluation. Evaluation (validation during training, jobs/evaluate.py)
+    decodes and resizes exactly as the server does (`decode_image` towards `decode_side`,
+    `eval_pixels`), so a reported score is the served model's. Training streams carry `u`,
+    this epoch's seeded random draw per row: the batch's augmentation is seeded from it, so
+    seeded runs repeat exactly.
     """
-    transform = _transform(mode, img_size, color_constancy, camera_p)
-    if "u" in batch and len(batch["u"]):
+    transform = None if mode == "eval" else _transform(mode, img_size, color_constancy, camera_p)
+    if transform is not None and "u" in batch and len(batch["u"]):
         transform.set_random_seed(int(batch["u"][0] * 2**31) ^ int(batch["index"][0]) % 2**31)
     keep, images = [], []
     for i, data in enumerate(encoded_images(batch)):
         try:
             if isinstance(data, OSError):
                 raise data
-            images.append(decode_image_fast(data))
+            if mode == "eval":  # the server's decoding, so validation scores what it serves
+                images.append(decode_image(data, min_short_side=decode_side(img_size)))
+            else:
+                images.append(decode_image_fast(data))
             keep.append(i)
         except (ImageDecodeError, OSError) as exc:
             log.warning("skipping unreadable image (index %s): %s", batch["index"][i], exc)
     index = np.asarray(batch["index"], dtype=np.int64)[keep]
+    if mode == "eval":  # eval_pixels: eval_transform's steps, as the Predictor runs them
+        pixels = [eval_pixels(im, img_size, color_constancy).transpose(2, 0, 1) for im in images]
+        return {
+            "image": _stack([np.ascontiguousarray(p) for p in pixels], img_size),
+            "label": np.asarray(batch["label_index"], dtype=np.int64)[keep],
+            "index": index,
+        }
     if mode == "two_view":
         return {
             "view1": _stack([to_uint8_chw(transform, im) for im in images], img_size),

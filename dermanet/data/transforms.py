@@ -1,7 +1,9 @@
 """Albumentations pipelines: one definition of training and evaluation preprocessing.
 
-Serving and evaluation call `eval_transform` + `to_model_input` too, so preprocessing can never
-drift between training and inference.
+Serving, batch inference and evaluation (validation during training, jobs/evaluate.py) all
+run `eval_pixels` (the steps of `eval_transform` without albumentations' per-call overhead) on
+images decoded towards `decode_side`, so preprocessing cannot drift between what is scored and
+what is served; `eval_transform` stays as its reference definition.
 """
 
 from __future__ import annotations
