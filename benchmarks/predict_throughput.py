@@ -24,7 +24,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -128,12 +127,6 @@ def sequential_http(url: str, paths: list[Path]) -> float:
         return time.perf_counter() - started
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=600, help="images per size")
@@ -159,7 +152,7 @@ def main() -> None:
 
     from dermanet.runtime import init_ray
     from dermanet.serving import ServeSettings
-    from dermanet.serving.runner import start_local, stop_local
+    from dermanet.serving.runner import free_port, start_local, stop_local
 
     work = Path(tempfile.mkdtemp(prefix="predict-bench-", dir="/tmp"))
     load_before = ", ".join(f"{v:.1f}" for v in os.getloadavg())

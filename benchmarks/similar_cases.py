@@ -1,8 +1,8 @@
 """Similar confirmed cases, measured: the k-NN vote against the softmax, /v1/similar latency.
 
-    nice -n 15 .venv/bin/python benchmarks/similar_cases.py --shards /tmp/dn/shards160 \\
+    nice -n 15 .venv/bin/python -m benchmarks.similar_cases --shards /tmp/dn/shards160 \\
         --part accuracy
-    mkdir /tmp/dn/BENCH_LOCK && .venv/bin/python benchmarks/similar_cases.py \\
+    mkdir /tmp/dn/BENCH_LOCK && .venv/bin/python -m benchmarks.similar_cases \\
         --shards /tmp/dn/shards160 --part latency; rmdir /tmp/dn/BENCH_LOCK
 
 accuracy: every TEST image goes through the same Ray Data path as the index
@@ -27,7 +27,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.bench_common import latencies_ms
 from dermanet.data.sources import DataLocation, split_rows
 from dermanet.eval.metrics import classification_metrics
 from dermanet.inference.similar import SimilarityIndex, exact_search, index_path
@@ -160,12 +160,6 @@ def test_uploads(location: DataLocation, count: int) -> tuple[list[bytes], str]:
     return [by_index[i] for i in rows.index], "the shards' JPEGs"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def timed(call: Callable[[], httpx.Response]) -> float:
     started = time.perf_counter()
     response = call()
@@ -176,18 +170,12 @@ def timed(call: Callable[[], httpx.Response]) -> float:
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return statistics.median(latencies_ms(run, repeats, warmup=1))
 
 
 def latency_part(args: argparse.Namespace, model: Path, location: DataLocation) -> str:
     from dermanet.serving import ServeSettings
-    from dermanet.serving.runner import start_local, stop_local
+    from dermanet.serving.runner import free_port, start_local, stop_local
 
     uploads, what = test_uploads(location, args.uploads)
     model_id = model.stem

@@ -38,22 +38,24 @@ def init_ray(
     num_cpus: int | None = None,
     include_dashboard: bool | None = None,
     log_to_driver: bool = True,
-) -> None:
-    """Start or join Ray once per process.
+) -> str | None:
+    """Start or join Ray once per process; return the cluster address joined, or None when
+    this process runs a local Ray (whose resources cannot grow) or Ray was already up.
 
     With no address (and no RAY_ADDRESS, as under `ray job submit`) an embedded local Ray is
     started. Under `ray job submit` the job joins the cluster it was submitted to.
     """
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
         log.info("joined Ray cluster at %s", address)
-        return
+        return address
     serve_fast_path_default()
     ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=log_to_driver)
     log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+    return None
 
 
 def check_storage_location(location: str) -> None:

@@ -6,12 +6,14 @@ on a laptop and on a cluster; pyarrow's filesystems do the work.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
@@ -52,12 +54,28 @@ def delete_dir_contents(location: str | Path) -> None:
         fs.delete_dir_contents(path)
 
 
+BUCKET_SCHEMES = ("s3", "gs", "gcs")  # object stores: one filesystem per bucket
+
+
+@functools.lru_cache(maxsize=8)
+def _bucket_filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")[0]
+
+
 def read_bytes(location: str | Path) -> bytes:
-    """Whole file as bytes, from a local path or a URI."""
+    """Whole file as bytes, from a local path or a URI.
+
+    One filesystem per bucket and process, reused: an S3 filesystem looks up the bucket's
+    region when it is made, which per image would cost more than reading it.
+    """
     if not is_uri(location):
         return Path(location).read_bytes()
-    fs, path = resolve_filesystem(location)
-    with fs.open_input_stream(path) as stream:
+    parts = urlparse(str(location))
+    if parts.scheme in BUCKET_SCHEMES:
+        filesystem, path = _bucket_filesystem(parts.scheme, parts.netloc), parts.netloc + parts.path
+    else:
+        filesystem, path = resolve_filesystem(location)
+    with filesystem.open_input_stream(path) as stream:
         return stream.read()
 
 

@@ -12,7 +12,6 @@ answers POST /v1/similar from it. Unreadable images are left out and listed, nev
 
 from __future__ import annotations
 
-import os
 import sys
 
 from dermanet.cli import parse_settings, run_job, settings_parser, setup_logging
@@ -30,9 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def work():
         settings.validate()
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        init_ray(address=address)
-        return build_index(settings, fixed_cluster=not address)
+        joined = init_ray(address=args.address)
+        return build_index(settings, fixed_cluster=joined is None)
 
     code, outcome = run_job(work)
     if outcome is not None:

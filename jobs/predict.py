@@ -14,7 +14,6 @@ never fatal). The numbers are the server's: same decoder, same Predictor.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from dermanet.cli import parse_settings, run_job, settings_parser, setup_logging
@@ -32,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def work():
         settings.validate()
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        init_ray(address=address)
-        return run_prediction(settings, fixed_cluster=not address)
+        joined = init_ray(address=args.address)
+        return run_prediction(settings, fixed_cluster=joined is None)
 
     code, outcome = run_job(work)
     if outcome is not None:

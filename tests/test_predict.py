@@ -8,7 +8,6 @@ and set fields are compared for accepted and refused images.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest_serve import encode_image
 from PIL import Image
 
 from dermanet.classes import CLASS_NAMES
@@ -42,10 +42,8 @@ SAME = {"abs": 1e-6}
 SERVED = {"abs": 1e-5}
 
 
-def jpeg(pixels: np.ndarray, quality: int = 92) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+def jpeg(pixels: np.ndarray) -> bytes:
+    return encode_image(pixels, "JPEG", quality=92)
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +76,13 @@ def archive(tmp_path_factory, planting) -> Path:
             Image.fromarray(picture).convert("RGBA").save(deep / f"lesion_{i}.png")
     noise = rng.integers(0, 255, (96, 120, 3), dtype=np.uint8)
     (root / "noise.jpg").write_bytes(jpeg(noise))
-    (deep / "grey_card.png").write_bytes(_png(np.full((90, 90, 3), 128, np.uint8)))
+    (deep / "grey_card.png").write_bytes(encode_image(np.full((90, 90, 3), 128, np.uint8)))
     (root / "broken.jpg").write_bytes(b"this is not an image")
     whole = (root / "lesion_0.jpg").read_bytes()
     (deep / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
     (root / "notes.txt").write_text("not an image, not listed")
     (root / ".hidden.jpg").write_bytes(whole)  # dot-files are skipped
     return root
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def image_files(root: Path) -> list[Path]:

@@ -156,19 +156,13 @@ def read_image_folders(folders: list[str]) -> ray.data.Dataset:
     return ds.map_batches(_binary_to_rows, batch_format="pandas", num_cpus=IO_CPUS)
 
 
-def encoded_images(batch: Mapping[str, Any]) -> list[bytes | OSError]:
-    """Each row's encoded image: the `jpeg` column (shards, image folders), or the file at
-    `path` (catalogue sources, read by the task that decodes them); an unreadable file gives
-    its OSError, for the caller to report."""
-    if "jpeg" in batch:
-        return [bytes(data) for data in batch["jpeg"]]
-    out: list[bytes | OSError] = []
-    for path in batch["path"]:
-        try:
-            out.append(read_bytes(str(path)))
-        except OSError as exc:
-            out.append(exc)
-    return out
+def encoded_image(batch: Mapping[str, Any] | pd.DataFrame, row: int) -> bytes:
+    """The encoded image of a batch's `row`-th row (numpy or pandas batch): its `jpeg` bytes
+    (shards, image folders), or the file at its `path` (catalogue sources, read by the task
+    that decodes it); OSError when unreadable."""
+    column = batch["jpeg"] if "jpeg" in batch else batch["path"]
+    value = column.iloc[row] if isinstance(column, pd.Series) else column[row]  # by position
+    return bytes(value) if "jpeg" in batch else read_bytes(str(value))
 
 
 def _binary_to_rows(batch: pd.DataFrame) -> pd.DataFrame:
@@ -218,36 +212,36 @@ def decode_transform_batch(
     if transform is not None and "u" in batch and len(batch["u"]):
         transform.set_random_seed(int(batch["u"][0] * 2**31) ^ int(batch["index"][0]) % 2**31)
     keep, images = [], []
-    for i, data in enumerate(encoded_images(batch)):
+    for i in range(len(batch["index"])):
         try:
-            if isinstance(data, OSError):
-                raise data
-            if mode == "eval":  # the server's decoding, so validation scores what it serves
-                images.append(decode_image(data, min_short_side=decode_side(img_size)))
-            else:
-                images.append(decode_image_fast(data))
+            images.append(_decode(encoded_image(batch, i), mode, img_size))
             keep.append(i)
         except (ImageDecodeError, OSError) as exc:
             log.warning("skipping unreadable image (index %s): %s", batch["index"][i], exc)
     index = np.asarray(batch["index"], dtype=np.int64)[keep]
-    if mode == "eval":  # eval_pixels: eval_transform's steps, as the Predictor runs them
-        pixels = [eval_pixels(im, img_size, color_constancy).transpose(2, 0, 1) for im in images]
-        return {
-            "image": _stack([np.ascontiguousarray(p) for p in pixels], img_size),
-            "label": np.asarray(batch["label_index"], dtype=np.int64)[keep],
-            "index": index,
-        }
     if mode == "two_view":
         return {
             "view1": _stack([to_uint8_chw(transform, im) for im in images], img_size),
             "view2": _stack([to_uint8_chw(transform, im) for im in images], img_size),
             "index": index,
         }
+    if mode == "eval":  # eval_pixels: eval_transform's steps, as the Predictor runs them
+        chw = [eval_pixels(im, img_size, color_constancy).transpose(2, 0, 1) for im in images]
+    else:
+        chw = [to_uint8_chw(transform, im) for im in images]
     return {
-        "image": _stack([to_uint8_chw(transform, im) for im in images], img_size),
+        "image": _stack([np.ascontiguousarray(c) for c in chw], img_size),
         "label": np.asarray(batch["label_index"], dtype=np.int64)[keep],
         "index": index,
     }
+
+
+def _decode(data: bytes, mode: Mode, img_size: int) -> np.ndarray:
+    """Evaluation decodes as the server does (towards `decode_side`), so validation scores
+    what it serves; training and BYOL take the fast full-size decoder."""
+    if mode == "eval":
+        return decode_image(data, min_short_side=decode_side(img_size))
+    return decode_image_fast(data)
 
 
 def _stack(arrays: list[np.ndarray], img_size: int) -> np.ndarray:

@@ -64,7 +64,7 @@ def load_catalogue(
 @dataclass
 class SplitRows:
     """Undecoded rows (`jpeg` bytes from shards, or `path` for catalogue files, read by the task
-    that decodes them: see `pipelines.encoded_images`), `label_index`, `index`, and what each
+    that decodes them: see `pipelines.encoded_image`), `label_index`, `index`, and what each
     row is, by `index`."""
 
     dataset: ray.data.Dataset

@@ -17,7 +17,7 @@ import ray.data
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import ImageDecodeError, decode_image
-from dermanet.data.pipelines import encoded_images
+from dermanet.data.pipelines import encoded_image
 from dermanet.inference.checkpoint import LoadedCheckpoint
 from dermanet.inference.predictor import Predictor
 from dermanet.trust.conformal import prediction_sets
@@ -55,11 +55,9 @@ def quality_ok(dataset: ray.data.Dataset, index: np.ndarray) -> np.ndarray:
     """The quality checks on each row's decoded image (the serving decoder), in `index` order."""
     verdict: dict[int, bool] = {}
     for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
-        for row_index, data in zip(batch["index"], encoded_images(batch), strict=True):
+        for row, row_index in enumerate(batch["index"]):
             try:
-                if isinstance(data, OSError):
-                    raise data
-                verdict[int(row_index)] = assess_quality(decode_image(data)).ok
+                verdict[int(row_index)] = assess_quality(decode_image(encoded_image(batch, row))).ok
             except (ImageDecodeError, OSError):
                 verdict[int(row_index)] = False
     return np.array([verdict.get(int(i), False) for i in index])

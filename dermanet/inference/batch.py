@@ -16,14 +16,13 @@ This module needs Ray (the rest of `dermanet.inference` does not); import it exp
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -62,6 +61,7 @@ log = logging.getLogger(__name__)
 OUTPUT_FORMATS = (".parquet", ".csv")
 SERVER_MAX_PIXELS = 40_000_000  # ServeSettings.max_image_pixels: the same guard as the server
 DECODE_BATCH = 16  # images decoded per call (bounds the memory of one output block)
+PREPARED_COLUMNS = ("pixels", "quality")  # what the CPU tasks hand the model workers
 PROGRESS_EVERY_S = 10.0
 
 
@@ -283,23 +283,6 @@ def _load_bytes(data: bytes, map_location: str = "cpu") -> LoadedCheckpoint:
 # ---------------------------------------------------------------- Ray Data stages
 
 
-@functools.lru_cache(maxsize=8)
-def _uri_filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
-    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")[0]
-
-
-def read_file(path: str) -> bytes:
-    """Whole file from a local path or URI. Unlike `storage.read_bytes`, one filesystem per
-    bucket and process: an S3 filesystem looks up the bucket's region when it is made."""
-    if not is_uri(path):
-        return Path(path).read_bytes()
-    parts = urlparse(path)
-    filesystem = _uri_filesystem(parts.scheme, parts.netloc)
-    inner = parts.netloc + parts.path if parts.scheme not in ("file", "local") else parts.path
-    with filesystem.open_input_stream(inner) as stream:
-        return stream.read()
-
-
 def read_error(exc: BaseException) -> str:
     if isinstance(exc, ImageDecodeError):
         return str(exc)
@@ -336,7 +319,7 @@ def decode_rows(batch: pd.DataFrame, preprocessing: Preprocessing, max_pixels: i
     errors: list[str | None] = []
     for path in batch["path"]:
         try:
-            images.append(preprocessing.decode(read_file(str(path)), max_pixels=max_pixels))
+            images.append(preprocessing.decode(read_bytes(str(path)), max_pixels=max_pixels))
             errors.append(None)
         except (ImageDecodeError, OSError) as exc:
             images.append(None)
@@ -465,44 +448,71 @@ def build_dataset(
     # One read+decode task per model batch: decoding and the model overlap batch by batch, and
     # every worker of the pool gets input (a worker receives whole blocks).
     source = dataset_from_frame(rows, rows_per_block=settings.batch_size)
-    workers = min(settings.num_workers, math.ceil(len(rows) / settings.batch_size))
-    context = source.context
-    context.execution_options.preserve_order = True  # rows come out in listing order
+    source.context.execution_options.preserve_order = True  # rows come out in listing order
+    return prepare_and_score(
+        source,
+        decode_rows,
+        {"max_pixels": settings.max_image_pixels},
+        model,
+        schema,
+        workers=min(settings.num_workers, math.ceil(len(rows) / settings.batch_size)),
+        batch_size=settings.batch_size,
+        cpus_per_worker=settings.cpus_per_worker,
+        decode_cpus=settings.decode_cpus,
+        use_gpu=settings.use_gpu,
+        backend=settings.backend,
+    )
+
+
+def prepare_and_score(
+    source: ray.data.Dataset,
+    prepare: Callable[..., pa.Table],
+    prepare_kwargs: dict[str, Any],
+    model: ModelSource,
+    schema: pa.Schema,
+    *,
+    workers: int,
+    batch_size: int,
+    cpus_per_worker: float,
+    decode_cpus: float,
+    use_gpu: bool = False,
+    backend: str = "auto",
+) -> ray.data.Dataset:
+    """`prepare` (called with the model's `Preprocessing` and `prepare_kwargs`) in CPU tasks
+    of `decode_cpus`, then a pool of `workers` `PredictWorker` actors taking `batch_size`
+    rows: the stages of batch inference and of the similar-cases index."""
     # Ray Data's per-operator CPU reservation would hold decode to ~1 task beside the workers on
     # a small machine (see dermanet.data.pipelines); the actor pool is sized by flags anyway.
-    context.op_resource_reservation_enabled = False
-    decoded = source.map_batches(
-        decode_rows,
+    source.context.op_resource_reservation_enabled = False
+    prepared = source.map_batches(
+        prepare,
         # What the server does before its model call (decode, resize, colour constancy,
         # quality checks), here in CPU tasks without a model.
-        fn_kwargs={
-            "preprocessing": Predictor(model.loaded).preprocessing,
-            "max_pixels": settings.max_image_pixels,
-        },
+        fn_kwargs={"preprocessing": Preprocessing.for_checkpoint(model.loaded), **prepare_kwargs},
         batch_size=DECODE_BATCH,
         batch_format="pandas",
-        num_cpus=settings.decode_cpus,
+        num_cpus=decode_cpus,
         # Ray Data fuses a task map into the next actor map when their remote args match,
         # which would decode inside the model workers, one image after the other. Stating
         # Ray's default for CPU tasks (worker processes reused without limit) keeps decoding
         # in its own parallel CPU tasks.
         max_calls=0,
     )
-    return decoded.map_batches(
+    return prepared.map_batches(
         PredictWorker,
         fn_constructor_kwargs={
             "model": ray.put(model.data),
             "model_id": model.model_id,
             "risk": RiskPolicy.from_env().to_dict(),
             "schema": schema,
-            "use_gpu": settings.use_gpu,
-            "backend": settings.backend,
+            "use_gpu": use_gpu,
+            "backend": backend,
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
-        batch_size=settings.batch_size,
+        batch_size=batch_size,
         batch_format="pyarrow",
-        num_cpus=settings.cpus_per_worker,
-        num_gpus=1 if settings.use_gpu else None,
+        num_cpus=cpus_per_worker,
+        num_gpus=1 if use_gpu else None,
     )
 
 
@@ -636,7 +646,7 @@ def score_rows(
         raise ValueError(f"rows to score need columns {sorted(missing)}")
     rows = rows.astype(object).where(rows.notna(), None).reset_index(drop=True)
     rows = rows.map(lambda v: v if v is None else str(v))
-    reserved = set(output_schema([], 1).names) | {"height", "width", "pixels"}
+    reserved = set(output_schema([], 1).names) | set(PREPARED_COLUMNS)
     passthrough = [c for c in rows.columns if c not in reserved]
     feature_dim = model.loaded.config.feature_dim if settings.embeddings else None
     schema = output_schema(passthrough, feature_dim)

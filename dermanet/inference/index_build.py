@@ -25,30 +25,27 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-import ray.data
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import SPLITS
 from dermanet.data.images import ImageDecodeError, encode_jpeg, shrink_image
-from dermanet.data.pipelines import encoded_images
+from dermanet.data.pipelines import encoded_image
 from dermanet.data.shards import shard_dir
 from dermanet.data.sources import DataLocation, catalogue_rows, load_catalogue, split_rows
 from dermanet.inference.batch import (
     SERVER_MAX_PIXELS,
     ModelSource,
     PredictSettings,
-    PredictWorker,
     check_resources,
     model_dir_option,
     model_option,
     output_schema,
+    prepare_and_score,
     prepare_column,
     resolve_model,
 )
-from dermanet.inference.predictor import Predictor, Preprocessing
+from dermanet.inference.predictor import Preprocessing
 from dermanet.inference.registry import ModelRegistry, RegistryError
-from dermanet.inference.risk import RiskPolicy
 from dermanet.inference.similar import index_path, write_index
 from dermanet.settings import check_settings, option
 from dermanet.storage import is_uri, resolve_filesystem
@@ -56,7 +53,6 @@ from dermanet.storage import is_uri, resolve_filesystem
 log = logging.getLogger(__name__)
 
 INDEX_SPLITS = ("train", "train+val")  # never test: retrieval is measured on it
-DECODE_BATCH = 16
 THUMBNAIL_QUALITY = 80
 
 
@@ -203,11 +199,9 @@ def decode_batch(
     images: list[np.ndarray | None] = []
     thumbs: list[bytes | None] = []
     errors: list[str | None] = []
-    for data in encoded_images(batch):
+    for row in range(len(batch)):
         try:
-            if isinstance(data, OSError):
-                raise data
-            image = preprocessing.decode(data, max_pixels=max_pixels)
+            image = preprocessing.decode(encoded_image(batch, row), max_pixels=max_pixels)
         except (ImageDecodeError, OSError) as exc:
             images.append(None)
             thumbs.append(None)
@@ -236,7 +230,8 @@ def embed_split(
 ) -> EmbeddedSplit:
     """Run the served model over some splits with Ray Data (Ray must be running).
 
-    read (quarter-CPU tasks) -> decode + thumbnail (CPU tasks) -> PredictWorker actor pool.
+    shard reads -> decode + prepare + thumbnail (CPU tasks) -> PredictWorker actor pool
+    (`batch.prepare_and_score`, as jobs/predict.py).
     """
     rows = split_rows(location, splits)
     lesions = lesion_ids(location, splits)
@@ -244,34 +239,17 @@ def embed_split(
     schema = output_schema([], feature_dim)
     schema = schema.append(pa.field("index", pa.int64())).append(pa.field("thumbnail", pa.binary()))
     source = rows.dataset.repartition(target_num_rows_per_block=settings.batch_size)
-    context = source.context
-    context.op_resource_reservation_enabled = False  # as in batch.build_dataset
-    decoded = source.map_batches(
+    scored = prepare_and_score(
+        source,
         decode_batch,
-        fn_kwargs={
-            "preprocessing": Predictor(model.loaded).preprocessing,
-            "max_pixels": SERVER_MAX_PIXELS,
-            "thumbnail_px": settings.thumbnails,
-        },
-        batch_size=DECODE_BATCH,
-        batch_format="pandas",
-        num_cpus=settings.decode_cpus,
-        max_calls=0,  # keep decoding out of the model actors (see batch.build_dataset)
-    )
-    workers = min(settings.num_workers, max(1, math.ceil(len(rows) / settings.batch_size)))
-    scored = decoded.map_batches(
-        PredictWorker,
-        fn_constructor_kwargs={
-            "model": ray.put(model.data),
-            "model_id": model.model_id,
-            "risk": RiskPolicy.from_env().to_dict(),
-            "schema": schema,
-            "use_gpu": False,
-        },
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        {"max_pixels": SERVER_MAX_PIXELS, "thumbnail_px": settings.thumbnails},
+        model,
+        schema,
+        workers=min(settings.num_workers, max(1, math.ceil(len(rows) / settings.batch_size))),
         batch_size=settings.batch_size,
-        batch_format="pyarrow",
-        num_cpus=settings.cpus_per_worker,
+        cpus_per_worker=settings.cpus_per_worker,
+        decode_cpus=settings.decode_cpus,
+        backend="torch",
     )
     wanted = ["index", "embedding", "thumbnail", "error", *(f"prob_{c}" for c in CLASS_NAMES)]
     parts = [

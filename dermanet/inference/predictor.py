@@ -159,6 +159,13 @@ class Preprocessing:
     color_constancy: str = "none"
     quality: QualityThresholds = field(default_factory=QualityThresholds)
 
+    @classmethod
+    def for_checkpoint(
+        cls, checkpoint: LoadedCheckpoint, quality: QualityThresholds | None = None
+    ) -> Preprocessing:
+        """What a checkpoint's model expects (its input size and colour constancy)."""
+        return cls(checkpoint.img_size, checkpoint.color_constancy, quality or QualityThresholds())
+
     @property
     def decode_side(self) -> int:
         """The short side uploads keep when decoded (`decode`): the model's input size, and
@@ -208,10 +215,7 @@ class Predictor:
         self.device = torch.device(device)
         self.model = checkpoint.model.to(self.device).eval()
         self.risk_policy = risk_policy or RiskPolicy()
-        self.quality = quality or QualityThresholds()
-        self.preprocessing = Preprocessing(
-            checkpoint.img_size, checkpoint.color_constancy, self.quality
-        )
+        self.preprocessing = Preprocessing.for_checkpoint(checkpoint, quality)
         self.engine = create_engine(checkpoint, backend, self.device)
 
     @classmethod
@@ -227,6 +231,10 @@ class Predictor:
     @property
     def backend(self) -> str:
         return self.engine.name
+
+    @property
+    def quality(self) -> QualityThresholds:
+        return self.preprocessing.quality
 
     @property
     def decode_side(self) -> int:

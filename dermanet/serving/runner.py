@@ -6,6 +6,7 @@ Ray instance (never someone else's cluster) and a readiness wait.
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from dermanet.serving.settings import ServeSettings
 APP_NAME = "dermanet"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A port nothing listens on now (for a private Serve beside others: tests, benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def start_local(

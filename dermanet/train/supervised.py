@@ -149,19 +149,18 @@ class SupervisedJob(TrainingJob):
                 total_steps=config["total_steps"],
             )
         )
-        if self.settings.pretrain_ckpt:
-            _, state = load_backbone_file(self.settings.pretrain_ckpt)
+        s = self.settings
+        if s.pretrain_ckpt:
+            _, state = load_backbone_file(s.pretrain_ckpt)
             report = module.model.load_backbone(state)
-            if module.ema_model is not None:
-                module.ema_model.load_state_dict(module.model.state_dict())
             if ray.train.get_context().get_world_rank() == 0:
-                log.warning("--pretrain-ckpt %s: %s", self.settings.pretrain_ckpt, report.summary())
-        if self.settings.init_checkpoint:
+                log.warning("--pretrain-ckpt %s: %s", s.pretrain_ckpt, report.summary())
+        if s.init_checkpoint:
             # Every weight, head included; a resume then overwrites them with the run's own state.
-            state = load_checkpoint(self.settings.init_checkpoint).model.state_dict()
+            state = load_checkpoint(s.init_checkpoint).model.state_dict()
             module.model.load_state_dict(state, strict=True)
-            if module.ema_model is not None:
-                module.ema_model.load_state_dict(module.model.state_dict())
+        if module.ema_model is not None and (s.pretrain_ckpt or s.init_checkpoint):
+            module.ema_model.load_state_dict(module.model.state_dict())  # average from there
         return module
 
     def required_metrics(self) -> tuple[str, ...]:
