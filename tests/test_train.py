@@ -180,6 +180,14 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
     flags = ["--csv", str(data / "metadata.csv"), "--images", str(data / "images")]
     bad_export = ["--checkpoint", str(shipped), *flags, "--output", str(tmp_path), "--export", "m"]
     assert evaluate_job.main(bad_export) == 2
+    # Scoring the shipped file on val (nothing to refit on) reports what the server returns:
+    # its stored temperature, and the sets and gate fitted with it.
+    val_dir = tmp_path / "eval-val"
+    shipped_val = ["--checkpoint", str(shipped), *flags, "--split", "val", "--output", str(val_dir)]
+    assert evaluate_job.main(shipped_val) == 0
+    val_report = json.loads((val_dir / "report.json").read_text())
+    assert val_report["temperature"] == pytest.approx(exported.temperature)
+    assert "sets" in val_report["trust"] and "quality_rejected" in val_report["trust"]
 
     # Re-running the same experiment with more epochs continues at epoch 4: none lost or repeated.
     resumed = run_training(

@@ -33,6 +33,7 @@ from dermanet.eval.plots import confusion_matrix_figure, reliability_figure, roc
 from dermanet.eval.trust_eval import fit_trust, quality_ok, trust_report
 from dermanet.eval.tta import TTA_MODES, tta_views
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from dermanet.inference.predictor import Preprocessing
 from dermanet.settings import check_settings, option
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,10 @@ class EvaluateSettings:
         const="flips",
     )
     calibrate: bool = option(
-        True, "fit the temperature on the val split's single-view logits", group="model"
+        True,
+        "fit the temperature on the val split's single-view logits; without it, and when val "
+        "itself or --split all is evaluated, the checkpoint's stored temperature is used",
+        group="model",
     )
     batch_size: int = option(64, "inference batch size", group="model", minimum=1)
     export: str | None = option(
@@ -196,7 +200,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
     splits = "all" if "all" in settings.split else settings.split
     predictions = predict_split(loaded, settings, splits)
     labels = predictions.labels
-    temperature = 1.0
+    temperature = loaded.temperature  # stored (1.0 for a training checkpoint) unless refitted
     whole = dataclasses.replace(settings, tta="none", origins=[])  # fitting sees every source
     val = None
     if settings.calibrate and splits != "all" and "val" not in splits:
@@ -239,7 +243,11 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
             predictions.single_view_logits,
             predictions.features,
             labels,
-            quality_ok(rows.dataset, predictions.table.index.to_numpy()),
+            quality_ok(
+                rows.dataset,
+                predictions.table.index.to_numpy(),
+                Preprocessing.for_checkpoint(loaded),
+            ),
             settings.ood,
         )
     origins = predictions.table["origin"]

@@ -10,19 +10,19 @@ gate refuses and the OOD AUROC.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray.data
 
 from dermanet.classes import CLASS_NAMES
-from dermanet.data.images import ImageDecodeError, decode_image
+from dermanet.data.images import ImageDecodeError
 from dermanet.data.pipelines import encoded_image
 from dermanet.inference.checkpoint import LoadedCheckpoint
-from dermanet.inference.predictor import Predictor
+from dermanet.inference.predictor import Predictor, Preprocessing
 from dermanet.trust.conformal import prediction_sets
 from dermanet.trust.evaluation import gate_scores, ood_report, set_report
-from dermanet.trust.features import iter_images
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
 from dermanet.trust.ood import ood_scores
 from dermanet.trust.ood_set import read_ood_manifest
@@ -51,13 +51,17 @@ def fit_trust(
     return stats
 
 
-def quality_ok(dataset: ray.data.Dataset, index: np.ndarray) -> np.ndarray:
-    """The quality checks on each row's decoded image (the serving decoder), in `index` order."""
+def quality_ok(
+    dataset: ray.data.Dataset, index: np.ndarray, preprocessing: Preprocessing
+) -> np.ndarray:
+    """The quality checks on each row as the server runs them (its reduced-scale decode and
+    thresholds, `Preprocessing`), in `index` order; an undecodable row fails them."""
     verdict: dict[int, bool] = {}
     for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
         for row, row_index in enumerate(batch["index"]):
             try:
-                verdict[int(row_index)] = assess_quality(decode_image(encoded_image(batch, row))).ok
+                image = preprocessing.decode(encoded_image(batch, row))
+                verdict[int(row_index)] = assess_quality(image, preprocessing.quality).ok
             except (ImageDecodeError, OSError):
                 verdict[int(row_index)] = False
     return np.array([verdict.get(int(i), False) for i in index])
@@ -99,12 +103,14 @@ def ood_set_report(
     predictor = Predictor(loaded)
     scores = []
     for start in range(0, len(manifest), 32):
-        images = list(iter_images(manifest["file"][start : start + 32]))
+        images = [
+            predictor.decode(Path(f).read_bytes()) for f in manifest["file"][start : start + 32]
+        ]
         logits, features = predictor.forward(images)
         ood = (
             ood_scores(loaded.trust["ood"], features, logits)
             if loaded.trust.get("ood")
             else np.zeros(len(images))
         )
-        scores.append(gate_scores([assess_quality(im).ok for im in images], ood))
+        scores.append(gate_scores([predictor.assess(im).ok for im in images], ood))
     return ood_report(gate_in, np.concatenate(scores), threshold, manifest["kind"].tolist())
