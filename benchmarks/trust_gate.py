@@ -84,25 +84,28 @@ def file_hash(path: Path) -> str:
 def cached_features(
     predictor: Predictor, paths: list[str], name: str, cache: Path, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features and logits of `paths`, from the cache when the same files were seen."""
-    key = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:12]
+    """Features and logits of `paths` decoded as the server does, from the cache when the
+    same files were seen."""
+    key = hashlib.sha256("\n".join(["served-decode", *paths]).encode()).hexdigest()[:12]
     target = cache / f"{name}-{len(paths)}-{key}.npz"
     if target.is_file():
         data = np.load(target)
         return data["features"], data["logits"]
     start = time.perf_counter()
-    features, logits = extract_features(predictor, iter_images(paths), batch_size)
+    features, logits = extract_features(predictor, iter_images(paths, predictor.decode), batch_size)
     log.info("%s: %d images in %.0f s", name, len(paths), time.perf_counter() - start)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(target, features=features, logits=logits)
     return features, logits
 
 
-def quality_table(paths_by_set: dict[str, list[str]]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+def quality_table(
+    predictor: Predictor, paths_by_set: dict[str, list[str]]
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Share of images tripping each check (and any), per set; plus the per-image pass flags."""
     rows, passed = {}, {}
     for name, paths in paths_by_set.items():
-        reports = [assess_quality(image) for image in iter_images(paths)]
+        reports = [predictor.assess(image) for image in iter_images(paths, predictor.decode)]
         passed[name] = np.array([r.ok for r in reports])
         rates = {c: np.mean([c in r.failed for r in reports]) for c in CHECKS}
         rows[name] = {**rates, "any check": 1 - passed[name].mean(), "images": len(reports)}
@@ -187,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     labels = {s: rows["label"].map(CLASS_NAMES.index).to_numpy() for s, rows in splits.items()}
 
     quality, passed = quality_table(
+        predictor,
         {
             "val": [str(p) for p in splits["val"]["path"]],
             "test": [str(p) for p in splits["test"]["path"]],
             "OOD set": list(manifest["file"]),
-        }
+        },
     )
     cost = quality_cost(predictor)
 

@@ -6,7 +6,7 @@ features come through the same `Predictor` preprocessing (no flip TTA).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -41,7 +41,10 @@ def extract_features(
     return np.concatenate(features), np.concatenate(logits)
 
 
-def iter_images(paths: Iterable[str | Path]) -> Iterator[np.ndarray]:
-    """Decode image files lazily into RGB uint8 (any mode; the serving decoder)."""
+def iter_images(
+    paths: Iterable[str | Path], decode: Callable[[bytes], np.ndarray] = decode_image
+) -> Iterator[np.ndarray]:
+    """Decode image files lazily into RGB uint8 (any mode). Pass `Predictor.decode` to see
+    them as the server does (JPEGs at a reduced DCT scale); the default decodes at full size."""
     for path in paths:
-        yield decode_image(Path(path).read_bytes())
+        yield decode(Path(path).read_bytes())
