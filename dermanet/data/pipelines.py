@@ -230,7 +230,7 @@ def decode_transform_batch(
     else:
         chw = [to_uint8_chw(transform, im) for im in images]
     return {
-        "image": _stack([np.ascontiguousarray(c) for c in chw], img_size),
+        "image": _stack(chw, img_size),
         "label": np.asarray(batch["label_index"], dtype=np.int64)[keep],
         "index": index,
     }

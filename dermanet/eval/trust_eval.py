@@ -10,7 +10,6 @@ gate refuses and the OOD AUROC.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +22,10 @@ from dermanet.inference.checkpoint import LoadedCheckpoint
 from dermanet.inference.predictor import Predictor, Preprocessing
 from dermanet.trust.conformal import prediction_sets
 from dermanet.trust.evaluation import gate_scores, ood_report, set_report
+from dermanet.trust.features import iter_images
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
 from dermanet.trust.ood import ood_scores
 from dermanet.trust.ood_set import read_ood_manifest
-from dermanet.trust.quality import assess_quality
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ def quality_ok(
         for row, row_index in enumerate(batch["index"]):
             try:
                 image = preprocessing.decode(encoded_image(batch, row))
-                verdict[int(row_index)] = assess_quality(image, preprocessing.quality).ok
+                verdict[int(row_index)] = preprocessing.assess(image).ok
             except (ImageDecodeError, OSError):
                 verdict[int(row_index)] = False
     return np.array([verdict.get(int(i), False) for i in index])
@@ -103,9 +102,7 @@ def ood_set_report(
     predictor = Predictor(loaded)
     scores = []
     for start in range(0, len(manifest), 32):
-        images = [
-            predictor.decode(Path(f).read_bytes()) for f in manifest["file"][start : start + 32]
-        ]
+        images = list(iter_images(manifest["file"][start : start + 32], predictor.decode))
         logits, features = predictor.forward(images)
         ood = (
             ood_scores(loaded.trust["ood"], features, logits)

@@ -190,9 +190,13 @@ class Preprocessing:
             raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {got}")
         return eval_pixels(image, self.img_size, self.color_constancy)
 
+    def assess(self, image: np.ndarray) -> QualityReport:
+        """The gate's quality checks of one decoded image."""
+        return assess_quality(image, self.quality)
+
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """The model-size pixels and the quality report of one decoded image."""
-        return PreparedImage(self.pixels(image), assess_quality(image, self.quality))
+        return PreparedImage(self.pixels(image), self.assess(image))
 
 
 class Predictor:
@@ -307,7 +311,7 @@ class Predictor:
 
     def assess(self, image: np.ndarray) -> QualityReport:
         """The gate's quality checks of one decoded image."""
-        return assess_quality(image, self.quality)
+        return self.preprocessing.assess(image)
 
     def predictions(
         self, qualities: Sequence[QualityReport], logits: np.ndarray, features: np.ndarray
