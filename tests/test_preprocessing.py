@@ -85,20 +85,24 @@ def test_big_uploads_are_decoded_small(uploads) -> None:
 
 
 def test_shades_of_gray_is_exactly_the_per_pixel_scaling() -> None:
-    """The lookup table gives the very pixels of scaling every pixel by the channel gain."""
+    """The lookup table gives the very pixels of scaling every pixel by the channel gain, and
+    the illuminant is the textbook p-norm mean (OpenCV's sums, numpy's formula)."""
     from dermanet.data.synthetic import draw_lesion
-    from dermanet.data.transforms import shades_of_gray
+    from dermanet.data.transforms import shades_of_gray, shades_of_gray_illuminant
 
     rng = np.random.default_rng(0)
     images = [draw_lesion(name, 150, rng)[0] for name in CLASS_NAMES]
-    images += [rng.integers(0, 256, (97, 131, 3), dtype=np.uint8), np.zeros((8, 8, 3), np.uint8)]
+    images += [rng.integers(0, 256, (97, 131, 3), dtype=np.uint8), np.zeros((8, 8, 3), np.uint8),
+               np.full((1, 5, 3), 200, np.uint8)]  # fmt: skip
     for image in images:
-        pixels = image.astype(np.float32)
-        sample = pixels[::2, ::2] / 255.0
-        illuminant = np.power(np.mean(np.power(sample, 6.0), axis=(0, 1)), 1.0 / 6.0)
-        illuminant = illuminant / max(float(np.linalg.norm(illuminant)), 1e-6)
-        gain = 1.0 / (illuminant * np.sqrt(3.0) + 1e-6)
-        expected = np.clip(pixels * gain, 0, 255).astype(np.uint8)  # the code before issue 16
+        pixels = image.astype(np.float64)
+        moments = np.mean(np.power(pixels[::2, ::2] / 255.0, 6.0), axis=(0, 1))
+        textbook = np.power(moments, 1.0 / 6.0)
+        textbook = textbook / max(float(np.linalg.norm(textbook)), 1e-6)
+        illuminant = shades_of_gray_illuminant(image)
+        np.testing.assert_allclose(illuminant, textbook, rtol=1e-5, atol=1e-9)
+        gain = 1.0 / (illuminant.astype(np.float32) * np.float32(np.sqrt(3.0)) + np.float32(1e-6))
+        expected = np.clip(pixels.astype(np.float32) * gain, 0, 255).astype(np.uint8)
         np.testing.assert_array_equal(shades_of_gray(image), expected)
 
 

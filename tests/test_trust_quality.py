@@ -143,3 +143,24 @@ def test_costs_a_few_milliseconds() -> None:
         assess_quality(image)
         times.append(time.perf_counter() - start)
     assert np.median(times) < 0.025, f"median {np.median(times) * 1000:.1f} ms"
+
+
+def test_histogram_measures_equal_the_sorting_ones() -> None:
+    """The percentiles and the commonest-colour share, read off histograms for speed, are
+    numpy's numbers (linear-interpolated percentiles; unique colours counted by sorting)."""
+    from dermanet.trust.quality import commonest_colour_share, grey_percentiles
+
+    rng = np.random.default_rng(5)
+    images = [lesion(128, label, seed) for seed, label in enumerate(("MEL", "NV", "BCC"))]
+    images += [screenshot_like()[:128, :128], rng.integers(0, 256, (97, 131, 3), np.uint8),
+               np.zeros((3, 2, 3), np.uint8), np.full((1, 1, 3), 250, np.uint8)]  # fmt: skip
+    percents = (0, 1, 37.5, 90, 99, 100)
+    for image in images:
+        grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        np.testing.assert_allclose(
+            grey_percentiles(grey, percents), np.percentile(grey.astype(np.float64), percents)
+        )
+        for levels in (2, 7, 64, 256):
+            codes = (image.astype(np.int64) * levels // 256) @ [levels * levels, levels, 1]
+            expected = np.unique(codes, return_counts=True)[1].max() / codes.size
+            assert commonest_colour_share(image, levels) == pytest.approx(expected, abs=1e-12)
