@@ -16,6 +16,8 @@ threads, same images):
    OOD score and prediction set), ms per image at batch 16;
 4. latency of one upload: classify (torch, ONNX Runtime) against Grad-CAM today and before
    (p50 and p90 of --latency-calls sequential calls on the same JPEG).
+Tables 1-3 and the first rows of 4 use one view; a checkpoint served with test-time views
+(`LoadedCheckpoint.tta`) adds rows for classify and Grad-CAM with its views.
 Default model weights/default.pt; uploads are real derm-sample JPEGs re-encoded at 427x320
 (--image-size native keeps their own sizes).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import io
 import sys
 import time
@@ -100,9 +103,15 @@ def model_table(predictor: Predictor, datas: list[bytes], args) -> list[str]:
 
 
 def predictor_table(checkpoint, datas: list[bytes], args) -> tuple[list[str], list[str]]:
-    """Bytes → answers: before (baseline) vs today on torch and ONNX; then per-stage times."""
-    torch_p = Predictor(checkpoint)
-    onnx_p = Predictor(checkpoint, backend="onnx")
+    """Bytes → answers: before (baseline) vs today on torch and ONNX, one view; today with the
+    checkpoint's served views if it has some; then per-stage times (one view)."""
+    one_view = dataclasses.replace(checkpoint, tta="none")
+    torch_p = Predictor(one_view)
+    onnx_p = Predictor(one_view, backend="onnx")
+    served = {}
+    if checkpoint.tta != "none":
+        served_p = Predictor(checkpoint, backend="onnx")
+        served[f"today, ONNX Runtime, served views ({checkpoint.tta})"] = lambda: today(served_p)
     batch = 16
 
     def chunks():
@@ -132,6 +141,7 @@ def predictor_table(checkpoint, datas: list[bytes], args) -> tuple[list[str], li
         ("today: reduced JPEG decode, one resize, batch normalising, torch",
          lambda: today(torch_p)),
         ("today, ONNX Runtime", lambda: today(onnx_p)),
+        *served.items(),
     ):  # fmt: skip
         median, runs = rate(run, args.seconds, args.repeats)
         baseline = baseline or median
@@ -175,9 +185,10 @@ def stage_table(torch_p: Predictor, onnx_p: Predictor, chunk: list[bytes], args)
 
 def gradcam_table(checkpoint, data: bytes, args) -> list[str]:
     """p50 / p90 latency of one upload (bytes → answer): classify on torch and on ONNX Runtime,
-    Grad-CAM today (one forward + short backward, rendered PNG) and before issue 16."""
-    torch_p = Predictor(checkpoint)
-    onnx_p = Predictor(checkpoint, backend="onnx")
+    Grad-CAM today (one forward + short backward, rendered PNG) and before issue 16, one view;
+    then classify and Grad-CAM with the checkpoint's served views if it has some."""
+    torch_p = Predictor(dataclasses.replace(checkpoint, tta="none"))
+    onnx_p = Predictor(dataclasses.replace(checkpoint, tta="none"), backend="onnx")
     explainer = GradCamExplainer(torch_p)
     calls = {
         "classify, torch": lambda: torch_p.predict_bytes(data),
@@ -186,6 +197,14 @@ def gradcam_table(checkpoint, data: bytes, args) -> list[str]:
             explainer, decode_image(data)),
         "Grad-CAM today (overlay PNG, 768 px)": lambda: explainer.explain(explainer.decode(data)),
     }  # fmt: skip
+    if checkpoint.tta != "none":
+        served_onnx = Predictor(checkpoint, backend="onnx")
+        served_cam = GradCamExplainer(Predictor(checkpoint))
+        calls[f"classify, ONNX Runtime, served views ({checkpoint.tta})"] = lambda: (
+            served_onnx.predict_bytes(data)
+        )
+        calls[f"Grad-CAM today, served views ({checkpoint.tta})"] = (
+            lambda: served_cam.explain(served_cam.decode(data)))  # fmt: skip
     lines = ["| one upload (same JPEG) | p50 ms | p90 ms | p50 vs classify, torch |",
              "|---|---:|---:|---:|"]  # fmt: skip
     baseline = None
@@ -253,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint)
     datas, what = uploads(max(16, args.images // 16 * 16), parse_size(args.image_size))
-    predictor = Predictor(checkpoint)
+    predictor = Predictor(dataclasses.replace(checkpoint, tta="none"))  # one view: the model call
     first = model_table(predictor, datas, args)
     second, third = predictor_table(checkpoint, datas, args)
     fourth = gradcam_table(checkpoint, datas[0], args)

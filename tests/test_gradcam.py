@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -108,6 +109,23 @@ def test_explanation_is_one_forward_and_a_short_backward(synthetic_model) -> Non
     assert result.prediction.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
     assert result.prediction.gate == expected.gate
     assert result.target_probability == result.prediction.probabilities["NV"]
+
+
+def test_explanation_answers_like_classify_with_served_views(synthetic_model) -> None:
+    """A model served with flips: Grad-CAM's answer is classify's (the views' average) and, with
+    no target asked for, the CAM explains the class that answer ranks first."""
+    checkpoint = LoadedCheckpoint(synthetic_model, synthetic_model.config, [], 128,
+                                  (0.5,) * 3, (0.25,) * 3, tta="flips")  # fmt: skip
+    predictor = Predictor(checkpoint)
+    explainer = GradCamExplainer(predictor, max_side=100)
+    for seed in range(3):
+        image = np.random.default_rng(seed).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+        result = explainer.explain(image)
+        expected = predictor.predict(image)
+        assert result.prediction.probabilities == pytest.approx(expected.probabilities, abs=1e-5)
+        assert result.target_class == expected.top_class
+        single = Predictor(dataclasses.replace(checkpoint, tta="none")).predict(image)
+        assert single.probabilities != pytest.approx(expected.probabilities, abs=1e-5)
 
 
 def test_feature_grid_and_aligned_upsampling() -> None:

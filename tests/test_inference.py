@@ -176,6 +176,35 @@ def test_stored_temperature_calibrates_served_probabilities(tmp_path: Path) -> N
         load_checkpoint(tmp_path / "neg.pt")
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_served_views_average_the_flipped_logits(tmp_path: Path, backend: str) -> None:
+    """A checkpoint served with flips answers softmax(mean of the 4 flipped views' logits / T),
+    on either backend, with the plain view's features; unknown view names are refused."""
+    torch.manual_seed(0)
+    model = create_model(TINY).eval()
+    path = save_checkpoint(
+        tmp_path / "flips.pt", model, img_size=48, temperature=1.5,
+        preprocessing={"tta": "flips"},
+    )  # fmt: skip
+    predictor = Predictor.from_path(path, backend=backend)
+    assert predictor.checkpoint.tta == "flips"
+    images = [np.random.default_rng(i).integers(0, 255, (64, 80, 3), np.uint8) for i in range(3)]
+    x = predictor.to_tensor(images)
+    with torch.no_grad():
+        views = [model(v) for v in (x, x.flip(3), x.flip(2), x.flip(2, 3))]
+    mean_logits = torch.stack([v.logits for v in views]).mean(0).double()
+    np.testing.assert_allclose(
+        predictor.probabilities(images), torch.softmax(mean_logits / 1.5, 1), atol=1e-5
+    )
+    _, features = predictor.forward(images)
+    np.testing.assert_allclose(features, views[0].features, atol=1e-4)
+    assert not np.allclose(mean_logits, views[0].logits.double(), atol=1e-3)  # views differ
+    data = torch.load(path, weights_only=True)
+    torch.save({**data, "preprocessing": {"tta": "sideways"}}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="test-time views"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
 def _checkpoint(folder: Path, name: str, mtime: float) -> Path:
     path = save_checkpoint(folder / f"{name}.pt", create_model(TINY), img_size=48)
     os.utime(path, (mtime, mtime))

@@ -19,6 +19,7 @@ import torch
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.eval.metrics import classification_metrics
+from dermanet.inference import Predictor
 from dermanet.inference.checkpoint import load_checkpoint
 from dermanet.models import create_model
 from dermanet.train.supervised import TrainSettings, run_training
@@ -162,7 +163,7 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
     code = evaluate_job.main(
         ["--checkpoint", str(outcome.best_checkpoint), "--csv", str(data / "metadata.csv"),
          "--images", str(data / "images"), "--output", str(report_dir), "--tta",
-         "--export", str(shipped), "--half"]
+         "--export", str(shipped), "--half", "--served-views", "flips"]
     )  # fmt: skip
     assert code == 0
     report = json.loads((report_dir / "report.json").read_text())
@@ -176,6 +177,7 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
         report["official"]["balanced_accuracy"]
     )
     assert exported.provenance["exported_from"] == str(outcome.best_checkpoint)
+    assert exported.tta == "flips" == report["served_views"] and "served" not in report
     assert evaluate_job.main(["--checkpoint", str(shipped), "--output", str(report_dir)]) == 2
     flags = ["--csv", str(data / "metadata.csv"), "--images", str(data / "images")]
     bad_export = ["--checkpoint", str(shipped), *flags, "--output", str(tmp_path), "--export", "m"]
@@ -187,6 +189,14 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
     assert evaluate_job.main(shipped_val) == 0
     val_report = json.loads((val_dir / "report.json").read_text())
     assert val_report["temperature"] == pytest.approx(exported.temperature)
+    assert val_report["served_views"] == "flips" and val_report["settings"]["tta"] is None
+    # ... and its probabilities are the server's (the same four views, averaged)
+    scored = pd.read_csv(val_dir / "predictions.csv").head(8)
+    served = Predictor(exported)
+    images = [served.decode((data / "images" / f"{i}.jpg").read_bytes()) for i in scored.image]
+    np.testing.assert_allclose(
+        served.probabilities(images), scored[list(CLASS_NAMES)].to_numpy(), atol=1e-4
+    )
     assert "sets" in val_report["trust"] and "quality_rejected" in val_report["trust"]
 
     # Re-running the same experiment with more epochs continues at epoch 4: none lost or repeated.

@@ -61,13 +61,23 @@ class EvaluateSettings:
         default_factory=list,
     )
     split_seed: int = option(0, "split seed when --csv has no split column", group="data")
-    tta: str = option(
-        "none",
-        "test-time augmentation: flips (4 views), dihedral (8), multicrop (flips + 5 crops); "
-        "a bare --tta means flips",
+    tta: str | None = option(
+        None,
+        "test-time views to score: none, flips (4 views), dihedral (8), multicrop (flips + 5 "
+        "crops); a bare --tta means flips; default: the views the checkpoint is served with "
+        "(after --served-views)",
         group="model",
         choices=TTA_MODES,
         const="flips",
+    )
+    served_views: str | None = option(
+        None,
+        "with --export: the test-time views the exported model is served with (the server, "
+        "batch inference and Grad-CAM's answer average their logits; about Nx the model's "
+        "compute); its temperature, gate and prediction sets are fitted on them. Default: "
+        "the checkpoint's own (none for a training checkpoint)",
+        group="output",
+        choices=TTA_MODES,
     )
     calibrate: bool = option(
         True,
@@ -100,6 +110,8 @@ class EvaluateSettings:
             raise ValueError("--export needs a .pt file name (the model registry lists *.pt)")
         if self.half and not self.export:
             raise ValueError("--half applies to --export; give --export PATH.pt")
+        if self.served_views and not self.export:
+            raise ValueError("--served-views applies to --export; give --export PATH.pt")
 
     @property
     def split_name(self) -> str:
@@ -115,11 +127,11 @@ class EvaluateSettings:
 
 @dataclass
 class Predictions:
-    """Logits per image: averaged over the TTA views, and of the single served view."""
+    """Logits per image: averaged over the scored views, and over the served ones."""
 
     logits: np.ndarray
-    single_view_logits: np.ndarray
-    features: np.ndarray  # pooled features of the single served view (OOD fitting)
+    served_logits: np.ndarray  # what the server computes: averaged over the checkpoint's views
+    features: np.ndarray  # pooled features of the plain view (OOD fitting), as served
     table: pd.DataFrame  # rows in prediction order: image, label_index, origin
 
     @property
@@ -128,9 +140,16 @@ class Predictions:
 
 
 def predict_split(
-    loaded: LoadedCheckpoint, settings: EvaluateSettings, split: str | list[str]
+    loaded: LoadedCheckpoint,
+    settings: EvaluateSettings,
+    split: str | list[str],
+    *,
+    served_needed: bool = True,
 ) -> Predictions:
-    """Run the model over a split (decoded by Ray Data, as in training's validation)."""
+    """Run the model over a split (decoded by Ray Data, as in training's validation), with
+    the views of `settings.tta` (None: the served ones) and, when `served_needed`, the served
+    views (`loaded.tta`; otherwise `served_logits` are the scored ones)."""
+    scored = settings.tta or loaded.tta
     rows = split_rows(settings.location, split, origins=settings.origins or None)
     config = PipelineConfig(img_size=loaded.img_size, color_constancy=loaded.color_constancy)
     batches = NormalizedBatches(
@@ -141,23 +160,38 @@ def predict_split(
         loaded.std,
     )
     model = loaded.model.eval()
-    averaged, single, features, indices = [], [], [], []
+    averaged, served, features, indices = [], [], [], []
     with torch.inference_mode():
         for batch in batches:
-            views = tta_views(batch["image"], settings.tta)
-            served = model(views[0])
-            logits = [served.logits.float()] + [model(v).logits.float() for v in views[1:]]
-            averaged.append(torch.stack(logits).mean(0).numpy())
-            single.append(logits[0].numpy())
-            features.append(served.features.float().numpy())
+            outputs = [model(view) for view in tta_views(batch["image"], scored)]
+            logits = torch.stack([out.logits.float() for out in outputs]).numpy()
+            averaged.append(logits.mean(axis=0))
+            if loaded.tta == scored or not served_needed:
+                served.append(averaged[-1])
+            elif (shared := shared_views(loaded.tta, scored)) is not None:
+                served.append(logits[:shared].mean(axis=0))  # the served views come first
+            else:
+                views = tta_views(batch["image"], loaded.tta)
+                served.append(np.mean([model(v).logits.float().numpy() for v in views], axis=0))
+            features.append(outputs[0].features.float().numpy())
             indices.append(batch["index"].numpy())
     index = np.concatenate(indices)
     return Predictions(
         np.concatenate(averaged),
-        np.concatenate(single),
+        np.concatenate(served),
         np.concatenate(features),
         rows.table.loc[index],
     )
+
+
+def shared_views(served: str, scored: str) -> int | None:
+    """How many of `scored`'s first views are exactly `served`'s views (None if they are not a
+    prefix of them): flips are the first 4 views of dihedral and multicrop."""
+    if served == "none":
+        return 1
+    if served == "flips" and scored in ("dihedral", "multicrop"):
+        return 4
+    return None
 
 
 def sensitivity_at_specificity(truth: np.ndarray, scores: np.ndarray, specificity: float) -> float:
@@ -194,6 +228,8 @@ def score(probs: np.ndarray, labels: np.ndarray, image_ids: list[str]) -> dict[s
 def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
     settings.validate()
     loaded = load_checkpoint(settings.checkpoint)
+    if settings.export and settings.served_views:
+        loaded.tta = settings.served_views  # what is fitted and scored as served below
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -201,22 +237,26 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
     predictions = predict_split(loaded, settings, splits)
     labels = predictions.labels
     temperature = loaded.temperature  # stored (1.0 for a training checkpoint) unless refitted
-    whole = dataclasses.replace(settings, tta="none", origins=[])  # fitting sees every source
+    # fitting needs the served views only, and sees every source
+    whole = dataclasses.replace(settings, tta=loaded.tta, origins=[])
     val = None
     if settings.calibrate and splits != "all" and "val" not in splits:
         val = predict_split(loaded, whole, "val")
-        temperature = fit_temperature(val.single_view_logits, val.labels)
+        temperature = fit_temperature(val.served_logits, val.labels)
     if settings.export:  # the shipped file carries a gate and sets fitted for these weights
         val = val or predict_split(loaded, whole, "val")
-        train = predict_split(loaded, whole, "train")
+        # the gate is fitted on the plain view's features: no other view is needed
+        train = predict_split(
+            loaded, dataclasses.replace(whole, tta="none"), "train", served_needed=False
+        )
         loaded.temperature = temperature
         loaded.trust = fit_trust(
-            train.features, train.labels, val.features, val.single_view_logits, val.labels,
+            train.features, train.labels, val.features, val.served_logits, val.labels,
             temperature,
         )  # fmt: skip
     probs = softmax(predictions.logits, temperature)
-    served_raw = softmax(predictions.single_view_logits)
-    served = softmax(predictions.single_view_logits, temperature)
+    served_raw = softmax(predictions.served_logits)
+    served = softmax(predictions.served_logits, temperature)
 
     image_ids = predictions.table["image"].astype(str).tolist()
     isic_submission(image_ids, probs).to_csv(out / "predictions.csv", index=False)
@@ -228,19 +268,20 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
         "settings": dataclasses.asdict(settings),
         "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_NAMES)},
         "temperature": temperature,
-        # Calibration of what the server returns: one view per image, softmax(logits / T).
+        "served_views": loaded.tta,
+        # Calibration of what the server returns: softmax(served logits / T).
         "ece_before": expected_calibration_error(served_raw, labels),
         "ece_after": expected_calibration_error(served, labels),
         **score(probs, labels, image_ids),
     }
-    if settings.tta != "none":
-        report["single_view"] = score(served, labels, image_ids)
+    if (settings.tta or loaded.tta) != loaded.tta:
+        report["served"] = score(served, labels, image_ids)
     if loaded.trust or settings.ood:
         rows = split_rows(settings.location, splits, origins=settings.origins or None)
         loaded.temperature = temperature
         report["trust"] = trust_report(
             loaded,
-            predictions.single_view_logits,
+            predictions.served_logits,
             predictions.features,
             labels,
             quality_ok(
@@ -299,7 +340,7 @@ def export_checkpoint(
         f"{split}_melanoma_sens_at_80_spec": report["melanoma"]["sensitivity_at_80_specificity"],
         f"{split}_ece_before": report["ece_before"],
         f"{split}_ece_after": report["ece_after"],
-        f"{split}_tta": settings.tta,
+        f"{split}_tta": settings.tta or loaded.tta,
     }  # the temperature travels once, as the checkpoint's calibration
     provenance = {
         **loaded.provenance,
@@ -316,7 +357,7 @@ def export_checkpoint(
         provenance=provenance,
         half=settings.half,
         temperature=report["temperature"],
-        preprocessing={"color_constancy": loaded.color_constancy},
+        preprocessing={"color_constancy": loaded.color_constancy, "tta": loaded.tta},
         trust=loaded.trust,
     )
     log.info("exported %s (temperature %.3f)", path, report["temperature"])
@@ -335,14 +376,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- checkpoint: `{report['checkpoint']}`",
         f"- split: {'+'.join(report['settings']['split'])} ({report['images']} images), "
-        f"test-time augmentation: {report['settings']['tta']}",
+        f"test-time views: {report['settings']['tta'] or report['served_views']}",
         f"- **balanced accuracy (official ISIC scorer): "
         f"{report['official']['balanced_accuracy']:.4f}**",
         f"- macro AUROC {m['macro_auroc']:.4f} · top-1 {m['top1']:.4f} · "
         f"macro F1 {m['macro_f1']:.4f}",
         f"- melanoma AUC {report['melanoma']['auc']:.4f}, sensitivity at 80% specificity "
         f"{report['melanoma']['sensitivity_at_80_specificity']:.4f}",
-        f"- calibration of the served path (one view): temperature {report['temperature']:.3f}, "
+        f"- calibration of the served path (views: {report['served_views']}): temperature "
+        f"{report['temperature']:.3f}, "
         f"ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f} (reliability.png)",
     ]
     if absent:
@@ -350,10 +392,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- classes with no image here, left out of per-class and averaged metrics: "
             f"{', '.join(absent)}"
         )
-    if "single_view" in report:
-        sv = report["single_view"]
+    if "served" in report:
+        sv = report["served"]
         lines.append(
-            f"- single view (what the server does): balanced accuracy "
+            f"- served views ({report['served_views']}, what the server does): balanced accuracy "
             f"{sv['official']['balanced_accuracy']:.4f}, macro AUROC "
             f"{sv['metrics']['macro_auroc']:.4f}"
         )

@@ -24,6 +24,7 @@ import torch
 import dermanet
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.transforms import DERM_MEAN, DERM_STD
+from dermanet.eval.tta import TTA_MODES
 from dermanet.models import DermResNetSE, ModelConfig, create_model
 from dermanet.models.dermresnet import HEAD_PREFIXES
 from dermanet.storage import atomic_write
@@ -54,6 +55,7 @@ class LoadedCheckpoint:
     provenance: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0  # probabilities = softmax(logits / temperature)
     color_constancy: str = "none"  # preprocessing the model was trained with
+    tta: str = "none"  # test-time views the server averages (dermanet.eval.tta), set at export
     trust: dict[str, Any] = field(default_factory=dict)  # {"ood": ..., "conformal": ...}
     format_version: int = CHECKPOINT_FORMAT_VERSION
     path: Path | None = None
@@ -255,6 +257,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     model.to(map_location).eval()
     norm = data.get("normalization") or {"mean": list(DERM_MEAN), "std": list(DERM_STD)}
+    preprocessing = data.get("preprocessing") or {}
     return LoadedCheckpoint(
         model=model,
         config=config,
@@ -265,11 +268,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         metrics=dict(data.get("metrics") or {}),
         provenance=dict(data.get("provenance") or {}),
         temperature=stored_temperature(data),
-        color_constancy=str((data.get("preprocessing") or {}).get("color_constancy", "none")),
+        color_constancy=str(preprocessing.get("color_constancy", "none")),
+        tta=served_views(preprocessing, path),
         trust=dict(data.get("trust") or {}),
         format_version=int(data["format_version"]),
         path=path,
     )
+
+
+def served_views(preprocessing: dict[str, Any], path: Path) -> str:
+    """The test-time views a checkpoint is served with ("none" for files before them)."""
+    views = str(preprocessing.get("tta", "none"))
+    if views not in TTA_MODES:
+        raise CheckpointError(f"{path}: unknown test-time views {views!r}; known: {TTA_MODES}")
+    return views
 
 
 def stored_temperature(data: dict[str, Any]) -> float:

@@ -23,7 +23,13 @@ from PIL import Image
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image, shrink_image
-from dermanet.inference.predictor import Prediction, Predictor, resolve_class
+from dermanet.inference.predictor import (
+    Prediction,
+    Predictor,
+    TorchEngine,
+    average_views,
+    resolve_class,
+)
 from dermanet.models import DermResNetSE
 from dermanet.models.dermresnet import FeatureGrid
 
@@ -222,11 +228,19 @@ class GradCamExplainer:
         index = None if target is None else resolve_class(target)
         predictor = self.predictor
         x = predictor.to_tensor([image])
+        logits = None
         with self._lock:  # CAM hooks would also see a concurrent forward on the same model
+            if predictor.checkpoint.tta != "none":
+                # the answer averages the served views, as classify's; the CAM explains the
+                # plain view for the class that answer ranks first (unless one was asked for)
+                torch_call = TorchEngine(predictor.model, predictor.device)
+                logits, _ = average_views(torch_call, x, predictor.checkpoint.tta)
+                index = int(logits[0].argmax()) if index is None else index
             result = cam_pass(predictor.model, x, None if index is None else [index])
         prediction = predictor.predictions(
-            [predictor.assess(image)], result.logits, result.features
-        )[0]
+            [predictor.assess(image)], result.logits if logits is None else logits,
+            result.features,
+        )[0]  # fmt: skip
         index = result.targets[0]
         grid = predictor.model.feature_grid()
         side = (predictor.img_size, predictor.img_size)

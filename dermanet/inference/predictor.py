@@ -7,7 +7,7 @@ pooled features, so the trust gate and the answers do not depend on the choice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +18,7 @@ import torch
 from dermanet.classes import CLASS_INDEX, CLASS_NAMES, NUM_CLASSES
 from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image
 from dermanet.data.transforms import decode_side, eval_pixels, pixels_to_tensor
+from dermanet.eval.tta import tta_views
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from dermanet.inference.risk import RiskAssessment, RiskPolicy
 from dermanet.trust.conformal import prediction_sets
@@ -115,6 +116,31 @@ class TorchEngine:
         with torch.inference_mode():
             out = self.model(x.to(self.device).contiguous(memory_format=self.memory_format))
         return out.logits.float().cpu().numpy(), out.features.float().cpu().numpy()
+
+
+class ViewAveragingEngine:
+    """An engine served with test-time views (`LoadedCheckpoint.tta`): every view of a batch
+    in one model call, logits averaged over the views (what `jobs/evaluate.py` scores), pooled
+    features of the first, plain view (the gate and the similar-cases index judge the image
+    as uploaded)."""
+
+    def __init__(self, engine: Engine, mode: str):
+        self.engine = engine
+        self.mode = mode
+        self.name = engine.name
+
+    def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return average_views(self.engine, x, self.mode)
+
+
+def average_views(
+    call: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]], x: torch.Tensor, mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(logits averaged over `mode`'s views, features of view 0) from one call on all views."""
+    views = tta_views(x, mode)
+    logits, features = call(torch.cat(views) if len(views) > 1 else x)
+    n = len(x)
+    return logits.reshape(len(views), n, -1).mean(axis=0), features[:n]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -220,7 +246,10 @@ class Predictor:
         self.model = checkpoint.model.to(self.device).eval()
         self.risk_policy = risk_policy or RiskPolicy()
         self.preprocessing = Preprocessing.for_checkpoint(checkpoint, quality)
-        self.engine = create_engine(checkpoint, backend, self.device)
+        engine = create_engine(checkpoint, backend, self.device)
+        if checkpoint.tta != "none":
+            engine = ViewAveragingEngine(engine, checkpoint.tta)
+        self.engine: Engine = engine
 
     @classmethod
     def from_path(

@@ -1,7 +1,8 @@
 """The model's own view of an image: pooled features and logits from one forward pass.
 
 The OOD detector and the prediction sets are fitted on exactly what serving computes, so
-features come through the same `Predictor` preprocessing (no flip TTA).
+features and logits come through the same `Predictor` call (preprocessing, engine, and the
+checkpoint's test-time views: logits averaged over them, features of the plain view).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dermanet.data.images import decode_image
 from dermanet.inference.predictor import Predictor
@@ -29,11 +29,10 @@ def extract_features(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     features, logits = [], []
     iterator = iter(images)
-    with torch.inference_mode():
-        while batch := list(islice(iterator, batch_size)):
-            out = predictor.model(predictor.to_tensor(batch))
-            features.append(out.features.float().cpu().numpy())
-            logits.append(out.logits.float().cpu().numpy())
+    while batch := list(islice(iterator, batch_size)):
+        batch_logits, batch_features = predictor.forward(batch)  # the served model call
+        features.append(batch_features)
+        logits.append(batch_logits)
     if not features:
         dim = predictor.checkpoint.config.feature_dim
         return np.zeros((0, dim), np.float32), np.zeros((0, len(predictor.checkpoint.class_names)),
