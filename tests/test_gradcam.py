@@ -113,14 +113,22 @@ def test_explanation_is_one_forward_and_a_short_backward(synthetic_model) -> Non
 
 def test_explanation_answers_like_classify_with_served_views(synthetic_model) -> None:
     """A model served with flips: Grad-CAM's answer is classify's (the views' average) and, with
-    no target asked for, the CAM explains the class that answer ranks first."""
+    no target asked for, the CAM explains the class that answer ranks first; the four views go
+    through the network in one forward pass."""
     checkpoint = LoadedCheckpoint(synthetic_model, synthetic_model.config, [], 128,
                                   (0.5,) * 3, (0.25,) * 3, tta="flips")  # fmt: skip
     predictor = Predictor(checkpoint)
     explainer = GradCamExplainer(predictor, max_side=100)
-    for seed in range(3):
-        image = np.random.default_rng(seed).integers(0, 255, (150, 200, 3), dtype=np.uint8)
-        result = explainer.explain(image)
+    images = [np.random.default_rng(seed).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+              for seed in range(3)]  # fmt: skip
+    calls = []
+    handle = synthetic_model.stem.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        results = [explainer.explain(image) for image in images]
+    finally:
+        handle.remove()
+    assert len(calls) == len(images)  # one forward pass per explanation, its views batched
+    for image, result in zip(images, results, strict=True):
         expected = predictor.predict(image)
         assert result.prediction.probabilities == pytest.approx(expected.probabilities, abs=1e-5)
         assert result.target_class == expected.top_class

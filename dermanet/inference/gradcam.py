@@ -23,13 +23,8 @@ from PIL import Image
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image, shrink_image
-from dermanet.inference.predictor import (
-    Prediction,
-    Predictor,
-    TorchEngine,
-    average_views,
-    resolve_class,
-)
+from dermanet.eval.tta import tta_views
+from dermanet.inference.predictor import Prediction, Predictor, resolve_class
 from dermanet.models import DermResNetSE
 from dermanet.models.dermresnet import FeatureGrid
 
@@ -75,13 +70,19 @@ class CamPass:
     grid_cams: np.ndarray  # (N, h, w) in [0, 1], at the last stage's resolution
 
 
-def cam_pass(model: DermResNetSE, x: torch.Tensor, targets: Sequence[int] | None = None) -> CamPass:
+def cam_pass(
+    model: DermResNetSE, x: torch.Tensor, targets: Sequence[int] | None = None, views: int = 1
+) -> CamPass:
     """Grad-CAM of the last stage (`model.cam_layer`) in one forward and one backward.
 
-    `targets` default to each image's top class. The logits come from `explainable_logits`
-    (the forward values are the model's; LayerNorm's scale is held constant only in the
-    backward pass, see DermResNetSE). Not thread-safe per model: the caller serialises.
+    `x` may hold `views` test-time views of N images, view-major (`torch.cat(tta_views(...))`,
+    the plain view first): the answer's logits are averaged over the views, `targets` default
+    to each image's top class of that average, and the CAM and features are the plain view's.
+    The logits come from `explainable_logits` (the forward values are the model's; LayerNorm's
+    scale is held constant only in the backward pass, see DermResNetSE). Not thread-safe per
+    model: the caller serialises.
     """
+    n = len(x) // views
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str):
@@ -96,20 +97,21 @@ def cam_pass(model: DermResNetSE, x: torch.Tensor, targets: Sequence[int] | None
         with torch.enable_grad():
             logits = model.explainable_logits(x)
             maps = captured["maps"]
-            chosen = logits.argmax(dim=1).tolist() if targets is None else [int(t) for t in targets]
-            score = logits[torch.arange(len(chosen)), chosen].sum()
+            averaged = logits.reshape(views, n, -1).mean(dim=0)
+            chosen = averaged.argmax(1).tolist() if targets is None else list(map(int, targets))
+            score = logits[torch.arange(n), chosen].sum()  # the plain view (the first n rows)
             (grads,) = torch.autograd.grad(score, maps)
     finally:
         for handle in handles:
             handle.remove()
     with torch.no_grad():
-        weights = grads.mean(dim=(2, 3), keepdim=True)
-        cams = torch.relu((weights * maps).sum(dim=1)).float().cpu().numpy()
+        weights = grads[:n].mean(dim=(2, 3), keepdim=True)
+        cams = torch.relu((weights * maps[:n]).sum(dim=1)).float().cpu().numpy()
     lo = cams.min(axis=(1, 2), keepdims=True)
     cams = (cams - lo) / (1e-7 + (cams - lo).max(axis=(1, 2), keepdims=True))
     return CamPass(
-        logits=logits.detach().float().cpu().numpy(),
-        features=captured["features"].detach().float().cpu().numpy(),
+        logits=averaged.detach().float().cpu().numpy(),
+        features=captured["features"][:n].detach().float().cpu().numpy(),
         targets=chosen,
         grid_cams=np.nan_to_num(cams).astype(np.float32),
     )
@@ -227,20 +229,15 @@ class GradCamExplainer:
             raise ValueError(f"opacity must be between 0 and 1, got {opacity}")
         index = None if target is None else resolve_class(target)
         predictor = self.predictor
-        x = predictor.to_tensor([image])
-        logits = None
+        # the served views in one batch: the answer averages them, as classify's does; the CAM
+        # explains the plain view for the class that answer ranks first (or the one asked for)
+        views = tta_views(predictor.to_tensor([image]), predictor.checkpoint.tta)
         with self._lock:  # CAM hooks would also see a concurrent forward on the same model
-            if predictor.checkpoint.tta != "none":
-                # the answer averages the served views, as classify's; the CAM explains the
-                # plain view for the class that answer ranks first (unless one was asked for)
-                torch_call = TorchEngine(predictor.model, predictor.device)
-                logits, _ = average_views(torch_call, x, predictor.checkpoint.tta)
-                index = int(logits[0].argmax()) if index is None else index
-            result = cam_pass(predictor.model, x, None if index is None else [index])
+            result = cam_pass(predictor.model, torch.cat(views), None if index is None else [index],
+                              views=len(views))  # fmt: skip
         prediction = predictor.predictions(
-            [predictor.assess(image)], result.logits if logits is None else logits,
-            result.features,
-        )[0]  # fmt: skip
+            [predictor.assess(image)], result.logits, result.features
+        )[0]
         index = result.targets[0]
         grid = predictor.model.feature_grid()
         side = (predictor.img_size, predictor.img_size)

@@ -7,7 +7,7 @@ pooled features, so the trust gate and the answers do not depend on the choice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -130,17 +130,10 @@ class ViewAveragingEngine:
         self.name = engine.name
 
     def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        return average_views(self.engine, x, self.mode)
-
-
-def average_views(
-    call: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]], x: torch.Tensor, mode: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(logits averaged over `mode`'s views, features of view 0) from one call on all views."""
-    views = tta_views(x, mode)
-    logits, features = call(torch.cat(views) if len(views) > 1 else x)
-    n = len(x)
-    return logits.reshape(len(views), n, -1).mean(axis=0), features[:n]
+        views = tta_views(x, self.mode)
+        logits, features = self.engine(torch.cat(views))
+        n = len(x)
+        return logits.reshape(len(views), n, -1).mean(axis=0), features[:n]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
