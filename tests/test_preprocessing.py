@@ -16,6 +16,7 @@ from PIL import Image
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import decode_image
 from dermanet.data.transforms import eval_transform, to_model_input
+from dermanet.eval.tta import tta_views
 from dermanet.inference import Predictor, load_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "default.pt"
@@ -23,15 +24,16 @@ TOLERANCE = 0.02  # largest allowed change of any class probability
 
 
 def full_size_probabilities(predictor: Predictor, data: bytes) -> np.ndarray:
-    """The path before this change: full decode, albumentations' eval transform per image."""
+    """The path before this change: full decode, albumentations' eval transform per image
+    (and the checkpoint's served views, averaged as the server does)."""
     loaded = predictor.checkpoint
     transform = eval_transform(
         loaded.img_size, loaded.mean, loaded.std, color_constancy=loaded.color_constancy
     )
     x = torch.from_numpy(to_model_input(transform, decode_image(data)))[None]
     with torch.inference_mode():
-        logits = loaded.model(x).logits.numpy()
-    return predictor.calibrated(logits)[0]
+        views = [loaded.model(view).logits for view in tta_views(x, loaded.tta)]
+    return predictor.calibrated(torch.stack(views).mean(0).numpy())[0]
 
 
 @pytest.fixture(scope="module")
