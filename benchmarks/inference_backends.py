@@ -187,8 +187,9 @@ def gradcam_table(checkpoint, data: bytes, args) -> list[str]:
     """p50 / p90 latency of one upload (bytes → answer): classify on torch and on ONNX Runtime,
     Grad-CAM today (one forward + short backward, rendered PNG) and before issue 16, one view;
     then classify and Grad-CAM with the checkpoint's served views if it has some."""
-    torch_p = Predictor(dataclasses.replace(checkpoint, tta="none"))
-    onnx_p = Predictor(dataclasses.replace(checkpoint, tta="none"), backend="onnx")
+    one_view = dataclasses.replace(checkpoint, tta="none")
+    torch_p = Predictor(one_view)
+    onnx_p = Predictor(one_view, backend="onnx")
     explainer = GradCamExplainer(torch_p)
     calls = {
         "classify, torch": lambda: torch_p.predict_bytes(data),

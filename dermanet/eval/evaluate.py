@@ -3,9 +3,10 @@
 Outputs in the chosen folder: predictions.csv (ISIC submission format), truth.csv, report.json,
 report.md, roc_curves.png, confusion_matrix.png, reliability.png.
 
-Calibration follows the served path: the server classifies one view per image, so the
-temperature is fitted on single-view validation logits and the reliability diagram and ECE are
-those of single-view probabilities, whatever test-time augmentation the scores use.
+Calibration follows the served path: the server averages the checkpoint's served views
+(`LoadedCheckpoint.tta`; one view unless exported with --served-views), so the temperature is
+fitted on those validation logits and the reliability diagram and ECE are of those
+probabilities, whatever test-time views the scores use.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class EvaluateSettings:
     )
     calibrate: bool = option(
         True,
-        "fit the temperature on the val split's single-view logits; without it, and when val "
+        "fit the temperature on the val split's served logits; without it, and when val "
         "itself or --split all is evaluated, the checkpoint's stored temperature is used",
         group="model",
     )
@@ -168,9 +169,7 @@ def predict_split(
             averaged.append(logits.mean(axis=0))
             if loaded.tta == scored or not served_needed:
                 served.append(averaged[-1])
-            elif (shared := shared_views(loaded.tta, scored)) is not None:
-                served.append(logits[:shared].mean(axis=0))  # the served views come first
-            else:
+            else:  # --tta other than the served views: those too (a report's extra line)
                 views = tta_views(batch["image"], loaded.tta)
                 served.append(np.mean([model(v).logits.float().numpy() for v in views], axis=0))
             features.append(outputs[0].features.float().numpy())
@@ -182,16 +181,6 @@ def predict_split(
         np.concatenate(features),
         rows.table.loc[index],
     )
-
-
-def shared_views(served: str, scored: str) -> int | None:
-    """How many of `scored`'s first views are exactly `served`'s views (None if they are not a
-    prefix of them): flips are the first 4 views of dihedral and multicrop."""
-    if served == "none":
-        return 1
-    if served == "flips" and scored in ("dihedral", "multicrop"):
-        return 4
-    return None
 
 
 def sensitivity_at_specificity(truth: np.ndarray, scores: np.ndarray, specificity: float) -> float:
