@@ -19,6 +19,7 @@ everything with this one command. --limit N runs a tiny check on N images per sp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import os
@@ -177,12 +178,15 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_checkpoint(checkpoint)
     predictor = Predictor(loaded)
+    # the gate is fitted on the plain view's training features: the served views' logits are
+    # not needed there (the train split's logits are that one view's)
+    plain = Predictor(dataclasses.replace(loaded, tta="none"))
     cache = Path(args.cache) / file_hash(checkpoint)
     feats, logits = {}, {}
     for split, rows in splits.items():
         paths = [str(p) for p in rows["path"]]
         feats[split], logits[split] = cached_features(
-            predictor, paths, split, cache, args.batch_size
+            plain if split == "train" else predictor, paths, split, cache, args.batch_size
         )
     feats["ood"], logits["ood"] = cached_features(
         predictor, list(manifest["file"]), "ood", cache, args.batch_size

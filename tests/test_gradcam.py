@@ -17,6 +17,7 @@ from dermanet.classes import CLASS_INDEX
 from dermanet.data.transforms import eval_transform, to_model_input
 from dermanet.inference import GradCamExplainer, LoadedCheckpoint, Predictor, compute_cams, render
 from dermanet.inference.gradcam import FeatureGrid, cam_pass, upsample_cam
+from dermanet.inference.onnx_backend import ONNX_CACHE_ENV
 from dermanet.models import ModelConfig, create_model
 
 pytest_plugins = ["conftest_serve"]
@@ -134,6 +135,37 @@ def test_explanation_answers_like_classify_with_served_views(synthetic_model) ->
         assert result.target_class == expected.top_class
         single = Predictor(dataclasses.replace(checkpoint, tta="none")).predict(image)
         assert single.probabilities != pytest.approx(expected.probabilities, abs=1e-5)
+
+
+def test_served_views_on_onnx_send_only_the_plain_view_through_torch(
+    synthetic_model, tmp_path: Path, monkeypatch
+) -> None:
+    """With flips on ONNX, the answer is the ONNX predictor's own (every view, in ONNX Runtime)
+    and torch runs one plain view: the CAM of that answer's top class, nothing computed twice."""
+    monkeypatch.setenv(ONNX_CACHE_ENV, str(tmp_path / "onnx-cache"))
+    checkpoint = LoadedCheckpoint(synthetic_model, synthetic_model.config, [], 128,
+                                  (0.5,) * 3, (0.25,) * 3, tta="flips")  # fmt: skip
+    predictor = Predictor(checkpoint, backend="onnx")
+    explainer = GradCamExplainer(predictor, max_side=100)
+    image = np.random.default_rng(5).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    batches = []
+    handle = synthetic_model.stem.register_forward_hook(
+        lambda _module, inputs, _output: batches.append(len(inputs[0]))
+    )
+    try:
+        result = explainer.explain(image)
+    finally:
+        handle.remove()
+    assert batches == [1]  # torch saw the plain view once; ONNX Runtime answered
+    expected = predictor.predict(image)
+    assert result.prediction.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+    assert result.target_class == expected.top_class
+    plain = cam_pass(
+        synthetic_model, predictor.to_tensor([image]), [CLASS_INDEX[expected.top_class]]
+    )
+    grid = synthetic_model.feature_grid()
+    cam = np.clip(upsample_cam(plain.grid_cams[0], (128, 128), grid), 0.0, 1.0)
+    np.testing.assert_allclose(result.cam, cam, atol=1e-5)
 
 
 def test_feature_grid_and_aligned_upsampling() -> None:

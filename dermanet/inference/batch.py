@@ -394,6 +394,7 @@ class PredictWorker:
         schema: pa.Schema,
         use_gpu: bool,
         backend: str = "torch",
+        views: str | None = None,
     ):
         import torch
 
@@ -402,9 +403,10 @@ class PredictWorker:
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("--use-gpu: this worker got no usable CUDA device")
         device = "cuda" if use_gpu else "cpu"
-        self.predictor = Predictor(
-            _load_bytes(data, device), RiskPolicy.from_mapping(risk), device, backend=backend
-        )
+        loaded = _load_bytes(data, device)
+        if views is not None:  # e.g. "none" where only the plain view's features are wanted
+            loaded.tta = views
+        self.predictor = Predictor(loaded, RiskPolicy.from_mapping(risk), device, backend=backend)
         self.model_id = model_id
         self.schema = schema
         self.embeddings = "embedding" in schema.names
@@ -477,10 +479,12 @@ def prepare_and_score(
     decode_cpus: float,
     use_gpu: bool = False,
     backend: str = "auto",
+    views: str | None = None,
 ) -> ray.data.Dataset:
     """`prepare` (called with the model's `Preprocessing` and `prepare_kwargs`) in CPU tasks
     of `decode_cpus`, then a pool of `workers` `PredictWorker` actors taking `batch_size`
-    rows: the stages of batch inference and of the similar-cases index."""
+    rows: the stages of batch inference and of the similar-cases index. `views` overrides
+    the checkpoint's served test-time views (None keeps them)."""
     # Ray Data's per-operator CPU reservation would hold decode to ~1 task beside the workers on
     # a small machine (see dermanet.data.pipelines); the actor pool is sized by flags anyway.
     source.context.op_resource_reservation_enabled = False
@@ -507,6 +511,7 @@ def prepare_and_score(
             "schema": schema,
             "use_gpu": use_gpu,
             "backend": backend,
+            "views": views,
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
         batch_size=batch_size,

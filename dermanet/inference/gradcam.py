@@ -2,11 +2,12 @@
 
 One explanation is ONE forward and ONE short backward on the already preprocessed input: the
 forward gives the logits and pooled features (so the answer, the gate and the prediction set
-come from the same pass), the backward runs from the target logit to the last stage only
-(`torch.autograd.grad`), not through the whole network into every weight as a generic CAM
-library does. The CAM is pytorch-grad-cam's GradCAM (the tests check it against that library)
-upsampled with the network's real geometry straight to the displayed size. Each display mode
-is a small render function in RENDERERS.
+come from the same pass; a model served with several views on ONNX takes its answer from that
+faster call instead and sends only the plain view through torch), the backward runs from the
+target logit to the last stage only (`torch.autograd.grad`), not through the whole network
+into every weight as a generic CAM library does. The CAM is pytorch-grad-cam's GradCAM (the
+tests check it against that library) upsampled with the network's real geometry straight to
+the displayed size. Each display mode is a small render function in RENDERERS.
 """
 
 from __future__ import annotations
@@ -196,8 +197,10 @@ class Explanation:
 class GradCamExplainer:
     """Explains a Predictor's decisions; one explanation at a time (CAM hooks are per model).
 
-    Always on torch (gradients), whatever backend the predictor classifies with; the answer
-    that comes with an explanation is computed from the explanation's own forward pass.
+    The CAM is always torch's (gradients), whatever backend the predictor classifies with.
+    The answer that comes with it is classify's: from the explanation's own forward pass on
+    torch, or, when the model is served with several views on a faster backend (ONNX), from
+    that backend's call over every view while only the plain view runs through torch.
     """
 
     def __init__(self, predictor: Predictor, max_side: int = DEFAULT_MAX_SIDE):
@@ -229,15 +232,23 @@ class GradCamExplainer:
             raise ValueError(f"opacity must be between 0 and 1, got {opacity}")
         index = None if target is None else resolve_class(target)
         predictor = self.predictor
-        # the served views in one batch: the answer averages them, as classify's does; the CAM
-        # explains the plain view for the class that answer ranks first (or the one asked for)
-        views = tta_views(predictor.to_tensor([image]), predictor.checkpoint.tta)
-        with self._lock:  # CAM hooks would also see a concurrent forward on the same model
-            result = cam_pass(predictor.model, torch.cat(views), None if index is None else [index],
-                              views=len(views))  # fmt: skip
-        prediction = predictor.predictions(
-            [predictor.assess(image)], result.logits, result.features
-        )[0]
+        tensor = predictor.to_tensor([image])
+        views = tta_views(tensor, predictor.checkpoint.tta)
+        if len(views) > 1 and predictor.backend != "torch":
+            # the served answer from the fast engine (classify's own call, every view); only the
+            # plain view goes through torch, for the CAM of the class that answer ranks first
+            logits, features = predictor.engine(tensor)
+            targets = [int(np.argmax(logits[0])) if index is None else index]
+            with self._lock:  # CAM hooks would also see a concurrent forward on the same model
+                result = cam_pass(predictor.model, tensor, targets)
+        else:
+            # torch alone: the served views in one batch, the answer averages them and the CAM
+            # explains the plain view for the class that answer ranks first (or the one asked for)
+            with self._lock:
+                result = cam_pass(predictor.model, torch.cat(views),
+                                  None if index is None else [index], views=len(views))  # fmt: skip
+            logits, features = result.logits, result.features
+        prediction = predictor.predictions([predictor.assess(image)], logits, features)[0]
         index = result.targets[0]
         grid = predictor.model.feature_grid()
         side = (predictor.img_size, predictor.img_size)

@@ -227,11 +227,15 @@ def embed_split(
     splits: list[str],
     model: ModelSource,
     settings: IndexSettings,
+    *,
+    answers: bool = True,
 ) -> EmbeddedSplit:
     """Run the served model over some splits with Ray Data (Ray must be running).
 
     shard reads -> decode + prepare + thumbnail (CPU tasks) -> PredictWorker actor pool
-    (`batch.prepare_and_score`, as jobs/predict.py).
+    (`batch.prepare_and_score`, as jobs/predict.py). Without `answers` only the features are
+    wanted: the plain view alone is run (the features are always the plain view's), and the
+    probabilities are that view's, not the served views' average.
     """
     rows = split_rows(location, splits)
     lesions = lesion_ids(location, splits)
@@ -250,6 +254,7 @@ def embed_split(
         cpus_per_worker=settings.cpus_per_worker,
         decode_cpus=settings.decode_cpus,
         backend="torch",
+        views=None if answers else "none",
     )
     wanted = ["index", "embedding", "thumbnail", "error", *(f"prob_{c}" for c in CLASS_NAMES)]
     parts = [
@@ -300,7 +305,7 @@ def build_index(settings: IndexSettings, *, fixed_cluster: bool = True) -> Index
         settings.split, settings.location.describe(), model.model_id, output,
     )  # fmt: skip
     started = time.perf_counter()
-    embedded = embed_split(settings.location, settings.splits, model, settings)
+    embedded = embed_split(settings.location, settings.splits, model, settings, answers=False)
     if embedded.table.empty:
         raise ValueError(f"no readable images in the {settings.split} split; nothing to index")
     written = write_index(

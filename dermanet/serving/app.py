@@ -39,11 +39,12 @@ def build_app(settings: ServeSettings | None = None) -> Application:
             "max_batch_size": settings.max_batch_size,
             "batch_wait_timeout_s": settings.batch_wait_timeout_s,
         },
-    ).bind(backend=settings.backend, **common)  # Grad-CAM: always torch
+    ).bind(backend=settings.backend, **common)
+    # the CAM is always torch's; the backend answers for a model served with several views
     explainer = GradCam.options(
         max_queued_requests=settings.gradcam_max_queued_requests,
         backpressure_config=backpressure,
-    ).bind(max_side=settings.gradcam_max_side, **common)
+    ).bind(max_side=settings.gradcam_max_side, backend=settings.backend, **common)
     return Ingress.bind(classifier, explainer, settings.to_dict())
 
 

@@ -76,7 +76,7 @@ class _RegistryBacked:
         backend: str = "torch",
     ):
         self.registry = ModelRegistry(model_dir, default_model)
-        self.backend = backend  # the model call (Predictor backend); Grad-CAM keeps torch
+        self.backend = backend  # the model call (Predictor backend); CAMs are always torch's
         self.risk = RiskPolicy.from_mapping(risk)
         self.max_image_pixels = int(max_image_pixels)
         self.threads = use_assigned_cpus()
@@ -244,8 +244,9 @@ class GradCam(_RegistryBacked):
         max_image_pixels: int,
         max_side: int,
         default_model: str | None = None,
+        backend: str = "torch",
     ):
-        super().__init__(model_dir, risk, max_image_pixels, default_model)
+        super().__init__(model_dir, risk, max_image_pixels, default_model, backend)
         self.max_side = int(max_side)
         await self._preload_default(self.get_explainer)
 
