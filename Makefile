@@ -31,7 +31,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } || echo "chromium not installed: the browser test will skip"
 
 test: lint browser
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
