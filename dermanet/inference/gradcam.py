@@ -12,7 +12,6 @@ the displayed size. Each display mode is a small render function in RENDERERS.
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image, shrink_image
@@ -30,7 +28,15 @@ from dermanet.models import DermResNetSE
 from dermanet.models.dermresnet import FeatureGrid
 
 DEFAULT_MAX_SIDE = 768  # rendered PNGs are downscaled to this longest side
-PNG_COMPRESSION = 1  # zlib level: a heatmap PNG in a fraction of the default's time
+# zlib level 3 with the run-length strategy: on a 427x320 overlay 125 KiB in 9-12 ms against
+# Pillow's level 1 at 155 KiB in 12-14 ms (the PNG is a fifth of a Grad-CAM call's time); the
+# picture travels once, to a browser
+PNG_OPTIONS = [
+    cv2.IMWRITE_PNG_COMPRESSION,
+    3,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_RLE,
+]
 
 
 def upsample_cam(
@@ -175,10 +181,11 @@ def render(image: np.ndarray, cam: np.ndarray, mode: str = "overlay", opacity: f
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """RGB uint8 → PNG bytes, fast zlib level (the picture travels once, to a browser)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESSION)
-    return buffer.getvalue()
+    """RGB uint8 → PNG bytes, encoded for speed (PNG_OPTIONS)."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), PNG_OPTIONS)
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the Grad-CAM picture as PNG")
+    return encoded.tobytes()
 
 
 @dataclass
