@@ -240,8 +240,7 @@ class GradCamExplainer:
         index = None if target is None else resolve_class(target)
         predictor = self.predictor
         tensor = predictor.to_tensor([image])
-        views = tta_views(tensor, predictor.checkpoint.tta)
-        if len(views) > 1 and predictor.backend != "torch":
+        if predictor.checkpoint.tta != "none" and predictor.backend != "torch":
             # the served answer from the fast engine (classify's own call, every view); only the
             # plain view goes through torch, for the CAM of the class that answer ranks first
             logits, features = predictor.engine(tensor)
@@ -251,6 +250,7 @@ class GradCamExplainer:
         else:
             # torch alone: the served views in one batch, the answer averages them and the CAM
             # explains the plain view for the class that answer ranks first (or the one asked for)
+            views = tta_views(tensor, predictor.checkpoint.tta)
             with self._lock:
                 result = cam_pass(predictor.model, torch.cat(views),
                                   None if index is None else [index], views=len(views))  # fmt: skip
