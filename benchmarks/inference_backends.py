@@ -185,22 +185,26 @@ def stage_table(torch_p: Predictor, onnx_p: Predictor, chunk: list[bytes], args)
 
 def gradcam_table(checkpoint, data: bytes, args) -> list[str]:
     """p50 / p90 latency of one upload (bytes → answer): classify on torch and on ONNX Runtime,
-    Grad-CAM today (one forward + short backward, rendered PNG) and before issue 16, one view;
-    then classify and Grad-CAM with the checkpoint's served views if it has some: Grad-CAM on
-    torch alone (all views in its one forward) and as Serve runs it (the answer from ONNX
-    Runtime over every view, only the plain view through torch). Ratios against torch's
-    one-view classify and against classify as served (ONNX Runtime, the served views)."""
+    Grad-CAM today on torch (one forward + short backward, rendered PNG) and on ONNX Runtime
+    as Serve runs it (classify's call with the feature map, the gradient through the head
+    alone in torch), and before issue 16, one view; then classify and Grad-CAM with the
+    checkpoint's served views if it has some, on torch alone (all views in its one forward)
+    and as Serve runs it. Ratios against torch's one-view classify and against classify as
+    served (ONNX Runtime, the served views)."""
     one_view = dataclasses.replace(checkpoint, tta="none")
     torch_p = Predictor(one_view)
     onnx_p = Predictor(one_view, backend="onnx")
     explainer = GradCamExplainer(torch_p)
+    onnx_cam = GradCamExplainer(onnx_p)
     served_classify = "classify, ONNX Runtime (Serve's default on CPU)"
     calls = {
         "classify, torch": lambda: torch_p.predict_bytes(data),
         served_classify: lambda: onnx_p.predict_bytes(data),
         "Grad-CAM before: predict + pytorch-grad-cam + PNG": lambda: gradcam_before(
             explainer, decode_image(data)),
-        "Grad-CAM today (overlay PNG, 768 px)": lambda: explainer.explain(explainer.decode(data)),
+        "Grad-CAM today, torch (overlay PNG, 768 px)": lambda: explainer.explain(
+            explainer.decode(data)),
+        "Grad-CAM today, ONNX Runtime (Serve's)": lambda: onnx_cam.explain(onnx_cam.decode(data)),
     }  # fmt: skip
     if checkpoint.tta != "none":
         views = checkpoint.tta
@@ -211,7 +215,7 @@ def gradcam_table(checkpoint, data: bytes, args) -> list[str]:
         calls[served_classify] = lambda: served_onnx.predict_bytes(data)
         calls[f"Grad-CAM, served views ({views}), torch alone"] = (
             lambda: torch_cam.explain(torch_cam.decode(data)))  # fmt: skip
-        calls[f"Grad-CAM, served views ({views}), answer on ONNX Runtime (Serve's)"] = (
+        calls[f"Grad-CAM, served views ({views}), ONNX Runtime (Serve's)"] = (
             lambda: served_cam.explain(served_cam.decode(data)))  # fmt: skip
     results = {}
     for name, call in calls.items():

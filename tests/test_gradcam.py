@@ -137,14 +137,16 @@ def test_explanation_answers_like_classify_with_served_views(synthetic_model) ->
         assert single.probabilities != pytest.approx(expected.probabilities, abs=1e-5)
 
 
-def test_served_views_on_onnx_send_only_the_plain_view_through_torch(
-    synthetic_model, tmp_path: Path, monkeypatch
+@pytest.mark.parametrize("tta", ["flips", "none"])
+def test_on_onnx_the_cam_comes_from_classifys_own_call(
+    synthetic_model, tmp_path: Path, monkeypatch, tta: str
 ) -> None:
-    """With flips on ONNX, the answer is the ONNX predictor's own (every view, in ONNX Runtime)
-    and torch runs one plain view: the CAM of that answer's top class, nothing computed twice."""
+    """On ONNX the answer is the ONNX predictor's own (every served view, in ONNX Runtime), the
+    feature map comes from that call and torch never runs the backbone: the CAM equals torch's
+    Grad-CAM of the plain view for that answer's top class (and for a class asked for)."""
     monkeypatch.setenv(ONNX_CACHE_ENV, str(tmp_path / "onnx-cache"))
     checkpoint = LoadedCheckpoint(synthetic_model, synthetic_model.config, [], 128,
-                                  (0.5,) * 3, (0.25,) * 3, tta="flips")  # fmt: skip
+                                  (0.5,) * 3, (0.25,) * 3, tta=tta)  # fmt: skip
     predictor = Predictor(checkpoint, backend="onnx")
     explainer = GradCamExplainer(predictor, max_side=100)
     image = np.random.default_rng(5).integers(0, 255, (150, 200, 3), dtype=np.uint8)
@@ -154,18 +156,21 @@ def test_served_views_on_onnx_send_only_the_plain_view_through_torch(
     )
     try:
         result = explainer.explain(image)
+        asked = explainer.explain(image, target="VASC")
     finally:
         handle.remove()
-    assert batches == [1]  # torch saw the plain view once; ONNX Runtime answered
+    assert batches == []  # ONNX Runtime answered and gave the map; torch ran the head only
     expected = predictor.predict(image)
     assert result.prediction.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
-    assert result.target_class == expected.top_class
-    plain = cam_pass(
-        synthetic_model, predictor.to_tensor([image]), [CLASS_INDEX[expected.top_class]]
-    )
+    assert result.target_class == expected.top_class and asked.target_class == "VASC"
     grid = synthetic_model.feature_grid()
-    cam = np.clip(upsample_cam(plain.grid_cams[0], (128, 128), grid), 0.0, 1.0)
-    np.testing.assert_allclose(result.cam, cam, atol=1e-5)
+    for explanation in (result, asked):
+        plain = cam_pass(
+            synthetic_model, predictor.to_tensor([image]), [CLASS_INDEX[explanation.target_class]]
+        )
+        cam = np.clip(upsample_cam(plain.grid_cams[0], (128, 128), grid), 0.0, 1.0)
+        np.testing.assert_allclose(explanation.cam, cam, atol=1e-4)
+        assert explanation.cam.max() == pytest.approx(1.0, abs=1e-3)  # not an empty map
 
 
 def test_feature_grid_and_aligned_upsampling() -> None:

@@ -1,13 +1,15 @@
 """Grad-CAM explanations, rendered as PNGs for people.
 
 One explanation is ONE forward and ONE short backward on the already preprocessed input: the
-forward gives the logits and pooled features (so the answer, the gate and the prediction set
-come from the same pass; a model served with several views on ONNX takes its answer from that
-faster call instead and sends only the plain view through torch), the backward runs from the
-target logit to the last stage only (`torch.autograd.grad`), not through the whole network
-into every weight as a generic CAM library does. The CAM is pytorch-grad-cam's GradCAM (the
-tests check it against that library) upsampled with the network's real geometry straight to
-the displayed size. Each display mode is a small render function in RENDERERS.
+forward gives the logits, pooled features and last-stage feature map (so the answer, the gate
+and the prediction set come from the same pass as the CAM), the backward runs from the target
+logit to the last stage only (`torch.autograd.grad`), not through the whole network into every
+weight as a generic CAM library does. On the ONNX backend the forward is ONNX Runtime's (the
+classify call itself, every served view, with the feature map as an extra output) and torch
+runs only the pooling and head on that map for the gradient (`cam_from_feature_map`). The CAM
+is pytorch-grad-cam's GradCAM (the tests check it against that library) upsampled with the
+network's real geometry straight to the displayed size. Each display mode is a small render
+function in RENDERERS.
 """
 
 from __future__ import annotations
@@ -111,17 +113,36 @@ def cam_pass(
     finally:
         for handle in handles:
             handle.remove()
-    with torch.no_grad():
-        weights = grads[:n].mean(dim=(2, 3), keepdim=True)
-        cams = torch.relu((weights * maps[:n]).sum(dim=1)).float().cpu().numpy()
-    lo = cams.min(axis=(1, 2), keepdims=True)
-    cams = (cams - lo) / (1e-7 + (cams - lo).max(axis=(1, 2), keepdims=True))
     return CamPass(
         logits=averaged.detach().float().cpu().numpy(),
         features=captured["features"][:n].detach().float().cpu().numpy(),
         targets=chosen,
-        grid_cams=np.nan_to_num(cams).astype(np.float32),
+        grid_cams=grid_cams(grads[:n], maps[:n]),
     )
+
+
+def cam_from_feature_map(
+    model: DermResNetSE, feature_map: np.ndarray, targets: Sequence[int]
+) -> np.ndarray:
+    """Grad-CAMs (N, h, w) from a last-stage feature map another engine computed (ONNX
+    Runtime's forward): the gradient runs through the pooling and head alone. Thread-safe."""
+    maps = torch.from_numpy(np.ascontiguousarray(feature_map, dtype=np.float32))
+    maps = maps.to(next(model.parameters()).device).requires_grad_(True)
+    with torch.enable_grad():
+        logits = model.explainable_head(maps)
+        score = logits[torch.arange(len(maps)), list(map(int, targets))].sum()
+        (grads,) = torch.autograd.grad(score, maps)
+    return grid_cams(grads, maps)
+
+
+def grid_cams(grads: torch.Tensor, maps: torch.Tensor) -> np.ndarray:
+    """Grad-CAM's weighting: channels weighted by their mean gradient, ReLU, scaled to [0, 1]."""
+    with torch.no_grad():
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+        cams = torch.relu((weights * maps).sum(dim=1)).float().cpu().numpy()
+    lo = cams.min(axis=(1, 2), keepdims=True)
+    cams = (cams - lo) / (1e-7 + (cams - lo).max(axis=(1, 2), keepdims=True))
+    return np.nan_to_num(cams).astype(np.float32)
 
 
 def compute_cams(
@@ -204,10 +225,10 @@ class Explanation:
 class GradCamExplainer:
     """Explains a Predictor's decisions; one explanation at a time (CAM hooks are per model).
 
-    The CAM is always torch's (gradients), whatever backend the predictor classifies with.
-    The answer that comes with it is classify's: from the explanation's own forward pass on
-    torch, or, when the model is served with several views on a faster backend (ONNX), from
-    that backend's call over every view while only the plain view runs through torch.
+    The answer that comes with the CAM is classify's, from the same forward pass: on torch the
+    explanation's own (every served view in one batch, hooks on the model); on ONNX Runtime
+    classify's own call, which also returns the plain view's feature map, and torch computes
+    only the gradient through the pooling and head.
     """
 
     def __init__(self, predictor: Predictor, max_side: int = DEFAULT_MAX_SIDE):
@@ -240,13 +261,12 @@ class GradCamExplainer:
         index = None if target is None else resolve_class(target)
         predictor = self.predictor
         tensor = predictor.to_tensor([image])
-        if predictor.checkpoint.tta != "none" and predictor.backend != "torch":
-            # the served answer from the fast engine (classify's own call, every view); only the
-            # plain view goes through torch, for the CAM of the class that answer ranks first
-            logits, features = predictor.engine(tensor)
+        if predictor.backend == "onnx":
+            # classify's own call (every served view) with the plain view's feature map; the
+            # CAM of the class that answer ranks first (or the one asked for) from the head alone
+            logits, features, feature_map = predictor.engine.with_feature_map(tensor)
             targets = [int(np.argmax(logits[0])) if index is None else index]
-            with self._lock:  # CAM hooks would also see a concurrent forward on the same model
-                result = cam_pass(predictor.model, tensor, targets)
+            cams = cam_from_feature_map(predictor.model, feature_map, targets)
         else:
             # torch alone: the served views in one batch, the answer averages them and the CAM
             # explains the plain view for the class that answer ranks first (or the one asked for)
@@ -255,13 +275,14 @@ class GradCamExplainer:
                 result = cam_pass(predictor.model, torch.cat(views),
                                   None if index is None else [index], views=len(views))  # fmt: skip
             logits, features = result.logits, result.features
+            targets, cams = result.targets, result.grid_cams
         prediction = predictor.predictions([predictor.assess(image)], logits, features)[0]
-        index = result.targets[0]
+        index = targets[0]
         grid = predictor.model.feature_grid()
         side = (predictor.img_size, predictor.img_size)
-        cam = np.clip(upsample_cam(result.grid_cams[0], side, grid), 0.0, 1.0)
+        cam = np.clip(upsample_cam(cams[0], side, grid), 0.0, 1.0)
         shown = shrink_image(image, self.max_side, "long")
-        shown_cam = upsample_cam(result.grid_cams[0], (shown.shape[1], shown.shape[0]), grid, side)
+        shown_cam = upsample_cam(cams[0], (shown.shape[1], shown.shape[0]), grid, side)
         picture = render(shown, np.clip(shown_cam, 0.0, 1.0), mode, float(opacity))
         name = CLASS_NAMES[index]
         return Explanation(

@@ -3,12 +3,14 @@
 On a CPU, ONNX Runtime runs DermResNetSE several times faster than torch eager (fused
 conv + BN + activation, no Python per layer): benchmarks/inference_backends.py measures it.
 The exported graph returns the logits AND the pooled features (the trust gate's OOD score
-needs them) with a dynamic batch axis.
+needs them) with a dynamic batch axis, and the last stage's feature map, which classify never
+asks for (ONNX Runtime returns only the outputs requested) but Grad-CAM does: its gradient
+then runs through the pooling and head alone in torch.
 
 Exports are cached, never committed: one file per model content (a hash of the weights, the
 model config, the input size and the exporter) under `$DERMANET_ONNX_CACHE`, else
 `<temp dir>/dermanet-onnx/`, written atomically so replicas that export at the same time
-never read a partial file. Grad-CAM stays on torch (it needs gradients).
+never read a partial file. Grad-CAM's gradient stays on torch.
 """
 
 from __future__ import annotations
@@ -32,25 +34,26 @@ from dermanet.storage import atomic_write
 log = logging.getLogger(__name__)
 
 ONNX_CACHE_ENV = "DERMANET_ONNX_CACHE"
-EXPORT_VERSION = 1  # part of the cache key: bump when the exported graph changes
+EXPORT_VERSION = 2  # part of the cache key: bump when the exported graph changes
 INPUT_NAME = "x"
-OUTPUT_NAMES = ("logits", "features")
+OUTPUT_NAMES = ("logits", "features")  # what every served answer needs
+FEATURE_MAP_NAME = "feature_map"  # the last stage's activations, for Grad-CAM only
 
 
-class LogitsAndFeatures(nn.Module):
-    """The model as (logits, pooled features): the two outputs every served answer needs."""
+class ServedOutputs(nn.Module):
+    """The model as (logits, pooled features, last-stage feature map)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.model(x)
-        return out.logits, out.features
+        return out.logits, out.features, out.feature_map
 
 
 def export_onnx(model: nn.Module, img_size: int, path: str | Path) -> Path:
-    """Export (logits, features) for float32 (batch, 3, img_size, img_size) input, any batch.
+    """Export (logits, features, feature map) for float32 (batch, 3, S, S) input, any batch.
 
     The legacy (TorchScript) exporter: DermResNetSE has no data-dependent control flow, and it
     needs no onnxscript. Written atomically.
@@ -58,16 +61,17 @@ def export_onnx(model: nn.Module, img_size: int, path: str | Path) -> Path:
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, int(img_size), int(img_size), device=device)
     buffer = io.BytesIO()
-    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    outputs = [*OUTPUT_NAMES, FEATURE_MAP_NAME]
+    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "legacy TorchScript-based exporter": chosen on purpose
         torch.onnx.export(
-            LogitsAndFeatures(model).eval(),
+            ServedOutputs(model).eval(),
             (example,),
             buffer,
             dynamo=False,
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=outputs,
             dynamic_axes=dynamic,
         )
     return atomic_write(path, buffer.getvalue())
@@ -144,6 +148,16 @@ class OnnxEngine:
             return cls(path, threads)
 
     def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
+        logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: _array(x)})
         return logits, features
+
+    def with_feature_map(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, features, last-stage feature map (N, C, h, w)) from the same call."""
+        logits, features, feature_map = self.session.run(
+            [*OUTPUT_NAMES, FEATURE_MAP_NAME], {INPUT_NAME: _array(x)}
+        )
+        return logits, features, feature_map
+
+
+def _array(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)

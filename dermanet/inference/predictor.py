@@ -135,6 +135,14 @@ class ViewAveragingEngine:
         n = len(x)
         return logits.reshape(len(views), n, -1).mean(axis=0), features[:n]
 
+    def with_feature_map(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The answer as `__call__` gives it and the plain view's last-stage feature map, in
+        one call of an engine that exports it (ONNX Runtime's: Grad-CAM's input)."""
+        views = tta_views(x, self.mode)
+        logits, features, feature_map = self.engine.with_feature_map(torch.cat(views))
+        n = len(x)
+        return logits.reshape(len(views), n, -1).mean(axis=0), features[:n], feature_map[:n]
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """`auto` → `onnx` on a CPU, `torch` on a GPU; unknown names and ONNX on a GPU fail."""

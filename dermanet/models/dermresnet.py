@@ -110,7 +110,12 @@ class DermResNetSE(nn.Module):
         the lesion; treating the scale as a constant (Ali et al. 2022) fixes that. Forward
         values are unchanged.
         """
-        features = self.pool(self.forward_feature_map(x))
+        return self.explainable_head(self.forward_feature_map(x))
+
+    def explainable_head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """`explainable_logits` from the last stage's feature map: pooling and head only, so a
+        CAM can take its gradient from a feature map another engine (ONNX Runtime) computed."""
+        features = self.pool(feature_map)
         norm, dropout, linear = self.head
         centred = features - features.mean(dim=-1, keepdim=True)
         var = features.var(dim=-1, unbiased=False, keepdim=True).detach()
