@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = manifest["kind"].to_numpy()
 
     loaded = load_checkpoint(checkpoint)
-    predictor = Predictor(loaded)
+    predictor = Predictor(loaded, backend="auto")  # as served: ONNX Runtime on a CPU
     # the gate is fitted on the plain view's training features: the served views' logits are
     # not needed there (the train split's logits are that one view's)
-    plain = Predictor(dataclasses.replace(loaded, tta="none"))
+    plain = Predictor(dataclasses.replace(loaded, tta="none"), backend="auto")
     cache = Path(args.cache) / file_hash(checkpoint)
     feats, logits = {}, {}
     for split, rows in splits.items():

@@ -4,6 +4,7 @@ accepting nearly all test images, and prediction sets cover the truth at the sta
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +51,19 @@ def model_outputs(splits, derm_sample: Path, tmp_path_factory: pytest.TempPathFa
     if not DEFAULT_MODEL.is_file():
         pytest.skip(f"{DEFAULT_MODEL} not found (the shipped default model)")
     loaded = load_checkpoint(DEFAULT_MODEL)
-    predictor = Predictor(loaded)
+    # as served (the served backend and views); the gate is fitted on the plain view's training
+    # features, as jobs/evaluate.py --export fits it
+    predictor = Predictor(loaded, backend="auto")
+    plain = Predictor(dataclasses.replace(loaded, tta="none"), backend="auto")
     chosen = {
         "train": splits["train"].sample(n=2000, random_state=0),
         "val": splits["val"],
         "test": splits["test"].sample(n=600, random_state=0),
     }
-    out = {s: extract_features(predictor, iter_images(r["path"]), 128) for s, r in chosen.items()}
+    out = {
+        s: extract_features(plain if s == "train" else predictor, iter_images(r["path"]), 128)
+        for s, r in chosen.items()
+    }
     labels = {s: r["label"].map(CLASS_NAMES.index).to_numpy() for s, r in chosen.items()}
     folder = tmp_path_factory.mktemp("ood")
     counts = {"screenshot": 4 if CHROMIUM.is_file() else 0, "plot": 5, "document": 5,

@@ -99,7 +99,7 @@ def ood_set_report(
 ) -> dict[str, Any]:
     """The served path's gate (decoder, quality checks, OOD score) over a non-dermoscopic set."""
     manifest = read_ood_manifest(ood_dir)
-    predictor = Predictor(loaded)
+    predictor = Predictor(loaded, backend="auto")  # the served backend
     scores = []
     for start in range(0, len(manifest), 32):
         images = list(iter_images(manifest["file"][start : start + 32], predictor.decode))
