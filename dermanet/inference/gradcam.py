@@ -223,7 +223,8 @@ class Explanation:
 
 
 class GradCamExplainer:
-    """Explains a Predictor's decisions; one explanation at a time (CAM hooks are per model).
+    """Explains a Predictor's decisions; on torch one explanation at a time (CAM hooks are per
+    model), on ONNX Runtime concurrently (no hooks).
 
     The answer that comes with the CAM is classify's, from the same forward pass: on torch the
     explanation's own (every served view in one batch, hooks on the model); on ONNX Runtime

@@ -7,7 +7,7 @@ pooled features, so the trust gate and the answers do not depend on the choice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -130,18 +130,19 @@ class ViewAveragingEngine:
         self.name = engine.name
 
     def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        views = tta_views(x, self.mode)
-        logits, features = self.engine(torch.cat(views))
-        n = len(x)
-        return logits.reshape(len(views), n, -1).mean(axis=0), features[:n]
+        return self._over_views(x, self.engine)  # type: ignore[return-value]
 
     def with_feature_map(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The answer as `__call__` gives it and the plain view's last-stage feature map, in
         one call of an engine that exports it (ONNX Runtime's: Grad-CAM's input)."""
+        return self._over_views(x, self.engine.with_feature_map)  # type: ignore[attr-defined]
+
+    def _over_views(self, x: torch.Tensor, call: Callable) -> tuple[np.ndarray, ...]:
+        """`call` on every view in one batch: logits averaged, the other outputs' plain view."""
         views = tta_views(x, self.mode)
-        logits, features, feature_map = self.engine.with_feature_map(torch.cat(views))
+        logits, *plain_only = call(torch.cat(views))
         n = len(x)
-        return logits.reshape(len(views), n, -1).mean(axis=0), features[:n], feature_map[:n]
+        return logits.reshape(len(views), n, -1).mean(axis=0), *(out[:n] for out in plain_only)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

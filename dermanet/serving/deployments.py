@@ -235,7 +235,7 @@ class Classifier(_RegistryBacked):
     ray_actor_options={"num_cpus": 0.5},
 )
 class GradCam(_RegistryBacked):
-    """Renders Grad-CAM explanations; requests run one at a time per model (CAM hooks)."""
+    """Renders Grad-CAM explanations (on torch one at a time per model: CAM hooks)."""
 
     async def __init__(  # type: ignore[misc]  # Serve runs async constructors
         self,
