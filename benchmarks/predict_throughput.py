@@ -9,7 +9,9 @@ written to a temporary folder. Methods, each end to end (files in, result rows o
 - plain loop: one process, Predictor.decode + Predictor.predict_batch per batch, every core;
 - jobs/predict.py (`run_prediction`) on a local Ray with the machine's cores: 1 model worker
   (1 CPU) with read+prepare tasks of 1 or 0.5 CPU (one or two at a time beside the worker on
-  2 cores), and 2 model workers of 0.5 CPU; the time includes starting the workers
+  2 cores), the same worker with 2 model threads (`--threads-per-worker 2`: the model may use
+  the core decoding leaves idle), and 2 model workers of 0.5 CPU; the time includes starting
+  the workers
   (`startup` = the same run on one batch);
 - sequential HTTP: one POST /v1/classify at a time to a private Serve (default replicas).
 The plain loop and the job use the same --backend (auto: ONNX Runtime on a CPU, as Serve).
@@ -43,10 +45,11 @@ from dermanet.paths import sample_available, sample_dir
 
 LONG_RUN = Path("/tmp/dn/LONG_RUN")
 UPSCALED = (600, 450)
-RAY_CONFIGS = {  # label: (model workers, CPUs per worker, CPUs per read+prepare task)
-    "jobs/predict.py, 1 worker, 1-CPU tasks": (1, 1.0, 1.0),
-    "jobs/predict.py, 1 worker, 0.5-CPU tasks": (1, 1.0, 0.5),
-    "jobs/predict.py, 2 workers, 0.5-CPU tasks": (2, 0.5, 0.5),
+RAY_CONFIGS = {  # label: (model workers, CPUs per worker, CPUs per read+prepare task, threads)
+    "jobs/predict.py, 1 worker, 1-CPU tasks": (1, 1.0, 1.0, 0),
+    "jobs/predict.py, 1 worker, 2 threads, 1-CPU tasks": (1, 1.0, 1.0, 2),
+    "jobs/predict.py, 1 worker, 0.5-CPU tasks": (1, 1.0, 0.5, 0),
+    "jobs/predict.py, 2 workers, 0.5-CPU tasks": (2, 0.5, 0.5, 0),
 }
 
 
@@ -167,12 +170,13 @@ def main() -> None:
         init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
 
         def settings(
-            paths_csv: str, workers: int, cpus: float, task_cpus: float
+            paths_csv: str, workers: int, cpus: float, task_cpus: float, threads: int
         ) -> PredictSettings:
             return PredictSettings(
                 input=paths_csv, output=str(work / "out.parquet"), overwrite=True,
                 model=args.model, batch_size=args.batch_size, num_workers=workers,
                 cpus_per_worker=cpus, decode_cpus=task_cpus, backend=args.backend,
+                threads_per_worker=threads,
             )  # fmt: skip
 
         inputs = {size: path_list(paths, work / f"{size}.csv") for size, paths in sizes.items()}
@@ -186,7 +190,7 @@ def main() -> None:
         }  # fmt: skip
         for label, config in RAY_CONFIGS.items():
             methods[label] = lambda size, c=config: ray_job(settings(inputs[size], *c))
-        ray_job(settings(one_batch["341x256"], 1, 1.0, 1.0))  # warm-up: Ray's worker processes
+        ray_job(settings(one_batch["341x256"], 1, 1.0, 1.0, 0))  # warm-up: Ray's worker processes
         seconds: dict[tuple[str, str], list[float]] = {}
         startup: dict[tuple[str, str], list[float]] = {}
         for round_ in range(args.repeats):

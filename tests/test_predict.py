@@ -102,7 +102,9 @@ def run_job(*args: str) -> int:
     return predict_job.main([str(a) for a in args])
 
 
-WORKERS = ["--num-workers", "2", "--cpus-per-worker", "0.5", "--decode-cpus", "0.5"]
+# Two half-CPU workers with an explicit thread count: the rows must still equal the server's.
+WORKERS = ["--num-workers", "2", "--cpus-per-worker", "0.5", "--decode-cpus", "0.5",
+           "--threads-per-worker", "1"]  # fmt: skip
 
 
 def test_rows_equal_classify_answers(client, trust_model, archive, tmp_path, caplog) -> None:

@@ -127,6 +127,14 @@ class PredictSettings:
         minimum=0,
         exclusive=True,
     )
+    threads_per_worker: int = option(
+        0,
+        "model threads in each worker (0: as many as the CPUs it reserves); more than its "
+        "CPUs lets the model use the cores that reading and decoding leave idle (small "
+        "machines), at the cost of some oversubscription while both run",
+        group="run",
+        minimum=0,
+    )
     decode_cpus: float = option(
         1.0, "CPUs each read+decode task reserves", group="run", minimum=0, exclusive=True
     )
@@ -395,10 +403,13 @@ class PredictWorker:
         use_gpu: bool,
         backend: str = "torch",
         views: str | None = None,
+        threads: int = 0,
     ):
         import torch
 
         use_assigned_cpus()
+        if threads:
+            torch.set_num_threads(threads)  # the ONNX Runtime session follows torch's count
         data = ray.get(model) if isinstance(model, ray.ObjectRef) else model
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("--use-gpu: this worker got no usable CUDA device")
@@ -463,6 +474,7 @@ def build_dataset(
         decode_cpus=settings.decode_cpus,
         use_gpu=settings.use_gpu,
         backend=settings.backend,
+        threads_per_worker=settings.threads_per_worker,
     )
 
 
@@ -480,11 +492,13 @@ def prepare_and_score(
     use_gpu: bool = False,
     backend: str = "auto",
     views: str | None = None,
+    threads_per_worker: int = 0,
 ) -> ray.data.Dataset:
     """`prepare` (called with the model's `Preprocessing` and `prepare_kwargs`) in CPU tasks
     of `decode_cpus`, then a pool of `workers` `PredictWorker` actors taking `batch_size`
     rows: the stages of batch inference and of the similar-cases index. `views` overrides
-    the checkpoint's served test-time views (None keeps them)."""
+    the checkpoint's served test-time views (None keeps them); `threads_per_worker` the
+    model's thread count (0: the worker's CPUs)."""
     # Ray Data's per-operator CPU reservation would hold decode to ~1 task beside the workers on
     # a small machine (see dermanet.data.pipelines); the actor pool is sized by flags anyway.
     source.context.op_resource_reservation_enabled = False
@@ -512,6 +526,7 @@ def prepare_and_score(
             "use_gpu": use_gpu,
             "backend": backend,
             "views": views,
+            "threads": threads_per_worker,
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
         batch_size=batch_size,
