@@ -72,13 +72,15 @@ def check_storage_location(location: str) -> None:
         )
 
 
-def use_assigned_cpus() -> int:
+def use_assigned_cpus(threads: int = 0) -> int:
     """Torch threads = the whole CPUs Ray gave this actor (at least 1): two half-CPU Serve
     replicas or batch-inference workers on two cores must not each start a thread per core
-    and fight over them. Call it inside the actor; returns the thread count."""
+    and fight over them. `threads` > 0 overrides it (batch inference's
+    `--threads-per-worker`). Call it inside the actor; returns the thread count (ONNX Runtime
+    sessions opened after it follow torch's count)."""
     import torch
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    threads = max(1, math.floor(cpus))
+    threads = threads or max(1, math.floor(cpus))
     torch.set_num_threads(threads)
     return threads

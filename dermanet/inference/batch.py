@@ -407,9 +407,7 @@ class PredictWorker:
     ):
         import torch
 
-        use_assigned_cpus()
-        if threads:
-            torch.set_num_threads(threads)  # the ONNX Runtime session follows torch's count
+        use_assigned_cpus(threads)
         data = ray.get(model) if isinstance(model, ray.ObjectRef) else model
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("--use-gpu: this worker got no usable CUDA device")
