@@ -17,11 +17,19 @@ from dermanet.data import assign_splits, read_plain_csv
 from dermanet.data.pipelines import (
     PipelineConfig,
     build_pipeline,
+    encoded_image,
     read_catalogue_files,
     read_image_folders,
     read_shards,
 )
-from dermanet.data.shards import ShardsExistError, prepare_shards, read_manifest, shard_dir
+from dermanet.data.shards import (
+    ROWS_PER_GROUP,
+    ShardsExistError,
+    prepare_shards,
+    read_manifest,
+    shard_dir,
+    shard_image,
+)
 from dermanet.data.sources import catalogue_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -89,9 +97,35 @@ def test_rerun_is_refused_without_overwrite(ray_local, synthetic_with_corrupt, t
     # Streaming reads the URI too: every row of every split, with only the training columns.
     streamed = {split: read_shards(uri, split).take_all() for split in ("train", "val", "test")}
     assert sum(len(rows) for rows in streamed.values()) == report.written
-    assert set(streamed["train"][0]) == {"jpeg", "label_index", "index"}
+    assert set(streamed["train"][0]) == {"file", "row", "label_index", "index"}
     with pytest.raises(FileNotFoundError, match=r"run jobs/prepare_data\.py"):
         read_shards(f"file://{tmp_path}/nothing-here", "train")
+
+
+def test_shard_rows_are_references_to_the_stored_images(synthetic_shards: str, tmp_path) -> None:
+    """Streamed shard rows carry a file and row position; the decoding task fetches the bytes,
+    a row group at a time (groups of ROWS_PER_GROUP in new shards, one per file in older ones)."""
+    stored = _shard_rows(synthetic_shards).set_index("index")
+    refs = pd.DataFrame(read_shards(synthetic_shards, "train").take_all())
+    assert len(refs) == (stored["shard_split"] == "train").sum()
+    for i in range(len(refs)):
+        assert encoded_image(refs, i) == stored.loc[int(refs["index"].iloc[i]), "jpeg"]
+    some = set(refs["index"].iloc[::3].tolist())
+    kept = read_shards(synthetic_shards, "train", keep_index=some).take_all()
+    assert {int(r["index"]) for r in kept} == some
+
+    metadata = pq.ParquetFile(refs["file"].iloc[0]).metadata
+    groups = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    assert max(groups) <= ROWS_PER_GROUP and sum(groups) == metadata.num_rows
+
+    # A shard written as one row group (before ROWS_PER_GROUP) reads the same way.
+    table = pq.read_table(refs["file"].iloc[0])
+    single = str(tmp_path / "single.parquet")
+    pq.write_table(table.slice(0, 30), single, row_group_size=1_000)
+    assert pq.ParquetFile(single).metadata.num_row_groups == 1
+    assert shard_image(single, 29) == table["jpeg"][29].as_py()
+    with pytest.raises(IndexError, match="has 30 rows, no row 30"):
+        shard_image(single, 30)
 
 
 def _collect(ds, batch_size: int = 16) -> list[dict]:

@@ -1,8 +1,9 @@
 """Ray Data pipelines that stream images into training and evaluation.
 
-Every source becomes rows with `jpeg` (encoded bytes), `label_index` and `index` (a stable row
-id, used to name offending samples in NaN dumps); `decode_transform_batch` then turns them into
-the batch contract the training modules consume:
+Every source becomes rows that say where an image is (`jpeg` bytes, a shard `file` and `row`,
+or a file `path`: see `encoded_image`), with `label_index` and `index` (a stable row id, used to
+name offending samples in NaN dumps); `decode_transform_batch` reads and decodes them into the
+batch contract the training modules consume:
 
     labelled:  {"image": uint8 (N, 3, S, S), "label": int64 (N,), "index": int64 (N,)}
     two-view:  {"view1": uint8 (N, 3, S, S), "view2": ..., "index": int64 (N,)}
@@ -24,7 +25,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
@@ -41,7 +41,7 @@ from dermanet.data.images import (
     decode_image_fast,
 )
 from dermanet.data.ray_io import dataset_from_frame
-from dermanet.data.shards import shard_dir
+from dermanet.data.shards import shard_dir, shard_image
 from dermanet.data.transforms import (
     DERM_MEAN,
     DERM_STD,
@@ -57,7 +57,6 @@ from dermanet.storage import read_bytes, resolve_filesystem
 log = logging.getLogger(__name__)
 
 Mode = Literal["train", "eval", "two_view"]
-SOURCE_COLUMNS = ["jpeg", "label_index", "index"]
 # Reading bytes is I/O: a quarter CPU each, so reads never wait for a whole free CPU while
 # training workers and Serve replicas hold the rest (a full-CPU request can hang forever).
 IO_CPUS = 0.25
@@ -81,14 +80,18 @@ class PipelineConfig:
 
 
 def read_shards(output: str, split: str, keep_index: set[int] | None = None) -> ray.data.Dataset:
-    """Stream one split of prepared shards (only the columns training needs), one file per task.
+    """One split of prepared shards as light rows: `file`, `row` (the image's position in that
+    file), `label_index`, `index`; the task that decodes a row fetches its bytes
+    (`encoded_image`). `keep_index` keeps only those rows (an origin filter, see
+    `dermanet.data.sources`).
 
-    `keep_index` keeps only those rows (an origin filter, see `dermanet.data.sources`).
-
-    Files are listed here and each is read by a quarter-CPU task. Ray's `read_parquet` lists
-    files in a task that needs a whole free CPU (not configurable), which on a small machine
-    can wait forever beside training workers and Serve replicas, and it packs all files of a
-    split into one read task.
+    References rather than bytes, because training reshuffles its block order every epoch, an
+    all-to-all step that waits for every upstream block: with the encoded images in the rows,
+    every shard was read before the first image was decoded (first batch after 12-18 s, 0.45x
+    a DataLoader over an epoch; docs/benchmarks.md). References shuffle for free and reading
+    overlaps decoding, as for raw files. The two small columns are read here in the driver:
+    Ray's `read_parquet` lists files in a task that needs a whole free CPU, which on a small
+    machine can wait forever beside training workers and Serve replicas.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -98,14 +101,20 @@ def read_shards(output: str, split: str, keep_index: set[int] | None = None) -> 
             f"no Parquet files for split {split!r} under {shard_dir(output, split)}; "
             "run jobs/prepare_data.py first"
         )
-    listing = dataset_from_frame(pd.DataFrame({"file": files}), rows_per_block=1)
-    return listing.map_batches(
-        _read_parquet_files,
-        fn_kwargs={"keep_index": keep_index},
-        batch_size=1,
-        batch_format="pandas",
-        num_cpus=IO_CPUS,
-    )
+    frames = [_shard_references(file) for file in files]
+    rows = pd.concat(frames, ignore_index=True)
+    if keep_index is not None:
+        rows = rows.loc[rows["index"].isin(keep_index)]
+    return dataset_from_frame(rows, rows_per_block=PipelineConfig.rows_per_block)
+
+
+def _shard_references(file: str) -> pd.DataFrame:
+    filesystem, path = resolve_filesystem(file)
+    table = pq.read_table(path, columns=["label_index", "index"], filesystem=filesystem)
+    rows = table.to_pandas()
+    rows.insert(0, "row", np.arange(len(rows), dtype=np.int64))
+    rows.insert(0, "file", file)
+    return rows.astype({"file": object})
 
 
 def list_parquet_files(location: str) -> list[str]:
@@ -121,18 +130,6 @@ def list_parquet_files(location: str) -> list[str]:
         for info in infos
         if info.is_file and info.path.endswith(".parquet")
     )
-
-
-def _read_parquet_files(batch: pd.DataFrame, keep_index: set[int] | None) -> pa.Table:
-    tables = []
-    for file in batch["file"]:
-        filesystem, path = resolve_filesystem(file)
-        table = pq.read_table(path, columns=SOURCE_COLUMNS, filesystem=filesystem)
-        if keep_index is not None:
-            mask = np.isin(table["index"].to_numpy(), np.fromiter(keep_index, dtype=np.int64))
-            table = table.filter(pa.array(mask))
-        tables.append(table)
-    return pa.concat_tables(tables)
 
 
 def read_catalogue_files(table: pd.DataFrame) -> ray.data.Dataset:
@@ -158,11 +155,18 @@ def read_image_folders(folders: list[str]) -> ray.data.Dataset:
 
 def encoded_image(batch: Mapping[str, Any] | pd.DataFrame, row: int) -> bytes:
     """The encoded image of a batch's `row`-th row (numpy or pandas batch): its `jpeg` bytes
-    (shards, image folders), or the file at its `path` (catalogue sources, read by the task
-    that decodes it); OSError when unreadable."""
-    column = batch["jpeg"] if "jpeg" in batch else batch["path"]
-    value = column.iloc[row] if isinstance(column, pd.Series) else column[row]  # by position
-    return bytes(value) if "jpeg" in batch else read_bytes(str(value))
+    (image folders), the shard row it refers to (`file`, `row`: shards), or the file at its
+    `path` (catalogue sources), read by the task that decodes it; OSError when unreadable."""
+
+    def cell(name: str) -> Any:
+        column = batch[name]
+        return column.iloc[row] if isinstance(column, pd.Series) else column[row]  # by position
+
+    if "jpeg" in batch:
+        return bytes(cell("jpeg"))
+    if "file" in batch:
+        return shard_image(str(cell("file")), int(cell("row")))
+    return read_bytes(str(cell("path")))
 
 
 def _binary_to_rows(batch: pd.DataFrame) -> pd.DataFrame:
@@ -281,9 +285,9 @@ def build_pipeline(
 ) -> ray.data.Dataset:
     """Attach decode + transform to a source; training streams are shuffled every epoch.
 
-    Sources arrive in few large blocks (Ray's Parquet reader packs files into ~128 MB read
-    tasks), which would leave one task decoding everything; re-cutting them into small blocks
-    lets decode+augment run on every CPU and keeps output blocks small. Training and two-view
+    Sources can arrive in few large blocks (Ray's binary-file reader packs files into large
+    read tasks), which would leave one task decoding everything; re-cutting them into small
+    blocks lets decode+augment run on every CPU and keeps output blocks small. Training and two-view
     streams then randomise the block order anew every epoch (on top of the training loop's
     local shuffle buffer), so a class-sorted catalogue still gives mixed batches; with a
     `seed` the order, the optional class resampling (`repeats`, see `class_repeats`) and the

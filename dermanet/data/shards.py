@@ -2,7 +2,8 @@
 
 Layout written under the output location (a folder or any pyarrow URI):
 
-    shards/{train,val,test}/*.parquet   one row per image, JPEG bytes in column `jpeg`
+    shards/{train,val,test}/*.parquet   one row per image, JPEG bytes in column `jpeg`,
+                                        row groups of ROWS_PER_GROUP rows
     manifest.json                       settings, counts per split and class, timings
     errors.csv                          images that could not be read, and why
 
@@ -12,14 +13,18 @@ Corrupt files never stop the job: they are skipped, counted and listed in errors
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dermanet import __version__
 from dermanet.classes import CLASS_NAMES
@@ -48,6 +53,9 @@ MANIFEST = "manifest.json"
 ERRORS = "errors.csv"
 SHARDS = "shards"
 SHARD_FORMAT_VERSION = 1
+# Small row groups let a decoding task fetch the few images it needs (`shard_image`) without
+# reading a whole file; shards written before this have one group per file and still work.
+ROWS_PER_GROUP = 128
 
 
 class ShardsExistError(FileExistsError):
@@ -164,7 +172,9 @@ def prepare_shards(
             _select, fn_kwargs={"split": split}, batch_format="pandas", num_cpus=0.25
         )
         _, path = resolve_filesystem(shard_dir(output, split))
-        part.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
+        part.write_parquet(
+            path, filesystem=fs, min_rows_per_file=rows_per_file, row_group_size=ROWS_PER_GROUP
+        )
     failures = encoded.map_batches(
         _select, fn_kwargs={"split": None}, batch_format="pandas", num_cpus=0.25
     )
@@ -211,6 +221,65 @@ def _manifest(report: PrepareReport, short_side: int, quality: int) -> dict[str,
         "seconds": round(report.seconds, 2),
         "bytes": report.bytes_written,
     }
+
+
+def shard_image(file: str, row: int) -> bytes:
+    """The encoded image at position `row` of a shard file (any pyarrow location).
+
+    Training streams shard rows as references (`pipelines.read_shards`) and each decoding task
+    fetches bytes here. A row group is read whole, so it is kept for the rows that follow
+    (`_GROUPS`, bounded in bytes: older shards hold a whole 10 MB file in one group); shards
+    are never rewritten in place (--overwrite deletes them first), so nothing goes stale.
+    """
+    starts = _row_group_starts(file)
+    if not 0 <= row < starts[-1]:
+        raise IndexError(f"{file} has {starts[-1]} rows, no row {row}")
+    group = int(np.searchsorted(starts, row, side="right")) - 1
+    return _GROUPS.images(file, group)[row - starts[group]].as_py()
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_group_starts(file: str) -> tuple[int, ...]:
+    """Row position where each row group of `file` starts, plus its row count at the end."""
+    metadata = _open_shard(file).metadata
+    sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    return tuple(int(s) for s in np.cumsum([0, *sizes]))
+
+
+def _open_shard(file: str) -> pq.ParquetFile:
+    filesystem, path = resolve_filesystem(file)
+    return pq.ParquetFile(path, filesystem=filesystem)
+
+
+class _RowGroupCache:
+    """The `jpeg` column of recently read row groups, least recently used dropped first once
+    they hold more than `max_bytes` (one cache per process)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._groups: OrderedDict[tuple[str, int], pa.Array] = OrderedDict()
+
+    def images(self, file: str, group: int) -> pa.Array:
+        key = (file, group)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        column = _open_shard(file).read_row_group(group, columns=["jpeg"]).column(0)
+        images = column.combine_chunks()
+        self._groups[key] = images
+        while len(self._groups) > 1 and self.nbytes > self.max_bytes:
+            self._groups.popitem(last=False)
+        return images
+
+    @property
+    def nbytes(self) -> int:
+        return sum(images.nbytes for images in self._groups.values())
+
+    def clear(self) -> None:
+        self._groups.clear()
+
+
+_GROUPS = _RowGroupCache(max_bytes=64 * 2**20)
 
 
 def read_manifest(output: str) -> dict[str, Any]:

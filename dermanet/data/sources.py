@@ -63,7 +63,7 @@ def load_catalogue(
 
 @dataclass
 class SplitRows:
-    """Undecoded rows (`jpeg` bytes from shards, or `path` for catalogue files, read by the task
+    """Undecoded rows (a shard `file` and `row`, or `path` for catalogue files, read by the task
     that decodes them: see `pipelines.encoded_image`), `label_index`, `index`, and what each
     row is, by `index`."""
 
