@@ -275,9 +275,6 @@ class _RowGroupCache:
     def nbytes(self) -> int:
         return sum(images.nbytes for images in self._groups.values())
 
-    def clear(self) -> None:
-        self._groups.clear()
-
 
 _GROUPS = _RowGroupCache(max_bytes=64 * 2**20)
 
