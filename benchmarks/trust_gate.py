@@ -63,13 +63,26 @@ START, END = "<!-- trust_gate results: start -->", "<!-- trust_gate results: end
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=str(PROJECT_ROOT / "weights" / "default.pt"))
-    p.add_argument("--derm-sample", default=str(sample_dir()))
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=str(PROJECT_ROOT / "weights" / "default.pt"),
+        help="model whose features the OOD methods are fitted on",
+    )
+    p.add_argument(
+        "--derm-sample",
+        default=str(sample_dir()),
+        help="derm-sample folder (metadata.csv + images/); env DERMANET_SAMPLE_DIR",
+    )
     p.add_argument("--ood", default="/tmp/dn/trust-ood", help="OOD set (built here if missing)")
-    p.add_argument("--cache", default="/tmp/dn/trust-cache", help="feature cache folder")
+    p.add_argument(
+        "--cache", default="/tmp/dn/trust-cache", help="feature cache folder (per checkpoint hash)"
+    )
     p.add_argument("--limit", type=int, help="tiny check: at most N images per split")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     p.add_argument("--write-docs", help="replace the results section of this Markdown file")
     return p.parse_args(argv)
 

@@ -131,7 +131,9 @@ def _settings(data: Path, storage: Path, **overrides) -> TrainSettings:
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, tmp_path) -> None:
+def test_train_learns_checkpoints_and_resumes(
+    ray_local, synthetic_train_data, tmp_path, monkeypatch
+) -> None:
     starts = tmp_path / "starts.txt"
     record = [RecordEpochStarts(str(starts))]
     outcome = run_training(_settings(synthetic_train_data, tmp_path, extra_callbacks=record))
@@ -210,11 +212,13 @@ def test_train_learns_checkpoints_and_resumes(ray_local, synthetic_train_data, t
     assert history["step"].is_monotonic_increasing
 
     # --init-checkpoint warm-starts every weight (head included) at another resolution: with a
-    # vanishing learning rate the new run's weights are the old run's.
+    # vanishing learning rate the new run's weights are the old run's. The path is relative to
+    # the driver's folder, as a user types it: the workers, elsewhere, must still find it.
+    monkeypatch.chdir(Path(outcome.best_checkpoint).parent)
     warm = run_training(
         _settings(
             synthetic_train_data, tmp_path, name="warm", img_size=64, epochs=1, lr=1e-12,
-            warmup_epochs=0, init_checkpoint=str(outcome.best_checkpoint),
+            warmup_epochs=0, init_checkpoint=Path(outcome.best_checkpoint).name,
         )
     )  # fmt: skip
     started, warmed = (

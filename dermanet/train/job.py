@@ -170,7 +170,7 @@ class TrainingJob(ABC):
         s = self.settings
         s.validate()
         s = self.settings = dataclasses.replace(
-            s, precision=resolve_precision(s.precision, s.use_gpu)
+            s.with_absolute_paths(), precision=resolve_precision(s.precision, s.use_gpu)
         )
         data = self.load_data()
         pipeline = PipelineConfig(

@@ -115,17 +115,6 @@ def trial_dirname(trial: Trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _absolute(settings: TrainSettings) -> TrainSettings:
-    """Trials run in their own folders: relative local paths must be made absolute first."""
-    fields = ("shards", "csv", "images", "model_config", "pretrain_ckpt")
-    values = {
-        f: str(Path(v).expanduser().resolve())
-        for f in fields
-        if (v := getattr(settings, f)) is not None and not is_uri(v)
-    }
-    return dataclasses.replace(settings, **values)
-
-
 def run_tune(settings: TuneSettings) -> pd.DataFrame:
     """Run (or resume) the search; write results table, curves, best config, best checkpoint."""
     metric = settings.base.monitor
@@ -153,7 +142,9 @@ def run_tune(settings: TuneSettings) -> pd.DataFrame:
             trainable,
             param_space={
                 "base": plain_settings(
-                    dataclasses.replace(_absolute(settings.base), storage_path=trials_dir)
+                    dataclasses.replace(
+                        settings.base.with_absolute_paths(), storage_path=trials_dir
+                    )
                 ),
                 **load_space(settings.space),
             },
