@@ -165,7 +165,8 @@ def test_train_learns_checkpoints_and_resumes(
     code = evaluate_job.main(
         ["--checkpoint", str(outcome.best_checkpoint), "--csv", str(data / "metadata.csv"),
          "--images", str(data / "images"), "--output", str(report_dir), "--tta",
-         "--export", str(shipped), "--half", "--served-views", "flips"]
+         "--export", str(shipped), "--half", "--served-views", "flips",
+         "--ood-method", "combined", "--ood-fpr", "0.1"]
     )  # fmt: skip
     assert code == 0
     report = json.loads((report_dir / "report.json").read_text())
@@ -180,10 +181,14 @@ def test_train_learns_checkpoints_and_resumes(
     )
     assert exported.provenance["exported_from"] == str(outcome.best_checkpoint)
     assert exported.tta == "flips" == report["served_views"] and "served" not in report
+    gate = exported.trust["ood"]  # the gate asked for, its threshold set on val
+    assert gate["method"] == "combined" and 0.05 < gate["val_rejection_rate"] <= 0.15
     assert evaluate_job.main(["--checkpoint", str(shipped), "--output", str(report_dir)]) == 2
     flags = ["--csv", str(data / "metadata.csv"), "--images", str(data / "images")]
     bad_export = ["--checkpoint", str(shipped), *flags, "--output", str(tmp_path), "--export", "m"]
     assert evaluate_job.main(bad_export) == 2
+    gate_without_export = [*flags, "--checkpoint", str(shipped), "--output", str(tmp_path)]
+    assert evaluate_job.main([*gate_without_export, "--ood-method", "knn"]) == 2
     # Scoring the shipped file on val (nothing to refit on) reports what the server returns:
     # its stored temperature, and the sets and gate fitted with it.
     val_dir = tmp_path / "eval-val"

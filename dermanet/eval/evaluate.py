@@ -36,6 +36,7 @@ from dermanet.eval.tta import TTA_MODES, tta_views
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from dermanet.inference.predictor import Preprocessing
 from dermanet.settings import check_settings, option
+from dermanet.trust.ood import DEFAULT_OOD_METHOD, OOD_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,22 @@ class EvaluateSettings:
         group="output",
     )
     half: bool = option(False, "--export in float16 (half the size)", group="output")
+    ood_method: str = option(
+        DEFAULT_OOD_METHOD,
+        "the --export's gate: OOD score fitted on train features (docs/trust.md compares "
+        "them; benchmarks/trust_gate.py measures them for a new model)",
+        group="output",
+        choices=OOD_METHODS,
+    )
+    ood_fpr: float = option(
+        0.05,
+        "the --export's gate: share of val images its OOD threshold refuses (higher "
+        "refuses more of everything, dermoscopy included)",
+        group="output",
+        minimum=0,
+        maximum=0.5,
+        exclusive=True,
+    )
     ood: str | None = option(
         None,
         "folder of non-dermoscopic pictures (jobs/build_ood_set.py): report the gate's OOD "
@@ -113,6 +130,11 @@ class EvaluateSettings:
             raise ValueError("--half applies to --export; give --export PATH.pt")
         if self.served_views and not self.export:
             raise ValueError("--served-views applies to --export; give --export PATH.pt")
+        gate_flags = (self.ood_method, self.ood_fpr) != (DEFAULT_OOD_METHOD, 0.05)
+        if gate_flags and not self.export:
+            raise ValueError(
+                "--ood-method and --ood-fpr fit the --export's gate; give --export PATH.pt"
+            )
 
     @property
     def split_name(self) -> str:
@@ -241,7 +263,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
         loaded.temperature = temperature
         loaded.trust = fit_trust(
             train.features, train.labels, val.features, val.served_logits, val.labels,
-            temperature,
+            temperature, ood_method=settings.ood_method, ood_fpr=settings.ood_fpr,
         )  # fmt: skip
     probs = softmax(predictions.logits, temperature)
     served_raw = softmax(predictions.served_logits)

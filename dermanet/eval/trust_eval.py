@@ -24,7 +24,7 @@ from dermanet.trust.conformal import prediction_sets
 from dermanet.trust.evaluation import gate_scores, ood_report, set_report
 from dermanet.trust.features import iter_images
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
-from dermanet.trust.ood import ood_scores
+from dermanet.trust.ood import DEFAULT_OOD_METHOD, ood_scores
 from dermanet.trust.ood_set import read_ood_manifest
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,19 @@ def fit_trust(
     val_logits: np.ndarray,
     val_labels: np.ndarray,
     temperature: float,
+    *,
+    ood_method: str = DEFAULT_OOD_METHOD,
+    ood_fpr: float = 0.05,
 ) -> dict[str, Any]:
     """OOD statistics + conformal thresholds for the checkpoint (see dermanet.trust.fit)."""
     stats = fit_trust_statistics(
-        train_features, train_labels, val_features, val_logits, val_labels, temperature
-    )
+        train_features, train_labels, val_features, val_logits, val_labels, temperature,
+        ood_method=ood_method, target_fpr=ood_fpr,
+    )  # fmt: skip
     log.info(
-        "trust: OOD %s threshold %.4g (5%% of val above), sets %s at %.0f%% coverage",
-        stats["ood"]["method"], float(stats["ood"]["threshold"]), stats["conformal"]["method"],
+        "trust: OOD %s threshold %.4g (%.0f%% of val above), sets %s at %.0f%% coverage",
+        stats["ood"]["method"], float(stats["ood"]["threshold"]),
+        100 * float(stats["ood"]["val_rejection_rate"]), stats["conformal"]["method"],
         100 * float(stats["conformal"]["coverage"]),
     )  # fmt: skip
     return stats
