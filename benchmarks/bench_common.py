@@ -1,5 +1,6 @@
 """What the inference benchmarks share: test uploads, a repeat-and-take-the-median timer, the
-pre-change ("before") preprocessing path as a baseline, and the machine line for the docs."""
+pre-change ("before") preprocessing path as a baseline, the machine line for the docs, and a
+refusal to measure a machine that is already busy."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -45,6 +47,24 @@ def _jpeg(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per core above which a run is refused
+
+
+def refuse_if_busy(allow_busy: bool = False) -> str:
+    """Exit (status 1) when the 1-minute load average is already at least half the cores: the
+    numbers would measure the other work (a training run, a test suite) as much as ours.
+    Returns the load averages, for the table's caption."""
+    load = os.getloadavg()
+    line = ", ".join(f"{v:.1f}" for v in load)
+    cores = os.cpu_count() or 1
+    if load[0] >= BUSY_LOAD_PER_CORE * cores and not allow_busy:
+        sys.exit(
+            f"the machine is busy (load average {line} on {cores} cores): measure when it is "
+            "quiet, or pass --allow-busy to measure anyway (and say so with the numbers)"
+        )
+    return line
 
 
 def parse_size(text: str) -> tuple[int, int] | None:

@@ -1,7 +1,7 @@
 """Batch inference throughput: jobs/predict.py (Ray Data) vs a plain loop vs sequential HTTP.
 
-    .venv/bin/python benchmarks/predict_throughput.py                 # 600 images, 3 rounds
-    .venv/bin/python benchmarks/predict_throughput.py --tiny          # smoke check, no numbers
+    .venv/bin/python -m benchmarks.predict_throughput                 # 600 images, 3 rounds
+    .venv/bin/python -m benchmarks.predict_throughput --tiny          # smoke check, no numbers
 
 Same model (weights/default.pt unless --model), same real derm-sample images, two sizes:
 derm-sample's 341x256 files as they are, and 600x450 upscaled copies (HAM10000's original size)
@@ -16,8 +16,8 @@ written to a temporary folder. Methods, each end to end (files in, result rows o
 - sequential HTTP: one POST /v1/classify at a time to a private Serve (default replicas).
 The plain loop and the job use the same --backend (auto: ONNX Runtime on a CPU, as Serve).
 Medians of --repeats rounds, methods interleaved per round. Prints Markdown tables for
-docs/benchmarks.md (throughput; where the plain loop's time goes). Refuses to measure while
-/tmp/dn/LONG_RUN exists (a training run owns the CPU); --tiny checks the script only.
+docs/benchmarks.md (throughput; where the plain loop's time goes). Refuses to measure a busy
+machine (`bench_common.refuse_if_busy`; --allow-busy overrides); --tiny checks the script only.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from benchmarks.bench_common import refuse_if_busy
 from dermanet.inference import ModelRegistry, Predictor
 from dermanet.inference.batch import PredictSettings, prediction_row, resolve_model, run_prediction
 from dermanet.inference.predictor import BACKENDS
 from dermanet.paths import sample_available, sample_dir
 
-LONG_RUN = Path("/tmp/dn/LONG_RUN")
 UPSCALED = (600, 450)
 RAY_CONFIGS = {  # label: (model workers, CPUs per worker, CPUs per read+prepare task, threads)
     "jobs/predict.py, 1 worker, 1-CPU tasks": (1, 1.0, 1.0, 0),
@@ -142,11 +142,13 @@ def main() -> None:
                         "a CPU, as Serve)")  # fmt: skip
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs for Ray")
     parser.add_argument("--tiny", action="store_true", help="a few images: checks the script")
+    parser.add_argument(
+        "--allow-busy", action="store_true", help="measure even if the machine is already busy"
+    )
     args = parser.parse_args()
     if args.tiny:
         args.num_images, args.http_images, args.repeats = 2 * args.batch_size, 8, 1
-    elif LONG_RUN.exists():
-        sys.exit(f"{LONG_RUN} exists: a long run owns the CPU; measure later (or --tiny)")
+    load_before = refuse_if_busy(args.allow_busy or args.tiny)
     if not sample_available():
         sys.exit(f"derm-sample not found at {sample_dir()}: the benchmark uses its real images")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -158,7 +160,6 @@ def main() -> None:
     from dermanet.serving.runner import free_port, start_local, stop_local
 
     work = Path(tempfile.mkdtemp(prefix="predict-bench-", dir="/tmp"))
-    load_before = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     try:
         originals = pick_images(args.num_images)
         sizes = {

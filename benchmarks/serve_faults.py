@@ -12,7 +12,7 @@ jitter) after a 503. Two configurations in the same run:
 For each: goodput (200s per second), p50/p99 latency of the accepted requests and the shed
 count at each client level; then, with 8 clients, one Classifier replica is SIGKILLed and the
 failed requests and the longest time without a 200 are counted until Serve has replaced it.
-Refuses to measure while /tmp/dn/LONG_RUN exists (a training run owns the CPU).
+Refuses to measure a busy machine (`bench_common.refuse_if_busy`; --allow-busy overrides).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from benchmarks.bench_common import refuse_if_busy
 from dermanet.inference import ModelRegistry
 from dermanet.paths import sample_available, sample_dir
 from dermanet.serving import ServeSettings
 from dermanet.serving.replicas import kill_replica, replica_names, wait_for_replacement
 from dermanet.serving.runner import start_local, stop_local
 
-LONG_RUN = Path("/tmp/dn/LONG_RUN")
 CONFIGS = {
     "before": {"classifier_replicas": 1, "classifier_num_cpus": 1.0, "max_queued_requests": -1},
     "after": {},
@@ -171,11 +171,11 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--num-cpus", type=float, default=2, help="logical CPUs for Ray")
+    parser.add_argument(
+        "--allow-busy", action="store_true", help="measure even if the machine is already busy"
+    )
     args = parser.parse_args()
-    if LONG_RUN.exists():
-        sys.exit(f"{LONG_RUN} exists: a long run owns the CPU; measure later")
-
-    load_before = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    load_before = refuse_if_busy(args.allow_busy)
     images = real_jpegs(args.images)
     registry = ModelRegistry(args.model_dir)
     model_id = registry.default().model_id
