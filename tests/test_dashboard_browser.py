@@ -165,7 +165,7 @@ def test_dashboard_in_chromium(
     data = shot.read_bytes()
     assert colour_pixels(data, LIGHT_RGB[colour]) > 50  # the traffic light is on the picture
     # the overlay's jet colours (deep blue, red) dominate the viewer, not the plain skin tones
-    assert _jet_fraction(overlay) > _jet_fraction(plain) + 0.05
+    assert _jet_fraction(overlay) > _jet_fraction(plain) + 0.3
 
     # the case report downloads (built on click, with the Grad-CAM on screen)
     reports = {}
@@ -185,9 +185,14 @@ def test_dashboard_in_chromium(
 
 
 def _jet_fraction(png: bytes) -> float:
-    """Share of strongly saturated pixels (Grad-CAM's colour map), plain skin has few."""
+    """Share of pixels tinted by Grad-CAM's JET colour map, which plain skin has few of:
+    strongly saturated (its red-yellow end, where the model looked) or blue to violet (its
+    low end blended over skin: most of the picture when the map is focused on a small spot)."""
     hsv = np.asarray(Image.open(io.BytesIO(png)).convert("HSV")).astype(np.float32)
-    return float(((hsv[..., 1] > 170) & (hsv[..., 2] > 90)).mean())
+    hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    saturated = (saturation > 170) & (value > 90)
+    bluish = (hue >= 140) & (hue <= 200) & (saturation > 60)  # PIL hue 0-255: ~200-280 degrees
+    return float((saturated | bluish).mean())
 
 
 def _save_small(png: bytes, target: Path, limit: int = 300_000) -> None:

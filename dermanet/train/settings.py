@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 from dermanet.data.catalogue import SPLITS
 from dermanet.models import DEFAULT_CONFIG_PATH
@@ -109,15 +109,17 @@ class RunSettings:
     extra_callbacks: list[Any] = field(
         default_factory=list, metadata={"group": HIDDEN}
     )  # tests inject faults with this
-    # Local files the workers open themselves: Ray Train workers and Tune trials run in other
-    # working folders, so the driver makes these absolute first (`with_absolute_paths`).
-    path_fields: ClassVar[tuple[str, ...]] = ("model_config",)
+
+    def path_fields(self) -> tuple[str, ...]:
+        """The settings naming local files the workers open themselves: Ray Train workers and
+        Tune trials run in other working folders, so the driver makes these absolute first."""
+        return ("model_config",)
 
     def with_absolute_paths(self) -> Self:
         """A copy whose local path settings are absolute (URIs and unset ones unchanged)."""
         values = {
             name: str(Path(value).expanduser().resolve())
-            for name in self.path_fields
+            for name in self.path_fields()
             if (value := getattr(self, name)) is not None and not is_uri(value)
         }
         return dataclasses.replace(self, **values)
@@ -137,10 +139,6 @@ class RunSettings:
 @dataclass
 class TrainSettings(RunSettings):
     """jobs/train.py: supervised fine-tuning. Data: `shards`, or `csv` + `images`."""
-
-    path_fields: ClassVar[tuple[str, ...]] = (
-        "model_config", "shards", "csv", "images", "pretrain_ckpt", "init_checkpoint",
-    )  # fmt: skip
 
     shards: str | None = option(
         None, "prepared shards (jobs/prepare_data.py output; path or URI)", group="data"
@@ -244,6 +242,9 @@ class TrainSettings(RunSettings):
         """What inference must repeat, stored in every exported checkpoint."""
         return {"color_constancy": self.color_constancy}
 
+    def path_fields(self) -> tuple[str, ...]:
+        return ("model_config", "shards", "csv", "images", "pretrain_ckpt", "init_checkpoint")
+
     def validate(self) -> None:
         super().validate()
         if self.ema_decay >= 1:
@@ -262,8 +263,6 @@ class TrainSettings(RunSettings):
 @dataclass
 class PretrainSettings(RunSettings):
     """jobs/pretrain_byol.py: BYOL on unlabelled images. Data: `data_dirs`, or `shards`."""
-
-    path_fields: ClassVar[tuple[str, ...]] = ("model_config", "shards")
 
     batch_size: int = option(
         64, "images per worker per step (BatchNorm needs >= 2)", group="optimisation", minimum=2
@@ -324,6 +323,9 @@ class PretrainSettings(RunSettings):
         "folder for metrics.csv, curves, TensorBoard, NaN dumps (None: <storage-path>/<name>/logs)",
         group="run",
     )
+
+    def path_fields(self) -> tuple[str, ...]:
+        return ("model_config", "shards")
 
     def validate(self) -> None:
         super().validate()
