@@ -36,7 +36,7 @@ from dermanet.eval.tta import TTA_MODES, tta_views
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from dermanet.inference.predictor import Preprocessing
 from dermanet.settings import check_settings, option
-from dermanet.trust.ood import DEFAULT_OOD_METHOD, OOD_METHODS
+from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, OOD_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class EvaluateSettings:
         choices=OOD_METHODS,
     )
     ood_fpr: float = option(
-        0.05,
+        DEFAULT_OOD_FPR,
         "the --export's gate: share of val images its OOD threshold refuses (higher "
         "refuses more of everything, dermoscopy included)",
         group="output",
@@ -130,7 +130,7 @@ class EvaluateSettings:
             raise ValueError("--half applies to --export; give --export PATH.pt")
         if self.served_views and not self.export:
             raise ValueError("--served-views applies to --export; give --export PATH.pt")
-        gate_flags = (self.ood_method, self.ood_fpr) != (DEFAULT_OOD_METHOD, 0.05)
+        gate_flags = (self.ood_method, self.ood_fpr) != (DEFAULT_OOD_METHOD, DEFAULT_OOD_FPR)
         if gate_flags and not self.export:
             raise ValueError(
                 "--ood-method and --ood-fpr fit the --export's gate; give --export PATH.pt"

@@ -24,7 +24,7 @@ from dermanet.trust.conformal import prediction_sets
 from dermanet.trust.evaluation import gate_scores, ood_report, set_report
 from dermanet.trust.features import iter_images
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
-from dermanet.trust.ood import DEFAULT_OOD_METHOD, ood_scores
+from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, ood_scores
 from dermanet.trust.ood_set import read_ood_manifest
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def fit_trust(
     temperature: float,
     *,
     ood_method: str = DEFAULT_OOD_METHOD,
-    ood_fpr: float = 0.05,
+    ood_fpr: float = DEFAULT_OOD_FPR,
 ) -> dict[str, Any]:
     """OOD statistics + conformal thresholds for the checkpoint (see dermanet.trust.fit)."""
     stats = fit_trust_statistics(

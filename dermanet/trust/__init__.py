@@ -16,6 +16,7 @@ from dermanet.trust.conformal import (
 from dermanet.trust.evaluation import auroc, gate_decision, gate_scores, ood_report, set_report
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
 from dermanet.trust.ood import (
+    DEFAULT_OOD_FPR,
     DEFAULT_OOD_METHOD,
     OOD_METHODS,
     fit_ood_detector,
@@ -34,6 +35,7 @@ __all__ = [
     "CHECKS",
     "CONFORMAL_METHODS",
     "DEFAULT_CONFORMAL_METHOD",
+    "DEFAULT_OOD_FPR",
     "DEFAULT_OOD_METHOD",
     "OOD_METHODS",
     "QualityReport",

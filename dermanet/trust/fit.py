@@ -13,7 +13,7 @@ import numpy as np
 from scipy.special import softmax
 
 from dermanet.trust.conformal import DEFAULT_CONFORMAL_METHOD, fit_conformal
-from dermanet.trust.ood import DEFAULT_OOD_METHOD, fit_ood_detector
+from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, fit_ood_detector
 
 
 def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -32,7 +32,7 @@ def fit_trust_statistics(
     temperature: float = 1.0,
     *,
     ood_method: str = DEFAULT_OOD_METHOD,
-    target_fpr: float = 0.05,
+    target_fpr: float = DEFAULT_OOD_FPR,
     set_method: str = DEFAULT_CONFORMAL_METHOD,
     coverage: float = 0.9,
 ) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from scipy.special import logsumexp
 
 OOD_METHODS = ("mahalanobis_log", "mahalanobis", "knn", "energy", "combined")
 DEFAULT_OOD_METHOD = "mahalanobis_log"
+DEFAULT_OOD_FPR = 0.05  # share of val (in-distribution) images the threshold refuses
 OOD_STATS_VERSION = 1
 
 
@@ -35,7 +36,7 @@ def fit_ood_detector(
     val_features: np.ndarray,
     val_logits: np.ndarray,
     method: str = DEFAULT_OOD_METHOD,
-    target_fpr: float = 0.05,
+    target_fpr: float = DEFAULT_OOD_FPR,
     *,
     shrinkage: float = 0.01,
     log_eps: float = 1e-3,
