@@ -30,7 +30,7 @@ from dermanet.data.shards import (
     shard_dir,
     shard_image,
 )
-from dermanet.data.sources import catalogue_rows
+from dermanet.data.sources import DataLocation, catalogue_rows, split_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[1]
@@ -192,6 +192,33 @@ def test_training_batches_mix_classes_of_a_class_sorted_catalogue(
         )  # fmt: skip
         mixed = np.mean([len(set(b["label"].tolist())) >= 2 for b in batches])
         assert mixed >= 0.9, f"only {mixed:.0%} of the batches mix classes"
+
+
+def test_split_rows_of_shards_describe_what_they_stream_by_origin(
+    ray_local, synthetic_with_corrupt, tmp_path: Path
+) -> None:
+    """A leave-one-source-out run reads shards once: the table that names each row and the
+    rows it streams are the same images, of the kept sources only."""
+    cat, bad = synthetic_with_corrupt
+    good = cat.loc[~cat["image"].isin(bad)].reset_index(drop=True)
+    good["origin"] = np.where(np.arange(len(good)) % 3 == 0, "clinic_b", "clinic_a")
+    out = str(tmp_path / "by-origin")
+    prepare_shards(good, out, short_side=32, rows_per_file=40)
+    location = DataLocation(shards=out)
+    kept = split_rows(location, ["train", "val"], exclude_origins=["clinic_b"])
+    assert set(kept.table["origin"]) == {"clinic_a"}
+    assert list(kept.table.columns) == ["image", "label_index", "origin"]
+    streamed = pd.DataFrame(kept.dataset.take_all()).set_index("index")
+    assert sorted(streamed.index) == sorted(kept.table.index)
+    np.testing.assert_array_equal(
+        streamed["label_index"].to_numpy(dtype=np.int64),
+        kept.table.loc[streamed.index, "label_index"].to_numpy(dtype=np.int64),
+    )
+    expected = good.loc[(good["origin"] == "clinic_a") & good["split"].isin(["train", "val"])]
+    assert sorted(kept.table["image"]) == sorted(expected["image"])
+    other = split_rows(location, "all", origins=["clinic_b"])
+    assert sorted(other.table["image"]) == sorted(good.loc[good["origin"] == "clinic_b", "image"])
+    assert len(other.dataset.take_all()) == len(other.table)
 
 
 def test_two_views_differ(synthetic_shards: str) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,6 +60,8 @@ Mode = Literal["train", "eval", "two_view"]
 # Reading bytes is I/O: a quarter CPU each, so reads never wait for a whole free CPU while
 # training workers and Serve replicas hold the rest (a full-CPU request can hang forever).
 IO_CPUS = 0.25
+# What a shard row streams as: where its bytes are, and the pipeline's row contract.
+SHARD_REFERENCE_COLUMNS = ("file", "row", "label_index", "index")
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,18 @@ def read_shards(output: str, split: str, keep_index: set[int] | None = None) -> 
     all-to-all step that waits for every upstream block: with the encoded images in the rows,
     every shard was read before the first image was decoded (first batch after 12-18 s, 0.45x
     a DataLoader over an epoch; docs/benchmarks.md). References shuffle for free and reading
-    overlaps decoding, as for raw files. The two small columns are read here in the driver:
-    Ray's `read_parquet` lists files in a task that needs a whole free CPU, which on a small
-    machine can wait forever beside training workers and Serve replicas.
+    overlaps decoding, as for raw files.
+    """
+    return shard_references_dataset(shard_rows(output, split), keep_index)
+
+
+def shard_rows(output: str, split: str, columns: Sequence[str] = ()) -> pd.DataFrame:
+    """One split's shard rows without the image bytes, read in the driver: `file`, `row`,
+    `label_index`, `index`, and those of `columns` (e.g. `image`, `origin`) the shards have.
+
+    Read here rather than with Ray's `read_parquet`: it lists files in a task that needs a
+    whole free CPU, which on a small machine can wait forever beside training workers and
+    Serve replicas.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -101,17 +112,24 @@ def read_shards(output: str, split: str, keep_index: set[int] | None = None) -> 
             f"no Parquet files for split {split!r} under {shard_dir(output, split)}; "
             "run jobs/prepare_data.py first"
         )
-    frames = [_shard_references(file) for file in files]
-    rows = pd.concat(frames, ignore_index=True)
+    return pd.concat([_shard_file_rows(file, columns) for file in files], ignore_index=True)
+
+
+def shard_references_dataset(
+    rows: pd.DataFrame, keep_index: set[int] | None = None
+) -> ray.data.Dataset:
+    """Ray Data rows (`file`, `row`, `label_index`, `index`) of `shard_rows`' table."""
+    rows = rows.loc[:, list(SHARD_REFERENCE_COLUMNS)]
     if keep_index is not None:
         rows = rows.loc[rows["index"].isin(keep_index)]
     return dataset_from_frame(rows, rows_per_block=PipelineConfig.rows_per_block)
 
 
-def _shard_references(file: str) -> pd.DataFrame:
+def _shard_file_rows(file: str, columns: Sequence[str]) -> pd.DataFrame:
     filesystem, path = resolve_filesystem(file)
-    table = pq.read_table(path, columns=["label_index", "index"], filesystem=filesystem)
-    rows = table.to_pandas()
+    present = set(pq.read_schema(path, filesystem=filesystem).names)
+    wanted = ["label_index", "index"] + [c for c in columns if c in present]
+    rows = pq.read_table(path, columns=wanted, filesystem=filesystem).to_pandas()
     rows.insert(0, "row", np.arange(len(rows), dtype=np.int64))
     rows.insert(0, "file", file)
     return rows.astype({"file": object})

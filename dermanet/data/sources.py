@@ -14,18 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import ray.data
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import SPLITS, CatalogueError, label_indices
 from dermanet.data.readers import read_catalogue
-from dermanet.data.shards import shard_dir
 from dermanet.data.splits import DEFAULT_FRACTIONS, assign_splits
-from dermanet.storage import resolve_filesystem
 
 log = logging.getLogger(__name__)
-ROW_COLUMNS = ["image", "index", "label_index", "origin"]
+DESCRIBING_COLUMNS = ("image", "origin")  # what split_rows reads from shards besides references
 
 
 @dataclass(frozen=True)
@@ -91,15 +88,21 @@ def split_rows(
     `origins` keeps only rows whose `origin` is listed, `exclude_origins` drops rows whose
     origin is listed: a leave-one-source-out study trains without a source and scores on it.
     """
-    from dermanet.data.pipelines import read_catalogue_files, read_shards
+    from dermanet.data.pipelines import (
+        read_catalogue_files,
+        shard_references_dataset,
+        shard_rows,
+    )
 
     names = list(SPLITS) if splits == "all" else [splits] if isinstance(splits, str) else splits
     unknown = sorted(set(names) - set(SPLITS))
     if unknown or not names:
         raise ValueError(f"splits must be some of {SPLITS} or 'all', got {list(names)}")
     if location.shards:
-        tables = [_shard_table(location.shards, split) for split in names]
-        table = pd.concat(tables, ignore_index=True)
+        per_split = [shard_rows(location.shards, split, DESCRIBING_COLUMNS) for split in names]
+        table = pd.concat(per_split, ignore_index=True)
+        if "origin" not in table:
+            table["origin"] = None
     else:
         table = catalogue_rows(load_catalogue(location))
         table = table.loc[table["split"].isin(names)]
@@ -113,7 +116,7 @@ def split_rows(
     filtered = bool(origins) or bool(exclude_origins)
     keep = set(table["index"].tolist()) if filtered else None
     if location.shards:
-        sources = [read_shards(location.shards, split, keep_index=keep) for split in names]
+        sources = [shard_references_dataset(rows, keep_index=keep) for rows in per_split]
         dataset = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
     else:
         dataset = read_catalogue_files(table.reset_index(drop=True))
@@ -130,26 +133,6 @@ def catalogue_rows(catalogue: pd.DataFrame) -> pd.DataFrame:
     return catalogue.assign(
         index=np.arange(len(catalogue), dtype=np.int64), label_index=label_indices(catalogue)
     )
-
-
-def _shard_table(shards: str, split: str) -> pd.DataFrame:
-    """image / index / label_index / origin of one split's shards (origin None if absent)."""
-    from dermanet.data.pipelines import list_parquet_files
-
-    files = list_parquet_files(shard_dir(shards, split))
-    if not files:
-        raise FileNotFoundError(
-            f"no Parquet files for split {split!r} under {shard_dir(shards, split)}; "
-            "run jobs/prepare_data.py first"
-        )
-    filesystem, first = resolve_filesystem(files[0])
-    names = pq.read_schema(first, filesystem=filesystem).names
-    _, path = resolve_filesystem(shard_dir(shards, split))
-    columns = [c for c in ROW_COLUMNS if c in names]
-    table = pq.read_table(path, columns=columns, filesystem=filesystem).to_pandas()
-    if "origin" not in table:
-        table["origin"] = None
-    return table
 
 
 def _filter_origins(
