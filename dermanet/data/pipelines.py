@@ -112,7 +112,12 @@ def shard_rows(output: str, split: str, columns: Sequence[str] = ()) -> pd.DataF
             f"no Parquet files for split {split!r} under {shard_dir(output, split)}; "
             "run jobs/prepare_data.py first"
         )
-    return pd.concat([_shard_file_rows(file, columns) for file in files], ignore_index=True)
+    if columns:  # one schema for the split: prepare_shards writes every file alike
+        filesystem, first = resolve_filesystem(files[0])
+        present = set(pq.read_schema(first, filesystem=filesystem).names)
+        columns = [c for c in columns if c in present]
+    wanted = ["label_index", "index", *columns]
+    return pd.concat([_shard_file_rows(file, wanted) for file in files], ignore_index=True)
 
 
 def shard_references_dataset(
@@ -127,9 +132,7 @@ def shard_references_dataset(
 
 def _shard_file_rows(file: str, columns: Sequence[str]) -> pd.DataFrame:
     filesystem, path = resolve_filesystem(file)
-    present = set(pq.read_schema(path, filesystem=filesystem).names)
-    wanted = ["label_index", "index"] + [c for c in columns if c in present]
-    rows = pq.read_table(path, columns=wanted, filesystem=filesystem).to_pandas()
+    rows = pq.read_table(path, columns=list(columns), filesystem=filesystem).to_pandas()
     rows.insert(0, "row", np.arange(len(rows), dtype=np.int64))
     rows.insert(0, "file", file)
     return rows.astype({"file": object})
