@@ -72,6 +72,19 @@ def test_sets_are_ordered_and_never_empty(calibration) -> None:
     assert wide[0] == [0, 1, 2] and wide[1] == [2, 0, 1]
 
 
+def test_threshold_is_the_conformal_order_statistic() -> None:
+    """k = ceil((n+1)·coverage): with 21 calibration scores at 90 %, the 20th smallest. One
+    outlier (a confidently wrong image) must not set the threshold of a small class."""
+    scores = np.r_[np.linspace(0.01, 0.19, 19), 0.5, 0.999]  # 21 true-class scores
+    probs = np.zeros((21, 8))
+    probs[:, 0] = 1.0 - scores
+    probs[:, 1] = scores
+    stats = fit_conformal(probs, np.zeros(21, dtype=int), coverage=0.9, method="lac")
+    assert stats["qhat"] == pytest.approx(0.5)
+    stats = fit_conformal(probs[:9], np.zeros(9, dtype=int), coverage=0.9, method="lac")
+    assert stats["qhat"] == pytest.approx(scores[8])  # k = 9 = n: the largest of nine
+
+
 def test_rare_class_without_enough_examples_is_always_included() -> None:
     probs, labels = draw(2000, 3)
     rare = np.flatnonzero(labels == 7)

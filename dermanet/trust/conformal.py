@@ -33,9 +33,9 @@ def fit_conformal(
 ) -> dict[str, Any]:
     """Conformal thresholds from calibration (val) probabilities and true labels.
 
-    The threshold is the ceil((n+1)·coverage)/n empirical quantile of the nonconformity
-    scores, which guarantees coverage >= `coverage` on exchangeable data. Too few examples for
-    that quantile (n < 1/(1-coverage) - 1, e.g. a rare class under Mondrian) gives threshold
+    The threshold is the k-th smallest nonconformity score, k = ceil((n+1)·coverage), which
+    guarantees coverage >= `coverage` on exchangeable data. Too few examples for that
+    (k > n, i.e. n < 1/(1-coverage) - 1, e.g. a rare class under Mondrian) gives threshold
     1.0: the class is always included, the safe side.
     """
     if method not in CONFORMAL_METHODS:
@@ -96,11 +96,15 @@ def prediction_sets(probs: np.ndarray, stats: dict[str, Any]) -> list[list[int]]
 
 
 def _conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    """The k-th smallest score, k = ceil((n+1)·coverage), taken as an order statistic:
+    `np.quantile(scores, k/n, method="higher")` interpolates at position k·(n-1)/n and so
+    returns the (k+1)-th, which for a class of 21 calibration images is the largest score
+    (one confidently wrong image then put that class in nearly every set)."""
     n = len(scores)
-    level = math.ceil((n + 1) * coverage) / n if n else math.inf
-    if level > 1:
+    k = math.ceil((n + 1) * coverage)
+    if n == 0 or k > n:
         return 1.0
-    return float(np.quantile(scores, level, method="higher"))
+    return float(np.partition(np.asarray(scores, dtype=np.float64), k - 1)[k - 1])
 
 
 def _true_class_scores(probs: np.ndarray, labels: np.ndarray, method: str) -> np.ndarray:
