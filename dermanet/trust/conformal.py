@@ -102,7 +102,7 @@ def _conformal_quantile(scores: np.ndarray, coverage: float) -> float:
     (one confidently wrong image then put that class in nearly every set)."""
     n = len(scores)
     k = math.ceil((n + 1) * coverage)
-    if n == 0 or k > n:
+    if k > n:  # also n = 0 (k >= 1)
         return 1.0
     return float(np.partition(np.asarray(scores, dtype=np.float64), k - 1)[k - 1])
 
