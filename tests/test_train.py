@@ -299,3 +299,27 @@ def test_weighted_smoothed_loss_weights_each_sample_by_its_own_class() -> None:
     one = (logits[:1], labels[:1])
     unweighted = weighted_smoothed_cross_entropy(*one, torch.ones(4), 0.1)
     torch.testing.assert_close(weighted_smoothed_cross_entropy(*one, weights, 0.1), unweighted)
+
+
+def test_epoch_line_shows_validation_only_on_epochs_that_validated() -> None:
+    """With --val-every 2, an epoch without validation must not repeat the last one's numbers."""
+    from types import SimpleNamespace
+
+    from dermanet.train.console import epoch_summary
+    from dermanet.train.reporting import epoch_metrics
+
+    # What Lightning's callback_metrics holds after a skipped validation: the last val values.
+    trainer = SimpleNamespace(callback_metrics={
+        "train/loss_epoch": torch.tensor(1.2758), "val/loss": torch.tensor(1.1897),
+        "val/balanced_accuracy": torch.tensor(0.6342), "val/macro_auroc": torch.tensor(0.9214),
+        "perf/train_images_per_sec": torch.tensor(16.0), "train/top1": torch.tensor(float("nan")),
+    })  # fmt: skip
+    skipped, validated = (
+        SimpleNamespace(validated_this_epoch=False),
+        SimpleNamespace(validated_this_epoch=True),
+    )
+    line = epoch_summary(2, 16, epoch_metrics(trainer, skipped), 587.0)
+    assert line == "epoch 3/16 · loss 1.2758 · 16 img/s · 587 s"
+    line = epoch_summary(3, 16, epoch_metrics(trainer, validated), 552.0)
+    assert "val bal-acc 0.6342 · AUROC 0.9214" in line
+    assert "train/top1" not in epoch_metrics(trainer, validated)  # not finite: dropped

@@ -15,6 +15,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from dermanet.train.reporting import epoch_metrics
+
 NOISY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "py.warnings")
 SUMMARY = (
     ("train/loss_epoch", "loss {:.4f}"),
@@ -103,7 +105,7 @@ class ConsoleProgress(pl.Callback):
             self._bar = None
         if trainer.global_rank == 0:
             seconds = time.perf_counter() - self._started
-            line = epoch_summary(trainer.current_epoch, self.epochs, trainer.callback_metrics,
-                                 seconds)  # fmt: skip
+            line = epoch_summary(trainer.current_epoch, self.epochs,
+                                 epoch_metrics(trainer, pl_module), seconds)  # fmt: skip
             # Ray Train turns print() into a log record *and* a print; write the line once.
             print(line, file=sys.__stdout__, flush=True)

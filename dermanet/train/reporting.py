@@ -49,11 +49,7 @@ class RayTrainReporter(pl.Callback):
         self.required_metrics = required_metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = {
-            k: float(v) for k, v in trainer.callback_metrics.items() if math.isfinite(float(v))
-        }
-        if not getattr(pl_module, "validated_this_epoch", True):
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
+        metrics = epoch_metrics(trainer, pl_module)
         for key in self.required_metrics:
             metrics.setdefault(key, math.nan)
         metrics["epoch"] = trainer.current_epoch
@@ -88,6 +84,18 @@ class RayTrainReporter(pl.Callback):
             shutil.copy(
                 folder / CONFUSION_PNG, Path(self.confusion_png_dir) / f"epoch_{epoch:03d}.png"
             )
+
+
+def epoch_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    """The finite metrics of the epoch that just ended, without `val/` ones from an earlier epoch.
+
+    Lightning keeps the last validation's values in `callback_metrics` on epochs that skip
+    validation (`--val-every`); reported or printed as this epoch's, they would look measured.
+    """
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if math.isfinite(float(v))}
+    if not getattr(pl_module, "validated_this_epoch", True):
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
+    return metrics
 
 
 def append_metrics_row(path: str | Path, metrics: dict[str, float]) -> None:
