@@ -49,7 +49,7 @@ class RayTrainReporter(pl.Callback):
         self.required_metrics = required_metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = epoch_metrics(trainer, pl_module)
+        metrics = {k: v for k, v in epoch_metrics(trainer, pl_module).items() if math.isfinite(v)}
         for key in self.required_metrics:
             metrics.setdefault(key, math.nan)
         metrics["epoch"] = trainer.current_epoch
@@ -87,12 +87,13 @@ class RayTrainReporter(pl.Callback):
 
 
 def epoch_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-    """The finite metrics of the epoch that just ended, without `val/` ones from an earlier epoch.
+    """The metrics of the epoch that just ended, without `val/` ones from an earlier epoch.
 
     Lightning keeps the last validation's values in `callback_metrics` on epochs that skip
     validation (`--val-every`); reported or printed as this epoch's, they would look measured.
+    Non-finite values stay (the console shows a NaN loss; the report drops them).
     """
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if math.isfinite(float(v))}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if not getattr(pl_module, "validated_this_epoch", True):
         metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
     return metrics
