@@ -93,10 +93,12 @@ def epoch_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[st
     validation (`--val-every`); reported or printed as this epoch's, they would look measured.
     Non-finite values stay (the console shows a NaN loss; the report drops them).
     """
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if not getattr(pl_module, "validated_this_epoch", True):
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
-    return metrics
+    validated = getattr(pl_module, "validated_this_epoch", True)
+    return {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if validated or not k.startswith("val/")
+    }
 
 
 def append_metrics_row(path: str | Path, metrics: dict[str, float]) -> None:
