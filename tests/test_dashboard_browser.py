@@ -6,15 +6,14 @@ risk level. Then clicks a lesion's card, turns Grad-CAM on and saves a screensho
 test-artifacts/dashboard.png, which the test then checks: the traffic light's colour is on it,
 and the viewer shows a Grad-CAM image that differs from the plain image. Skips with the
 reason when Chromium or Playwright is missing.
-DERMANET_UPDATE_SCREENSHOT=1 also refreshes the README's docs/images/dashboard.png (< 300 KB).
+The README's docs/images/dashboard.png is made from the shipped model instead, by
+docs/images/make_dashboard_screenshot.py.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from PIL import Image
 
 pytest_plugins = ["conftest_serve", "conftest_ui"]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]  # setup: registry, index, Serve
-UPDATE_README_ENV = "DERMANET_UPDATE_SCREENSHOT"  # =1: also refresh docs/images/dashboard.png
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -182,8 +180,6 @@ def test_dashboard_in_chromium(
     assert reports["HTML"].count(b'<figure class="dn-case') == 8  # the cases, in the report
     assert reports["PDF"].startswith(b"%PDF")
     page.close()
-    if os.environ.get(UPDATE_README_ENV) == "1":
-        _save_small(data, PROJECT_ROOT / "docs" / "images" / "dashboard.png")
 
 
 def _jet_fraction(png: bytes) -> float:
@@ -195,23 +191,3 @@ def _jet_fraction(png: bytes) -> float:
     saturated = (saturation > 170) & (value > 90)
     bluish = (hue >= 140) & (hue <= 200) & (saturation > 60)  # PIL hue 0-255: ~200-280 degrees
     return float((saturated | bluish).mean())
-
-
-def _save_small(png: bytes, target: Path, limit: int = 300_000) -> None:
-    """Copy the screenshot for the README, shrunk until it is under `limit` bytes."""
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    scale = 1.0
-    while True:
-        size = (round(image.width * scale), round(image.height * scale))
-        small = image.resize(size, Image.Resampling.LANCZOS) if scale < 1 else image
-        small = small.quantize(
-            colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
-        )
-        buffer = io.BytesIO()
-        small.save(buffer, format="PNG", optimize=True)
-        if buffer.tell() <= limit or scale < 0.3:
-            break
-        scale *= 0.85
-    tmp = target.with_suffix(".tmp.png")
-    tmp.write_bytes(buffer.getvalue())
-    shutil.move(tmp, target)
