@@ -22,45 +22,23 @@ import argparse
 import io
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
 from PIL import Image
 
+from dermanet.demo import Child, DemoError, wait_http
 from dermanet.paths import PROJECT_ROOT, sample_dir
+from dermanet.serving.runner import free_port
+from dermanet.storage import atomic_write
 
 CHROMIUM = Path("/usr/bin/chromium")
 OUTPUT = PROJECT_ROOT / "docs" / "images" / "dashboard.png"
 DEFAULT_IMAGES = ("ISIC_0000000.jpg", "ISIC_0000013.jpg", "ISIC_0000002.jpg")  # NV, MEL, MEL
 MISTAKE = "dashboard screenshot.png"
 TIMEOUT_MS = 180_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(url: str, demo: subprocess.Popen, timeout_s: float) -> None:
-    """Poll `url` until it answers 200; fail early if the demo died."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if demo.poll() is not None:
-            raise SystemExit(f"the demo exited with status {demo.returncode} before {url} was up")
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise SystemExit(f"{url} did not answer within {timeout_s:.0f} s")
 
 
 def save_small(png: bytes, target: Path, limit: int = 300_000) -> int:
@@ -78,7 +56,7 @@ def save_small(png: bytes, target: Path, limit: int = 300_000) -> int:
         if buffer.tell() <= limit or scale < 0.3:
             break
         scale *= 0.85
-    target.write_bytes(buffer.getvalue())
+    atomic_write(target, buffer.getvalue())
     return buffer.tell()
 
 
@@ -156,23 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = [sys.executable, "-m", "dermanet.demo", "--model-dir", str(args.model_dir),
                "--serve-port", str(serve_port), "--ui-port", str(ui_port),
                "--upload-dir", str(scratch / "uploads")]  # fmt: skip
-    log = (scratch / "demo.log").open("wb")
-    demo = subprocess.Popen(
-        command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    demo = Child("make demo", command, scratch / "demo.log", dict(os.environ))
     try:
-        wait_for(f"http://127.0.0.1:{serve_port}/healthz", demo, 600)
-        wait_for(f"http://127.0.0.1:{ui_port}/_stcore/health", demo, 300)
+        wait_http(f"http://127.0.0.1:{serve_port}/healthz", demo, 600, "the demo's Serve")
+        wait_http(f"http://127.0.0.1:{ui_port}/_stcore/health", demo, 300, "the dashboard")
         png = drive(f"http://127.0.0.1:{ui_port}", [*images, mistake])
         size = save_small(png, args.output, args.limit_kb * 1000)
-        print(f"wrote {args.output} ({size / 1000:.0f} KB); demo log: {scratch / 'demo.log'}")
+        print(f"wrote {args.output} ({size / 1000:.0f} KB); demo log: {demo.log}")
         return 0
+    except DemoError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     finally:
-        os.killpg(demo.pid, signal.SIGINT)  # the demo stops exactly what it started
-        try:
-            demo.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(demo.pid, signal.SIGKILL)
+        demo.stop(signal.SIGINT, grace_s=120)  # the demo stops exactly what it started
 
 
 if __name__ == "__main__":
