@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             "quality checks": pd.Series(~passed["OOD set"]).groupby(kinds).mean(),
             **{
                 f"gate ({m})": pd.Series(per_kind[m])
-                for m in (DEFAULT_OOD_METHOD, "mahalanobis", "combined")
+                for m in (DEFAULT_OOD_METHOD, "mahalanobis", "combined", "mahalanobis_knn")
             },
             f"{DEFAULT_OOD_METHOD} alone": pd.Series(per_kind[DEFAULT_OOD_METHOD + " (OOD alone)"]),
         }
