@@ -17,6 +17,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+# read once, at import: os.umask can only be read by setting it, which is not thread-safe
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def is_uri(location: str | Path) -> bool:
     """True for `scheme://...` locations, False for plain paths."""
@@ -101,17 +105,28 @@ def copy_file(source: str | Path, target: str | Path) -> None:
     write_bytes(target, read_bytes(source))
 
 
-def atomic_write(path: str | Path, data: bytes | Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(
+    path: str | Path, data: bytes | Callable[[IO[bytes]], Any], *, mode: int | None = None
+) -> Path:
     """Write bytes (or whatever `data(handle)` writes) to a local file, atomically.
 
     Temp file, fsync, rename: readers never see a partial file.
     The temp name starts with a dot and ends in `.tmp`, so folder listings (`*.pt`, uploads)
     skip it; a crash leaves no half-written file behind under the real name.
+    Permissions: `mode` if given; else those of the file it replaces; else what `open()` would
+    give (0o666 less the umask). A temp file alone is private (0o600), and a model or index
+    written that way could not be read by a Serve replica running as another user.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if mode is None:
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             if isinstance(data, bytes | bytearray):
                 handle.write(data)

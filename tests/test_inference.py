@@ -56,6 +56,16 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.model(x).logits, model(x).logits)
 
 
+def test_saved_models_are_as_readable_as_open_makes_them(tiny_checkpoint: Path) -> None:
+    """A Serve replica running as another user must be able to read an exported model."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert tiny_checkpoint.stat().st_mode & 0o777 == 0o666 & ~umask
+    tiny_checkpoint.chmod(0o640)  # replacing a file keeps its permissions
+    save_checkpoint(tiny_checkpoint, create_model(TINY), img_size=48)
+    assert tiny_checkpoint.stat().st_mode & 0o777 == 0o640
+
+
 def test_half_checkpoint_is_smaller_and_loads_as_float32(tmp_path: Path) -> None:
     model = create_model(TINY).eval()
     full = save_checkpoint(tmp_path / "full.pt", model, img_size=48)

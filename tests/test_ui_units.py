@@ -106,6 +106,8 @@ def test_upload_store_generates_safe_names_and_sidecars(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "up").iterdir()) == sorted(
         [kept.stored_name, f"{kept.image_id}.json", f"{kept.image_id}.thumb.jpg"]
     )
+    # patients' images: readable by this user only, whatever the umask
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "up").iterdir()} == {0o600}
     assert json.loads((tmp_path / "up" / f"{kept.image_id}.json").read_text())["width"] == 40
     assert store.read(kept.image_id) == image_bytes()
     # a PNG named .jpg is stored as what it is
