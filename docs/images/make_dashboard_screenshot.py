@@ -36,7 +36,10 @@ from dermanet.storage import atomic_write
 
 CHROMIUM = Path("/usr/bin/chromium")
 OUTPUT = PROJECT_ROOT / "docs" / "images" / "dashboard.png"
-DEFAULT_IMAGES = ("ISIC_0000000.jpg", "ISIC_0000013.jpg", "ISIC_0000002.jpg")  # NV, MEL, MEL
+# the first three ISIC-archive images of derm-sample's test split (assign_splits(seed=0)): the
+# model never trained or was chosen on them, and a train image would list itself as its
+# nearest similar case
+DEFAULT_IMAGES = ("ISIC_0000005.jpg", "ISIC_0000019.jpg", "ISIC_0000036.jpg")  # NV, NV, MEL
 MISTAKE = "dashboard screenshot.png"
 TIMEOUT_MS = 180_000
 
