@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-OOD_METHODS = ("mahalanobis_log", "mahalanobis", "knn", "energy", "combined", "mahalanobis_knn")
 # sums of single methods: each part is centred on its val median and scaled by its val
 # 95th percentile, so neither dominates because of its units
 _SUMMED_METHODS = {
     "combined": ("mahalanobis_log", "energy"),
     "mahalanobis_knn": ("mahalanobis_log", "knn"),
 }
+OOD_METHODS = ("mahalanobis_log", "mahalanobis", "knn", "energy", *_SUMMED_METHODS)
 DEFAULT_OOD_METHOD = "mahalanobis_log"
 DEFAULT_OOD_FPR = 0.05  # share of val (in-distribution) images the threshold refuses
 OOD_STATS_VERSION = 1

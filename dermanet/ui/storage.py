@@ -120,11 +120,11 @@ class UploadStore:
             uploaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
         )
         self.root.mkdir(parents=True, exist_ok=True)
-        # uploads may be patients' images: readable by this user only
-        atomic_write(self.root / stored.stored_name, data, mode=0o600)
-        atomic_write(self.root / f"{image_id}.thumb.jpg", thumb, mode=0o600)
         sidecar = json.dumps(asdict(stored)).encode()
-        atomic_write(self.root / f"{image_id}.json", sidecar, mode=0o600)
+        for name, content in ((stored.stored_name, data), (f"{image_id}.thumb.jpg", thumb),
+                              (f"{image_id}.json", sidecar)):  # fmt: skip
+            # uploads may be patients' images: readable by this user only
+            atomic_write(self.root / name, content, mode=0o600)
         return stored
 
     def remove(self, image_id: str) -> bool:
