@@ -161,7 +161,7 @@ def decode_rate_per_core(shards: str, img_size: int, mode: str, images: int = 38
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shards", default="/tmp/dn/derm-shards", help="prepared derm-sample shards")
+    p.add_argument("--shards", required=True, help="prepared derm-sample shards")
     p.add_argument("--train-images", type=int, default=1200, help="training images in the subset")
     p.add_argument("--img-size", type=int, default=64, help="training image side")
     p.add_argument("--batch-size", type=int, default=32, help="batch per worker")

@@ -77,9 +77,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=str(sample_dir()),
         help="derm-sample folder (metadata.csv + images/); env DERMANET_SAMPLE_DIR",
     )
-    p.add_argument("--ood", default="/tmp/dn/trust-ood", help="OOD set (built here if missing)")
     p.add_argument(
-        "--cache", default="/tmp/dn/trust-cache", help="feature cache folder (per checkpoint hash)"
+        "--ood",
+        default=str(PROJECT_ROOT / "outputs" / "trust-ood"),
+        help="OOD set (jobs/build_ood_set.py; built here if missing)",
+    )
+    p.add_argument(
+        "--cache",
+        default=str(PROJECT_ROOT / "outputs" / "trust-cache"),
+        help="feature cache folder (per checkpoint hash)",
     )
     p.add_argument("--limit", type=int, help="tiny check: at most N images per split")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
