@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py                  # private Ray + Serve on :8123
     .venv/bin/python benchmarks/serve_load.py --requests 128 --img-size 224
+    .venv/bin/python benchmarks/serve_load.py --repeats 3 --image lesion.jpg   # medians of 3
 
 It first measures the in-process `Predictor` (same model, same backend, same upload: decode +
 predict_batch in batches of --max-batch-size, torch/ONNX Runtime on every core), the ceiling
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import os
 import platform
@@ -54,6 +56,7 @@ class LoadResult:
     seconds: float
     latencies_ms: list[float]
     client_cpu_s: float = 0.0  # this process's CPU time over the run: the load generator's share
+    run_rates: tuple[float, ...] = ()  # images/s of every repeat when this is their median run
 
     @property
     def throughput(self) -> float:
@@ -61,6 +64,13 @@ class LoadResult:
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
+
+
+def median_run(runs: list[LoadResult]) -> LoadResult:
+    """The run of median throughput, carrying every run's rate: one run on two cores varies by
+    up to ±15 %, so a ratio of single runs says little."""
+    median = sorted(runs, key=lambda r: r.throughput)[len(runs) // 2]
+    return dataclasses.replace(median, run_rates=tuple(r.throughput for r in runs))
 
 
 def test_image(size: int) -> bytes:
@@ -107,7 +117,7 @@ def in_process(
     model_dir: str, backend: str, data: bytes, batch: int, total: int, repeats: int
 ) -> LoadResult:
     """The registry's default model in this process: decode + predict_batch per `batch`;
-    the median of `repeats` runs (one run on two cores varies by up to ±15 %)."""
+    the median of `repeats` runs."""
     registry = ModelRegistry(model_dir)
     predictor = Predictor(registry.load(registry.default().model_id), backend=backend)
     predictor.predict_batch([predictor.decode(data)] * batch)  # warm-up
@@ -123,7 +133,7 @@ def in_process(
         seconds = time.perf_counter() - started
         runs.append(LoadResult(f"in-process Predictor ({predictor.backend})", batch, total,
                                seconds, latencies))  # fmt: skip
-    return sorted(runs, key=lambda r: r.throughput)[len(runs) // 2]
+    return median_run(runs)
 
 
 def ensure_registry(model_dir: str | None, img_size: int, scratch: Path) -> tuple[str, str]:
@@ -139,15 +149,16 @@ def ensure_registry(model_dir: str | None, img_size: int, scratch: Path) -> tupl
 
 def table(rows: list[tuple[str, LoadResult]], ratios: dict[int, float], ceiling: LoadResult) -> str:
     lines = [
-        "| endpoint | batching | concurrency | requests | images/s | vs in-process | p50 ms "
-        "| p95 ms | p99 ms | client CPU ms/request |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| endpoint | batching | concurrency | requests | images/s | runs (images/s) "
+        "| vs in-process | p50 ms | p95 ms | p99 ms | client CPU ms/request |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for batching, r in rows:
         client = "–" if r is ceiling else f"{1000 * r.client_cpu_s / r.requests:.1f}"
+        spread = ", ".join(f"{rate:.1f}" for rate in r.run_rates) or "one"
         lines.append(
             f"| `{r.label}` | {batching} | {r.concurrency} | {r.requests} | {r.throughput:.1f} "
-            f"| {r.throughput / ceiling.throughput:.2f}× | {r.percentile(50):.0f} "
+            f"| {spread} | {r.throughput / ceiling.throughput:.2f}× | {r.percentile(50):.0f} "
             f"| {r.percentile(95):.0f} | {r.percentile(99):.0f} | {client} |"
         )
     lines.append("")
@@ -156,8 +167,10 @@ def table(rows: list[tuple[str, LoadResult]], ratios: dict[int, float], ceiling:
         + ", ".join(f"concurrency {c}: {v:.2f}×" for c, v in ratios.items())
     )
     lines.append(
-        "In-process rows: concurrency = batch size, latencies per batch. Client CPU: what this "
-        "benchmark's own HTTP clients spent per request, on the same cores as Serve."
+        "In-process rows: concurrency = batch size, latencies per batch. Rows with several "
+        "runs show their median run (images/s and latencies); ratios are of medians. Client "
+        "CPU: what this benchmark's own HTTP clients spent per request, on the same cores as "
+        "Serve."
     )
     return "\n".join(lines)
 
@@ -174,6 +187,12 @@ def main() -> None:
     parser.add_argument("--gradcam-requests", type=int, default=10)
     parser.add_argument(
         "--in-process-repeats", type=int, default=3, help="in-process runs (the median is used)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every /v1/classify load level (the median run is reported)",
     )
     parser.add_argument("--num-cpus", type=float, default=4, help="logical CPUs for Ray")
     parser.add_argument("--image", help="upload this file instead of a synthetic lesion")
@@ -202,9 +221,10 @@ def main() -> None:
                 serve.run(build_app(off), name=APP_NAME, route_prefix="/")
                 wait_ready(url)
             for concurrency in args.concurrency:
-                result = asyncio.run(
-                    run_load(url, "/v1/classify", data, concurrency, args.requests)
-                )
+                result = median_run([
+                    asyncio.run(run_load(url, "/v1/classify", data, concurrency, args.requests))
+                    for _ in range(max(1, args.repeats))
+                ])  # fmt: skip
                 rows.append((f"{batching} (max {settings.max_batch_size})", result))
                 print(f"batching {batching} c={concurrency}: {result.throughput:.1f} img/s")
         gradcam = asyncio.run(run_load(url, "/v1/gradcam", data, 1, args.gradcam_requests))
