@@ -1,7 +1,7 @@
 """Build the out-of-distribution evaluation set (pictures that are NOT dermoscopy), offline.
 
-    python jobs/build_ood_set.py --output /tmp/dn/trust-ood
-    python jobs/build_ood_set.py --output /tmp/dn/trust-ood --derm-sample ../shared/data/derm-sample
+    python jobs/build_ood_set.py --output outputs/trust-ood
+    python jobs/build_ood_set.py --output outputs/trust-ood --derm-sample ../shared/data/derm-sample
 
 Writes OUTPUT/<kind>/*.png|jpg and OUTPUT/manifest.csv (path, kind, detail). Never commit the
 images. Screenshots need Debian's chromium; degraded derm images need --derm-sample (its test
