@@ -62,6 +62,9 @@ log = logging.getLogger("trust_gate")
 START, END = "<!-- trust_gate results: start -->", "<!-- trust_gate results: end -->"
 
 
+TINY_TRAIN_ROWS = 64  # --limit's floor for the train split: fit_ood's knn_k (50) needs more
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -183,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = {}
     for split in ("train", "val", "test"):
         rows = catalogue.loc[catalogue["split"] == split].sort_values("image")
-        if args.limit:
-            rows = rows.sample(n=min(args.limit, len(rows)), random_state=0).sort_values("image")
+        if args.limit:  # train keeps enough rows for the k-NN score's 50 neighbours
+            n = max(args.limit, TINY_TRAIN_ROWS) if split == "train" else args.limit
+            rows = rows.sample(n=min(n, len(rows)), random_state=0).sort_values("image")
         splits[split] = rows
     ood_dir = Path(args.ood)
     if not (ood_dir / "manifest.csv").is_file():
