@@ -60,8 +60,6 @@ from dermanet.trust.ood_set import build_ood_set, read_ood_manifest
 
 log = logging.getLogger("trust_gate")
 START, END = "<!-- trust_gate results: start -->", "<!-- trust_gate results: end -->"
-
-
 TINY_TRAIN_ROWS = 64  # --limit's floor for the train split: fit_ood's knn_k (50) needs more
 
 
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = {}
     for split in ("train", "val", "test"):
         rows = catalogue.loc[catalogue["split"] == split].sort_values("image")
-        if args.limit:  # train keeps enough rows for the k-NN score's 50 neighbours
+        if args.limit:
             n = max(args.limit, TINY_TRAIN_ROWS) if split == "train" else args.limit
             rows = rows.sample(n=min(n, len(rows)), random_state=0).sort_values("image")
         splits[split] = rows
