@@ -136,11 +136,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
             ),
         }
+        chosen = {key: item for key, item in sources.items() if key[0] in args.sources}
+        # Round-robin, not source after source: this VM drifts by ±15 % over minutes, and a
+        # drift must hit every source alike, not only the one that happened to run during it.
+        runs: dict[tuple[str, str], list[float]] = {key: [] for key in chosen}
+        for _ in range(args.repeats):
+            for key, run in chosen.items():
+                runs[key].append(timed(run))
         baseline = None
-        for (key, name), run in sources.items():
-            if key not in args.sources:
-                continue
-            rates = [timed(run) for _ in range(args.repeats)]
+        for (_, name), rates in runs.items():
             median = statistics.median(rates)
             baseline = baseline or median
             rows.append((size, name, median, min(rates), max(rates), median / baseline))
