@@ -4,7 +4,9 @@
 
 Needs the real derm-sample (DERMANET_SAMPLE_DIR). Every source runs the same decode+augment
 function (`dermanet.data.pipelines.decode_transform_batch`), so the comparison is of the data
-movement around it. Prints a Markdown table: median images/s and the ratio to the baseline.
+movement around it. Prints a Markdown table: median images/s and the ratio to the baseline,
+for the whole pass and for the part after the first batch (each column a median of its own),
+so a start-up cost shows apart from the rate a long epoch streams at.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -62,20 +65,29 @@ class RawJpegBatches(Dataset):
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
-def count_images(batches: Iterable[dict]) -> int:
-    return sum(len(b["label"]) for b in batches)
+@dataclass(frozen=True)
+class Pass:
+    """One timed pass: the whole pass, and the part after its first batch arrived."""
+
+    rate: float  # images/s over the whole pass, start-up included
+    first_batch_s: float  # seconds until the first batch arrived
+    steady_rate: float  # images/s after the first batch: the rate a long epoch settles at
 
 
-def timed(run: Callable[[], int]) -> float:
+def timed(make_batches: Callable[[], Iterable[dict]]) -> Pass:
     start = time.perf_counter()
-    n = run()
-    rate = n / (time.perf_counter() - start)
+    first_at, first_n, n = 0.0, 0, 0
+    for batch in make_batches():
+        n += len(batch["label"])
+        if not first_at:
+            first_at, first_n = time.perf_counter(), n
+    end = time.perf_counter()
     # A finished pass leaves a few decoded blocks (~37 MiB each at 224 px) mapped by cyclic
     # garbage of Ray Data's iterator in this process: in use, so Ray can neither free nor
     # spill them until Python's cyclic GC runs. Collected here, outside the timing, so one
     # pass's leftovers never crowd the object store of the next.
     gc.collect()
-    return rate
+    return Pass(n / (end - start), first_at - start, (n - first_n) / (end - first_at))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,41 +135,49 @@ def main(argv: list[str] | None = None) -> int:
         )
         sources = {
             ("loader", f"DataLoader raw JPEG ({args.workers} workers)"): (
-                lambda loader=loader: count_images(loader)
+                lambda loader=loader: loader
             ),
-            ("raw", "Ray Data raw files"): lambda config=config: count_images(
-                build_pipeline(read_catalogue_files(cat), "train", config).iter_torch_batches(
-                    batch_size=args.batch_size
-                )
-            ),
-            ("shards", "Ray Data Parquet shards"): lambda config=config: count_images(
-                build_pipeline(read_shards(shards, "train"), "train", config).iter_torch_batches(
-                    batch_size=args.batch_size
-                )
-            ),
+            ("raw", "Ray Data raw files"): lambda config=config: build_pipeline(
+                read_catalogue_files(cat), "train", config
+            ).iter_torch_batches(batch_size=args.batch_size),
+            ("shards", "Ray Data Parquet shards"): lambda config=config: build_pipeline(
+                read_shards(shards, "train"), "train", config
+            ).iter_torch_batches(batch_size=args.batch_size),
         }
         chosen = {key: item for key, item in sources.items() if key[0] in args.sources}
         # Round-robin, not source after source: this VM drifts by ±15 % over minutes, and a
         # drift must hit every source alike, not only the one that happened to run during it.
-        runs: dict[tuple[str, str], list[float]] = {key: [] for key in chosen}
+        runs: dict[tuple[str, str], list[Pass]] = {key: [] for key in chosen}
         for _ in range(args.repeats):
-            for key, run in chosen.items():
-                runs[key].append(timed(run))
-        baseline = None
-        for (_, name), rates in runs.items():
-            median = statistics.median(rates)
+            for key, make_batches in chosen.items():
+                runs[key].append(timed(make_batches))
+        baseline: Pass | None = None
+        for (_, name), passes in runs.items():
+            median = Pass(
+                statistics.median(p.rate for p in passes),
+                statistics.median(p.first_batch_s for p in passes),
+                statistics.median(p.steady_rate for p in passes),
+            )
             baseline = baseline or median
-            rows.append((size, name, median, min(rates), max(rates), median / baseline))
-            print(f"{size}px {name}: {median:.0f} img/s (runs: {[round(r) for r in rates]})")
+            rates = [p.rate for p in passes]
+            rows.append((size, name, median, min(rates), max(rates), baseline))
+            print(f"{size}px {name}: {median.rate:.0f} img/s (runs: {[round(r) for r in rates]})")
 
     print(
         f"\n{len(cat)} derm-sample training images, batch {args.batch_size}, "
-        f"median of {args.repeats} runs\n"
+        f"median of {args.repeats} runs; 'after 1st batch' leaves out the start-up\n"
     )
-    print("| size | source | images/s (median) | min | max | vs baseline |")
-    print("|---|---|---|---|---|---|")
-    for size, name, median, lo, hi, ratio in rows:
-        print(f"| {size} | {name} | {median:.0f} | {lo:.0f} | {hi:.0f} | {ratio:.2f}x |")
+    print(
+        "| size | source | images/s (median) | min | max | vs baseline "
+        "| first batch (s) | after 1st batch, images/s | vs baseline |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, name, median, lo, hi, base in rows:
+        print(
+            f"| {size} | {name} | {median.rate:.0f} | {lo:.0f} | {hi:.0f} "
+            f"| {median.rate / base.rate:.2f}x | {median.first_batch_s:.2f} "
+            f"| {median.steady_rate:.0f} | {median.steady_rate / base.steady_rate:.2f}x |"
+        )
     return 0
 
 
