@@ -14,7 +14,8 @@ from dermanet.paths import SAMPLE_DIR_ENV, sample_available, sample_dir
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP spin-waits made tests 4-10x slower under load
 
-FORMATS_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "formats"
+# The real metadata files sit beside derm-sample (shared/data/formats), wherever that is.
+FORMATS_DIR = sample_dir().parent / "formats"
 
 
 @pytest.fixture(scope="session")
