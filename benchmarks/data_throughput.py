@@ -76,10 +76,11 @@ class Pass:
 
 def timed(make_batches: Callable[[], Iterable[dict]]) -> Pass:
     start = time.perf_counter()
-    first_at, first_n, n = 0.0, 0, 0
+    first_at: float | None = None
+    first_n = n = 0
     for batch in make_batches():
         n += len(batch["label"])
-        if not first_at:
+        if first_at is None:
             first_at, first_n = time.perf_counter(), n
     end = time.perf_counter()
     # A finished pass leaves a few decoded blocks (~37 MiB each at 224 px) mapped by cyclic
@@ -87,7 +88,10 @@ def timed(make_batches: Callable[[], Iterable[dict]]) -> Pass:
     # spill them until Python's cyclic GC runs. Collected here, outside the timing, so one
     # pass's leftovers never crowd the object store of the next.
     gc.collect()
-    return Pass(n / (end - start), first_at - start, (n - first_n) / (end - first_at))
+    rate = n / (end - start)
+    if first_at is None or n == first_n:  # one batch or none: no "after the first" to time
+        return Pass(rate, (first_at or end) - start, rate)
+    return Pass(rate, first_at - start, (n - first_n) / (end - first_at))
 
 
 def main(argv: list[str] | None = None) -> int:
