@@ -21,6 +21,7 @@ from dermanet.data.pipelines import (
     read_catalogue_files,
     read_image_folders,
     read_shards,
+    sampling_repeats,
 )
 from dermanet.data.shards import (
     ROWS_PER_GROUP,
@@ -219,6 +220,63 @@ def test_split_rows_of_shards_describe_what_they_stream_by_origin(
     other = split_rows(location, "all", origins=["clinic_b"])
     assert sorted(other.table["image"]) == sorted(good.loc[good["origin"] == "clinic_b", "image"])
     assert len(other.dataset.take_all()) == len(other.table)
+
+
+def test_sampling_repeats_rebalance_classes_and_sources() -> None:
+    """Class power sets class shares; source power moves draws to the rare source inside each
+    class without changing those shares; an epoch keeps its size."""
+    # Class 0: 60 rows of source a, 20 of b. Class 1: 20 rows of a only. (a: 80 rows, b: 20.)
+    table = pd.DataFrame(
+        {"label_index": [0] * 80 + [1] * 20, "origin": ["a"] * 60 + ["b"] * 20 + ["a"] * 20},
+        index=pd.Index(np.arange(100) + 1000, name="index"),
+    )
+    assert sampling_repeats(table, 0.0, 0.0) is None
+
+    def shares(class_power: float, origin_power: float) -> tuple[pd.Series, pd.Series]:
+        copies = pd.Series(sampling_repeats(table, class_power, origin_power))
+        assert sorted(copies.index) == sorted(table.index)
+        assert copies.sum() == pytest.approx(len(table))
+        drawn = copies.reindex(table.index) / len(table)
+        return drawn.groupby(table["label_index"]).sum(), drawn.groupby(table["origin"]).sum()
+
+    classes, sources = shares(1.0, 0.0)  # balanced classes, sources as they come
+    assert classes.tolist() == pytest.approx([0.5, 0.5])
+    assert sources["b"] == pytest.approx(0.5 * 20 / 80)
+    classes, sources = shares(0.5, 0.0)  # square root: 80 : 20 -> sqrt(80) : sqrt(20)
+    assert classes[0] / classes[1] == pytest.approx(2.0)
+    classes, sources = shares(1.0, 1.0)  # inside class 0, b's rows weigh 80/20 = 4x a's
+    assert classes.tolist() == pytest.approx([0.5, 0.5])
+    assert sources["b"] == pytest.approx(0.5 * (20 * 4) / (60 + 20 * 4))
+    _, half = shares(1.0, 0.5)
+    assert 0.5 * 20 / 80 < half["b"] < sources["b"]
+    no_origin = table.drop(columns="origin")  # one source: the same as class power alone
+    assert sampling_repeats(no_origin, 1.0, 1.0) == pytest.approx(sampling_repeats(table, 1.0, 0))
+
+
+def test_resampled_training_stream_draws_the_rare_source_more(
+    ray_local, synthetic_with_corrupt, tmp_path: Path
+) -> None:
+    """--origin-sampling-power reaches the stream a worker trains on: the rare source's share
+    of an epoch rises to what `sampling_repeats` planned, and the epoch keeps its size."""
+    cat, bad = synthetic_with_corrupt
+    good = cat.loc[~cat["image"].isin(bad)].reset_index(drop=True)
+    good = pd.concat([good] * 4, ignore_index=True)  # enough rows for shares to settle
+    good["image"] = [f"copy_{i:04d}" for i in range(len(good))]
+    good["lesion_id"] = good["image"]
+    good["split"] = "train"
+    good["origin"] = np.where(np.arange(len(good)) % 4 == 0, "rare", "common")
+    out = str(tmp_path / "sources")
+    prepare_shards(good, out, short_side=16, rows_per_file=60)
+    rows = split_rows(DataLocation(shards=out), "train")
+    repeats = sampling_repeats(rows.table, 0.0, 1.0)
+    assert repeats is not None
+    planned = pd.Series(repeats).reindex(rows.table.index).groupby(rows.table["origin"]).sum()
+    assert planned["rare"] / planned.sum() > 0.45  # natural share 0.25
+    config = PipelineConfig(img_size=16)
+    epoch = build_pipeline(rows.dataset, "train", config, seed=0, repeats=repeats).take_all()
+    streamed = rows.table.loc[[int(r["index"]) for r in epoch], "origin"]
+    assert len(epoch) == pytest.approx(len(rows.table), rel=0.1)
+    assert (streamed == "rare").mean() == pytest.approx(planned["rare"] / planned.sum(), abs=0.06)
 
 
 def test_two_views_differ(synthetic_shards: str) -> None:

@@ -18,6 +18,7 @@ import ray.cloudpickle
 import torch
 
 from dermanet.classes import CLASS_NAMES
+from dermanet.data.catalogue import CatalogueError
 from dermanet.eval.metrics import classification_metrics
 from dermanet.inference import Predictor
 from dermanet.inference.checkpoint import load_checkpoint
@@ -324,3 +325,22 @@ def test_epoch_line_shows_validation_only_on_epochs_that_validated() -> None:
     assert "val bal-acc 0.6342 · AUROC 0.9214" in line
     trainer.callback_metrics["train/loss_epoch"] = torch.tensor(float("nan"))
     assert "loss nan" in epoch_summary(4, 16, epoch_metrics(trainer, skipped), 500.0)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_source_rebalancing_without_origins_says_what_is_missing(
+    ray_local, synthetic_train_data, tmp_path
+) -> None:
+    """--origin-sampling-power on a catalogue with no `origin` column stops in the driver,
+    before any worker starts, with what to do."""
+    plain = tmp_path / "no-origin.csv"
+    pd.read_csv(synthetic_train_data / "metadata.csv").drop(columns="origin").to_csv(
+        plain, index=False
+    )
+    settings = _settings(
+        synthetic_train_data, tmp_path, csv=str(plain), name="no-origin", origin_sampling_power=0.5
+    )
+    with pytest.raises(CatalogueError, match="--origin-sampling-power needs an `origin` column"):
+        run_training(settings)
+    assert not (tmp_path / "no-origin").exists()

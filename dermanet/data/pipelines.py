@@ -32,7 +32,6 @@ import torch
 from ray.data import RandomSeedConfig
 from ray.data.expressions import random
 
-from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import SPLITS
 from dermanet.data.images import (
     IMAGE_EXTENSIONS,
@@ -275,23 +274,43 @@ def _stack(arrays: list[np.ndarray], img_size: int) -> np.ndarray:
     return np.stack(arrays)
 
 
-def class_repeats(counts: dict[str, int], power: float) -> dict[int, float]:
-    """Expected copies per epoch of one image of each class, for class-rebalanced sampling.
+def sampling_repeats(
+    table: pd.DataFrame, class_power: float, origin_power: float = 0.0
+) -> dict[int, float] | None:
+    """Expected copies per epoch of each training row (keyed by row `index`), or None when
+    every row is drawn once.
 
-    Class c is drawn with share q_c ∝ n_c^(1 - power) while the epoch keeps its size N:
-    power 0 is the natural distribution (every image once), 1 is class-balanced, 0.5 the
-    square-root compromise. Copies = N q_c / n_c.
+    Class c is drawn with share q_c ∝ n_c^(1 - class_power) while the epoch keeps its size N:
+    power 0 is the natural distribution, 1 class-balanced, 0.5 the square-root compromise.
+    Inside each class, a row of origin o weighs n_o^(-origin_power) (n_o: the origin's rows in
+    `table`), so a source that is rare overall is drawn more often without changing any class's
+    share: 0 leaves sources as they come, 1 draws every source equally often where classes
+    allow. Weighing by whole-source counts rather than per class-and-source cell keeps a row's
+    copies near (largest source / its source)^origin_power times its class's: a class's two rows
+    from a rare source are not each drawn a third of that class's epoch. Rows without an origin form
+    one source. `table` is `SplitRows.table`: indexed by row `index`, with `label_index` and
+    (optional) `origin`.
     """
-    present = {c: n for c, n in counts.items() if n > 0}
-    total = sum(present.values())
-    shares = {c: n ** (1.0 - power) for c, n in present.items()}
-    norm = sum(shares.values())
-    return {CLASS_NAMES.index(c): total * shares[c] / norm / n for c, n in present.items()}
+    if class_power == 0 and origin_power == 0:
+        return None
+    labels = table["label_index"].to_numpy()
+    origins = (
+        table["origin"].fillna("").astype(str)
+        if "origin" in table
+        else pd.Series("", index=table.index)
+    )
+    per_class = pd.Series(labels).value_counts()
+    class_share = per_class.astype(float) ** (1.0 - class_power)
+    class_share /= class_share.sum()
+    weight = origins.map(origins.value_counts()).to_numpy(dtype=float) ** -origin_power
+    class_weight = pd.Series(weight).groupby(labels).transform("sum").to_numpy()
+    copies = weight / class_weight * len(table) * class_share.reindex(labels).to_numpy()
+    return dict(zip(table.index.astype(int).tolist(), copies.tolist(), strict=True))
 
 
 def _resample(batch: dict[str, np.ndarray], repeats: dict[int, float]) -> dict[str, np.ndarray]:
     """Each row `floor(r)` times, plus once more with probability `frac(r)` (the row's `u`)."""
-    r = np.array([repeats.get(int(i), 1.0) for i in batch["label_index"]])
+    r = np.array([repeats.get(int(i), 1.0) for i in batch["index"]])
     copies = np.floor(r).astype(np.int64) + (batch["u"] < r - np.floor(r))
     return {name: np.repeat(column, copies, axis=0) for name, column in batch.items()}
 
@@ -311,8 +330,9 @@ def build_pipeline(
     blocks lets decode+augment run on every CPU and keeps output blocks small. Training and two-view
     streams then randomise the block order anew every epoch (on top of the training loop's
     local shuffle buffer), so a class-sorted catalogue still gives mixed batches; with a
-    `seed` the order, the optional class resampling (`repeats`, see `class_repeats`) and the
-    augmentations repeat exactly from run to run. Output order is kept (deterministic).
+    `seed` the order, the optional class and source resampling (`repeats`, see
+    `sampling_repeats`) and the augmentations repeat exactly from run to run. Output order is
+    kept (deterministic).
     """
     source.context.execution_options.preserve_order = True
     # Ray Data reserves a share of the CPUs for every operator (list files, read, repartition,

@@ -102,7 +102,7 @@ class JobData:
     train_images: int
     description: str
     worker_config: dict[str, Any] = field(default_factory=dict)  # e.g. class weights
-    repeats: dict[int, float] | None = None  # class resampling of the training stream
+    repeats: dict[int, float] | None = None  # copies per row index of the training stream
     provenance: dict[str, Any] = field(default_factory=dict)  # facts of the data
 
 

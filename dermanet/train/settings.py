@@ -203,6 +203,16 @@ class TrainSettings(RunSettings):
         minimum=0,
         maximum=1,
     )
+    origin_sampling_power: float = option(
+        0.0,
+        "source-rebalanced sampling: inside each class, an image of origin o is drawn with "
+        "weight ∝ n_o ** -power (n_o: that origin's training images), so rare sources weigh "
+        "more without changing class shares; 0 off, 1 sources equal where classes allow. "
+        "Needs an `origin` column",
+        group="recipe",
+        minimum=0,
+        maximum=1,
+    )
     mixup_alpha: float = option(0.0, "Mixup Beta(alpha, alpha) (0 off)", group="recipe", minimum=0)
     cutmix_alpha: float = option(
         0.0, "CutMix Beta(alpha, alpha) (0 off; with Mixup, each batch draws one)",

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pandas as pd
 import ray
 import ray.train
 from ray.train import CheckpointConfig
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import CatalogueError
-from dermanet.data.pipelines import class_repeats
+from dermanet.data.pipelines import sampling_repeats
 from dermanet.data.sources import DataLocation, split_rows
 from dermanet.data.splits import class_weights_from_counts
 from dermanet.inference.checkpoint import (
@@ -117,7 +118,21 @@ class SupervisedJob(TrainingJob):
             len(rows["train"]), len(rows["val"]),
             {c: round(float(w), 2) for c, w in zip(CLASS_NAMES, weights, strict=True)},
         )  # fmt: skip
-        repeats = class_repeats(counts, s.sampling_power) if s.sampling_power > 0 else None
+        table = rows["train"].table
+        if s.origin_sampling_power > 0 and table["origin"].isna().all():
+            raise CatalogueError(
+                "--origin-sampling-power needs an `origin` column in the catalogue (re-run "
+                "jobs/prepare_data.py on a CSV that has one, e.g. derm-sample's metadata.csv)"
+            )
+        repeats = sampling_repeats(table, s.sampling_power, s.origin_sampling_power)
+        if repeats is not None:
+            share = pd.Series(repeats).reindex(table.index) / len(table)
+            names = table["label_index"].map(dict(enumerate(CLASS_NAMES)))
+            log.info(
+                "an epoch draws: classes %s, sources %s",
+                share.groupby(names).sum().round(3).to_dict(),
+                share.groupby(table["origin"]).sum().round(3).to_dict(),
+            )
         return JobData(
             sources={split: r.dataset for split, r in rows.items()},
             train_images=len(rows["train"]),
