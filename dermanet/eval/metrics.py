@@ -7,6 +7,7 @@ Balanced accuracy is the ISIC 2019 metric: the mean over classes of per-class re
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn import metrics
 
 from dermanet.classes import CLASS_NAMES
@@ -18,10 +19,13 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
 
 
 def per_class_recall(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
-    """Recall per class; NaN for classes with no true example."""
-    return metrics.recall_score(
-        labels, predicted, labels=list(range(num_classes)), average=None, zero_division=np.nan
-    )
+    """Recall per class; NaN for classes with no true example (counted with numpy: a bootstrap
+    calls this thousands of times)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    support = np.bincount(labels, minlength=num_classes).astype(float)
+    hits = np.bincount(labels[labels == np.asarray(predicted)], minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, hits / support, np.nan)
 
 
 def per_class_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -34,13 +38,32 @@ def per_class_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) ->
 
 
 def per_class_auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """One-vs-rest AUROC per class; NaN where a class has no positives or no negatives."""
-    out = np.full(probs.shape[1], np.nan)
-    for k in range(probs.shape[1]):
-        positives = labels == k
-        if 0 < positives.sum() < len(labels):
-            out[k] = metrics.roc_auc_score(positives, probs[:, k])
-    return out
+    """One-vs-rest AUROC per class; NaN where a class has no positives or no negatives.
+
+    The Mann-Whitney form (average ranks, so ties count a half), which equals scikit-learn's
+    `roc_auc_score` and ranks every class in one call.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    ranks = rankdata(probs, axis=0)
+    positive = labels[:, None] == np.arange(probs.shape[1])[None, :]
+    n_pos = positive.sum(axis=0).astype(float)
+    n_neg = len(labels) - n_pos
+    rank_sum = np.where(positive, ranks, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auroc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auroc, np.nan)
+
+
+def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean recall over the classes present in `labels` (the ISIC 2019 metric)."""
+    return float(np.nanmean(per_class_recall(labels, np.argmax(probs, axis=1), probs.shape[1])))
+
+
+def macro_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean one-vs-rest AUROC over the classes with positives and negatives (NaN if none)."""
+    auroc = per_class_auroc(probs, labels)
+    return float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan")
 
 
 def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:

@@ -1,0 +1,169 @@
+"""Is one model better than another on the same images, and on each image source?
+
+Two `jobs/evaluate.py` reports of one split differ by a few points of balanced accuracy; on a
+few hundred images of one source that is often resampling noise. A paired bootstrap draws the
+images with replacement (the same draw for both models) and reads the spread of the
+difference: an interval that excludes 0 is a difference the images support. Choosing a model
+by validation, per source, is how DermaNet prefers what holds across sources (issue #20).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from dermanet.classes import CLASS_NAMES
+from dermanet.eval.metrics import balanced_accuracy, macro_auroc
+
+ALL_IMAGES = "all images"
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "balanced_accuracy": balanced_accuracy,
+    "macro_auroc": macro_auroc,
+}
+
+
+@dataclass(frozen=True)
+class ScoredImages:
+    """One report's probabilities and the truth, rows in image order."""
+
+    images: pd.Index
+    probs: np.ndarray
+    labels: np.ndarray
+
+
+def read_report(folder: str | Path) -> ScoredImages:
+    """`predictions.csv` and `truth.csv` of a `jobs/evaluate.py --output` folder."""
+    folder = Path(folder)
+    frames = {}
+    for name in ("predictions.csv", "truth.csv"):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass a jobs/evaluate.py --output folder")
+        frame = pd.read_csv(path, index_col="image")
+        missing = [c for c in CLASS_NAMES if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path} lacks class columns {missing}: not an evaluate report")
+        frames[name] = frame.loc[:, list(CLASS_NAMES)].sort_index()
+    probs, truth = frames["predictions.csv"], frames["truth.csv"]
+    if not probs.index.equals(truth.index):
+        raise ValueError(f"{folder}: predictions.csv and truth.csv list different images")
+    return ScoredImages(probs.index, probs.to_numpy(float), truth.to_numpy().argmax(axis=1))
+
+
+def read_groups(csv: str | Path, column: str) -> pd.Series:
+    """Group of each image (`column` of a CSV with an `image` column, e.g. derm-sample's
+    metadata.csv and its `origin`), indexed by image id."""
+    path = Path(csv)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    header = pd.read_csv(path, nrows=0).columns
+    missing = [c for c in ("image", column) if c not in header]
+    if missing:
+        raise ValueError(f"{path} has no column(s) {missing}; its columns: {list(header)}")
+    table = pd.read_csv(path, usecols=["image", column], dtype={"image": str})
+    image = table["image"].str.replace(r"\.(jpe?g|png)$", "", regex=True, case=False)
+    return pd.Series(table[column].to_numpy(), index=image, name=column)
+
+
+def pair_reports(baseline: ScoredImages, candidate: ScoredImages) -> None:
+    """Refuse reports of different images or different truth: a paired test needs both."""
+    if not baseline.images.equals(candidate.images):
+        only = baseline.images.symmetric_difference(candidate.images)
+        raise ValueError(
+            f"the two reports score different images ({len(only)} in one only, e.g. "
+            f"{list(only[:3])}): evaluate both models on the same split and data"
+        )
+    if not np.array_equal(baseline.labels, candidate.labels):
+        raise ValueError("the two reports give different truth for the same images")
+
+
+@dataclass(frozen=True)
+class Difference:
+    """candidate - baseline on one group of images, with its bootstrap interval."""
+
+    group: str
+    images: int
+    metric: str
+    baseline: float
+    candidate: float
+    low: float
+    high: float
+
+    @property
+    def difference(self) -> float:
+        return self.candidate - self.baseline
+
+    @property
+    def verdict(self) -> str:
+        if self.low > 0:
+            return "candidate better"
+        if self.high < 0:
+            return "baseline better"
+        return "within noise"
+
+
+def paired_bootstrap(
+    baseline: ScoredImages,
+    candidate: ScoredImages,
+    groups: pd.Series | None = None,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    metrics: Sequence[str] = tuple(METRICS),
+    progress: bool = True,
+) -> list[Difference]:
+    """Differences over all images and inside each group (e.g. origin; by image id), each with
+    a percentile interval from `resamples` paired draws of that group's images."""
+    pair_reports(baseline, candidate)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ValueError("need resamples >= 1 and 0 < confidence < 1")
+    selections = {ALL_IMAGES: np.arange(len(baseline.images))}
+    if groups is not None:
+        named = groups.reindex(baseline.images)
+        for group in sorted(named.dropna().unique()):
+            selections[str(group)] = np.flatnonzero((named == group).to_numpy())
+    rng = np.random.default_rng(seed)
+    tail = (1 - confidence) / 2 * 100
+    out = []
+    for group, rows in tqdm(selections.items(), desc="bootstrap", disable=not progress):
+        draws = [rng.choice(rows, len(rows)) for _ in range(resamples)]
+        for metric in metrics:
+            score, labels = METRICS[metric], baseline.labels
+            spread = np.array(
+                [score(candidate.probs[s], labels[s]) - score(baseline.probs[s], labels[s])
+                 for s in draws]
+            )  # fmt: skip
+            low, high = np.nanpercentile(spread, [tail, 100 - tail])
+            out.append(
+                Difference(
+                    group, len(rows), metric,
+                    score(baseline.probs[rows], labels[rows]),
+                    score(candidate.probs[rows], labels[rows]),
+                    float(low), float(high),
+                )
+            )  # fmt: skip
+    return out
+
+
+def markdown_table(differences: Sequence[Difference], confidence: float = 0.95) -> str:
+    head = (
+        f"| images | n | metric | baseline | candidate | difference | {confidence:.0%} interval "
+        "| verdict |\n|---|---|---|---|---|---|---|---|"
+    )
+    rows = [
+        f"| {d.group} | {d.images} | {d.metric} | {d.baseline:.3f} | {d.candidate:.3f} | "
+        f"{d.difference:+.3f} | ({d.low:+.3f}, {d.high:+.3f}) | {d.verdict} |"
+        for d in differences
+    ]
+    return "\n".join([head, *rows])

@@ -1,0 +1,84 @@
+"""Compare two models' evaluate reports on the same images: paired bootstrap, per group.
+
+    .venv/bin/python jobs/evaluate.py --checkpoint weights/default.pt --shards SHARDS \\
+        --split val --tta flips --output /tmp/eval-shipped
+    .venv/bin/python jobs/evaluate.py --checkpoint RUN/last.pt --shards SHARDS \\
+        --split val --tta flips --output /tmp/eval-candidate
+    .venv/bin/python jobs/compare.py /tmp/eval-shipped /tmp/eval-candidate \\
+        --groups ../shared/data/derm-sample/metadata.csv --group-by origin
+
+Prints, for all images and for each group, both models' balanced accuracy and macro AUROC,
+the difference (candidate - baseline) and its bootstrap interval; "within noise" means the
+interval holds 0. Choose on validation, never on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from dermanet.cli import run_job, setup_logging
+from dermanet.eval.compare import (
+    METRICS,
+    markdown_table,
+    paired_bootstrap,
+    read_groups,
+    read_report,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    lines = __doc__.strip().splitlines()
+    p = argparse.ArgumentParser(
+        description=lines[0],
+        epilog="\n".join(lines[1:]),
+        formatter_class=type(
+            "Formatter",
+            (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter),
+            {},
+        ),
+    )
+    p.add_argument("baseline", help="jobs/evaluate.py --output folder of the reference model")
+    p.add_argument("candidate", help="jobs/evaluate.py --output folder of the model to judge")
+    p.add_argument(
+        "--groups", help="CSV with an `image` column and --group-by, to compare inside groups too"
+    )
+    p.add_argument("--group-by", default="origin", help="the --groups column to group by")
+    p.add_argument("--resamples", type=int, default=1000, help="paired bootstrap draws")
+    p.add_argument("--confidence", type=float, default=0.95, help="interval coverage")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument(
+        "--metrics", nargs="+", default=list(METRICS), choices=list(METRICS), help="what to compare"
+    )
+    p.add_argument("--output", help="also write the differences to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+
+    def work() -> str:
+        groups = read_groups(args.groups, args.group_by) if args.groups else None
+        differences = paired_bootstrap(
+            read_report(args.baseline), read_report(args.candidate), groups,
+            resamples=args.resamples, confidence=args.confidence, seed=args.seed,
+            metrics=args.metrics,
+        )  # fmt: skip
+        if args.output:
+            rows = [asdict(d) | {"difference": d.difference, "verdict": d.verdict}
+                    for d in differences]  # fmt: skip
+            with open(args.output, "w") as f:
+                json.dump(rows, f, indent=2)
+        return markdown_table(differences, args.confidence)
+
+    code, table = run_job(work)
+    if code == 0:
+        print(f"baseline {args.baseline}, candidate {args.candidate}\n\n{table}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

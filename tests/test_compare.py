@@ -1,0 +1,122 @@
+"""Comparing two models' reports: metrics as scikit-learn counts them, the paired bootstrap,
+and jobs/compare.py on report folders as jobs/evaluate.py writes them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as sk
+
+from dermanet.classes import CLASS_NAMES
+from dermanet.eval.compare import ScoredImages, paired_bootstrap, read_groups, read_report
+from dermanet.eval.isic_scorer import isic_submission
+from dermanet.eval.metrics import balanced_accuracy, per_class_auroc, per_class_recall
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("compare_job", REPO / "jobs" / "compare.py")
+compare_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare_job)
+K = len(CLASS_NAMES)
+
+
+def _probs(rng: np.random.Generator, labels: np.ndarray, skill: float) -> np.ndarray:
+    """Probabilities that favour the true class by `skill` (rounded, so scores tie)."""
+    logits = rng.normal(size=(len(labels), K)) + skill * np.eye(K)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return np.round(probs, 2)
+
+
+def test_recall_and_auroc_are_scikit_learns() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, K - 1, 400)  # the last class absent: NaN, as before
+    probs = _probs(rng, labels, 1.0)
+    predicted = probs.argmax(axis=1)
+    expected_recall = sk.recall_score(
+        labels, predicted, labels=list(range(K)), average=None, zero_division=np.nan
+    )
+    np.testing.assert_allclose(per_class_recall(labels, predicted, K), expected_recall)
+    auroc = per_class_auroc(probs, labels)
+    for k in range(K - 1):
+        assert auroc[k] == pytest.approx(sk.roc_auc_score(labels == k, probs[:, k]))
+    assert np.isnan(auroc[K - 1])
+    assert balanced_accuracy(probs, labels) == pytest.approx(
+        sk.balanced_accuracy_score(labels, predicted)
+    )
+
+
+def _scored(labels: np.ndarray, probs: np.ndarray) -> ScoredImages:
+    return ScoredImages(pd.Index([f"IMG_{i:04d}" for i in range(len(labels))]), probs, labels)
+
+
+def test_paired_bootstrap_tells_a_real_gain_from_none_and_reads_each_group() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, K, 600)
+    weak, strong = _probs(rng, labels, 0.5), _probs(rng, labels, 3.0)
+    # the candidate is strong on source a's images only, and the weak model's twin on b's
+    groups = pd.Series(np.where(np.arange(600) < 400, "a", "b"), index=_scored(labels, weak).images)
+    mixed = np.where((groups == "a").to_numpy()[:, None], strong, weak)
+    found = paired_bootstrap(
+        _scored(labels, weak), _scored(labels, mixed), groups, resamples=200, progress=False
+    )
+    by = {(d.group, d.metric): d for d in found}
+    assert {g for g, _ in by} == {"all images", "a", "b"}
+    assert by["a", "balanced_accuracy"].verdict == "candidate better"
+    assert by["a", "balanced_accuracy"].images == 400
+    assert by["all images", "macro_auroc"].low > 0
+    same = by["b", "balanced_accuracy"]
+    assert same.difference == 0 and (same.low, same.high) == (0, 0)
+    assert same.verdict == "within noise"
+    flipped = paired_bootstrap(
+        _scored(labels, mixed), _scored(labels, weak), resamples=200, progress=False
+    )
+    assert {d.verdict for d in flipped} == {"baseline better"}
+
+
+def _write_report(folder: Path, images: list[str], labels: np.ndarray, probs: np.ndarray) -> Path:
+    folder.mkdir(parents=True)
+    isic_submission(images, probs).to_csv(folder / "predictions.csv", index=False)
+    isic_submission(images, np.eye(K)[labels]).to_csv(folder / "truth.csv", index=False)
+    return folder
+
+
+def test_compare_job_prints_the_table_and_refuses_unpaired_reports(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, K, 300)
+    images = [f"ISIC_{i:07d}" for i in range(300)]
+    base = _write_report(tmp_path / "base", images, labels, _probs(rng, labels, 0.5))
+    strong = _probs(rng, labels, 3)[::-1]  # listed in another order: paired by image id
+    cand = _write_report(tmp_path / "cand", images[::-1], labels[::-1], strong)
+    groups = tmp_path / "metadata.csv"
+    pd.DataFrame({"image": [f"{i}.jpg" for i in images], "origin": ["x", "y"] * 150}).to_csv(
+        groups, index=False
+    )
+    out = tmp_path / "diff.json"
+    argv = [str(base), str(cand), "--groups", str(groups), "--resamples", "100"]
+    assert compare_job.main([*argv, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| x | 150 | balanced_accuracy |" in printed and "candidate better" in printed
+    rows = json.loads(out.read_text())
+    assert {r["group"] for r in rows} == {"all images", "x", "y"}
+    assert read_groups(groups, "origin")["ISIC_0000001"] == "y"  # ".jpg" ids match
+
+    weak = _probs(rng, labels, 1)[:200]
+    fewer = _write_report(tmp_path / "fewer", images[:200], labels[:200], weak)
+    assert compare_job.main([str(base), str(fewer)]) == 2
+    assert "score different images (100 in one only" in capsys.readouterr().err
+    assert compare_job.main([str(base), str(tmp_path / "nowhere")]) == 2
+    assert "jobs/evaluate.py --output folder" in capsys.readouterr().err
+    assert compare_job.main([*argv, "--group-by", "sex"]) == 2
+    assert "no column(s) ['sex']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="different truth"):
+        paired_bootstrap(read_report(base), ScoredImages(read_report(base).images,
+                         read_report(base).probs, (read_report(base).labels + 1) % K))  # fmt: skip
+
+
+def test_compare_job_help_explains_every_flag() -> None:
+    for action in compare_job.build_parser()._actions:
+        assert action.help, f"flag {action.option_strings} has no help text"
