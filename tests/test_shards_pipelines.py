@@ -279,6 +279,17 @@ def test_resampled_training_stream_draws_the_rare_source_more(
     assert (streamed == "rare").mean() == pytest.approx(planned["rare"] / planned.sum(), abs=0.06)
 
 
+def test_only_sources_in_large_blocks_are_recut(synthetic_shards: str, synthetic_dir) -> None:
+    """Shards and catalogue rows arrive in 256-row blocks: a repartition would only delay the
+    first batch. Image folders arrive in few large read blocks and still need it."""
+    config = PipelineConfig(img_size=16)
+    for mode in ("train", "eval"):
+        shards = build_pipeline(read_shards(synthetic_shards, "train"), mode, config, seed=0)
+        assert "Repartition" not in repr(shards), repr(shards)
+    folders = build_pipeline(read_image_folders([str(synthetic_dir / "images")]), "eval", config)
+    assert "Repartition" in repr(folders), repr(folders)
+
+
 def test_two_views_differ(synthetic_shards: str) -> None:
     ds = build_pipeline(
         read_shards(synthetic_shards, "val"), "two_view", PipelineConfig(img_size=32)

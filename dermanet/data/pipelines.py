@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 from ray.data import RandomSeedConfig
+from ray.data.dataset import MaterializedDataset
 from ray.data.expressions import random
 
 from dermanet.data.catalogue import SPLITS
@@ -327,9 +328,10 @@ def build_pipeline(
 
     Sources can arrive in few large blocks (Ray's binary-file reader packs files into large
     read tasks), which would leave one task decoding everything; re-cutting them into small
-    blocks lets decode+augment run on every CPU and keeps output blocks small. Training and two-view
-    streams then randomise the block order anew every epoch (on top of the training loop's
-    local shuffle buffer), so a class-sorted catalogue still gives mixed batches; with a
+    blocks lets decode+augment run on every CPU and keeps output blocks small (sources already
+    cut so, shards' and catalogues', are left as they are). Training and two-view streams
+    then randomise the block order anew every epoch (on top of the training loop's local
+    shuffle buffer), so a class-sorted catalogue still gives mixed batches; with a
     `seed` the order, the optional class and source resampling (`repeats`, see
     `sampling_repeats`) and the augmentations repeat exactly from run to run. Output order is
     kept (deterministic).
@@ -341,7 +343,11 @@ def build_pipeline(
     source.context.op_resource_reservation_enabled = config.reserve_per_operator
     source.context.enable_progress_bars = config.progress_bars
     source.context.print_on_execution_start = config.progress_bars
-    blocks = source.repartition(target_num_rows_per_block=config.rows_per_block)
+    blocks = (
+        source
+        if _in_small_blocks(source, config.rows_per_block)
+        else source.repartition(target_num_rows_per_block=config.rows_per_block)
+    )
     if mode != "eval":
         seed_config = RandomSeedConfig(seed=seed, reseed_after_execution=True)
         blocks = blocks.randomize_block_order(seed=seed_config).with_column("u", random(seed=seed))
@@ -363,6 +369,17 @@ def build_pipeline(
         num_cpus=config.num_cpus,
         concurrency=config.concurrency,
     )
+
+
+def _in_small_blocks(source: ray.data.Dataset, rows_per_block: int) -> bool:
+    """Whether a source is already cut as `build_pipeline` would cut it: a materialised
+    dataset whose blocks hold `rows_per_block` rows or fewer on average (`dataset_from_frame`'s,
+    i.e. `read_shards` and `read_catalogue_files`). Re-cutting those is a no-op that still
+    costs a pass through an operator: 0.26 s more before the first batch (docs/benchmarks.md).
+    Its count and block count are metadata, so asking costs nothing."""
+    if not isinstance(source, MaterializedDataset):
+        return False
+    return source.count() <= source.num_blocks() * rows_per_block
 
 
 IMAGE_KEYS = ("image", "view1", "view2")
