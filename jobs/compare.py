@@ -5,7 +5,7 @@
     .venv/bin/python jobs/evaluate.py --checkpoint RUN/last.pt --shards SHARDS \\
         --split val --tta flips --output /tmp/eval-candidate
     .venv/bin/python jobs/compare.py /tmp/eval-shipped /tmp/eval-candidate \\
-        --groups ../shared/data/derm-sample/metadata.csv --group-by origin
+        --groups ../shared/data/derm-sample/metadata.csv --group-by origin --plot diff.png
 
 Prints, for all images and for each group, both models' balanced accuracy and macro AUROC,
 the difference (candidate - baseline) and its bootstrap interval; "within noise" means the
@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from dermanet.cli import run_job, setup_logging
 from dermanet.eval.compare import (
@@ -27,6 +28,7 @@ from dermanet.eval.compare import (
     read_groups,
     read_report,
 )
+from dermanet.eval.plots import differences_figure, save_figure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics", nargs="+", default=list(METRICS), choices=list(METRICS), help="what to compare"
     )
     p.add_argument("--output", help="also write the differences to this JSON file")
+    p.add_argument("--plot", help="also draw them (a forest plot per metric) to this PNG file")
     return p
 
 
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             resamples=args.resamples, confidence=args.confidence, seed=args.seed,
             metrics=args.metrics,
         )  # fmt: skip
+        if args.plot:
+            title = f"{Path(args.candidate).name} vs {Path(args.baseline).name}"
+            save_figure(differences_figure(differences, title), args.plot)
         if args.output:
             rows = [asdict(d) | {"difference": d.difference, "verdict": d.verdict}
                     for d in differences]  # fmt: skip

@@ -97,7 +97,9 @@ def test_compare_job_prints_the_table_and_refuses_unpaired_reports(tmp_path, cap
     )
     out = tmp_path / "diff.json"
     argv = [str(base), str(cand), "--groups", str(groups), "--resamples", "100"]
-    assert compare_job.main([*argv, "--output", str(out)]) == 0
+    plot = tmp_path / "diff.png"
+    assert compare_job.main([*argv, "--output", str(out), "--plot", str(plot)]) == 0
+    assert plot.stat().st_size > 10_000  # a drawn figure, not an empty canvas
     printed = capsys.readouterr().out
     assert "| x | 150 | balanced_accuracy |" in printed and "candidate better" in printed
     rows = json.loads(out.read_text())

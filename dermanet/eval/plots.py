@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -15,6 +17,9 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from dermanet.classes import CLASS_NAMES
+
+if TYPE_CHECKING:
+    from dermanet.eval.compare import Difference
 
 
 def confusion_matrix_figure(
@@ -99,6 +104,33 @@ def training_curves_figure(metrics: pd.DataFrame, columns: list[str]) -> Figure:
             ax.plot(rows["epoch"], rows[column], marker="o")
         ax.set_title(column)
         ax.set_xlabel("epoch")
+    fig.tight_layout()
+    return fig
+
+
+def differences_figure(differences: Sequence[Difference], title: str = "") -> Figure:
+    """Forest plot of `jobs/compare.py`'s differences: one panel per metric, one row per
+    group of images, the point at candidate - baseline and the bar its bootstrap interval;
+    green where the candidate is better, red where the baseline is, grey within noise."""
+    metrics = list(dict.fromkeys(d.metric for d in differences))
+    groups = list(dict.fromkeys(d.group for d in differences))
+    colours = {"candidate better": "tab:green", "baseline better": "tab:red"}
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(3 + 4 * len(metrics), 0.6 * len(groups) + 1.6),
+        squeeze=False, sharey=True,
+    )  # fmt: skip
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for d in (d for d in differences if d.metric == metric):
+            y = len(groups) - 1 - groups.index(d.group)
+            colour = colours.get(d.verdict, "grey")
+            ax.plot([d.low, d.high], [y, y], color=colour, linewidth=2)
+            ax.plot(d.difference, y, "o", color=colour)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(f"{metric}\ncandidate - baseline")
+        ax.grid(axis="x", alpha=0.3)
+    sizes = {d.group: d.images for d in differences}
+    axes[0][0].set_yticks(range(len(groups)), [f"{g} (n={sizes[g]})" for g in reversed(groups)])
+    fig.suptitle(title or "Paired bootstrap: differences and their intervals")
     fig.tight_layout()
     return fig
 
