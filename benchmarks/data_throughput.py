@@ -12,8 +12,10 @@ so a start-up cost shows apart from the rate a long epoch streams at.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     cat = catalogue_rows(train.sample(n=args.limit or len(train), random_state=0))
     init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     shards = tempfile.mkdtemp(prefix="dermanet-bench-")
+    atexit.register(shutil.rmtree, shards, ignore_errors=True)  # 62 MB a run otherwise
     prepare_shards(cat, shards, short_side=256)
 
     rows = []

@@ -19,10 +19,12 @@ Prints Markdown tables (CPU workers; GPU runs are the jobs' own --use-gpu).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -81,6 +83,7 @@ def subset_shards(source: str, target: str, train_images: int, seed: int = 0) ->
 
 def byol_rates(shards: str, workers: int, args: argparse.Namespace) -> list[float]:
     storage = tempfile.mkdtemp(prefix="dermanet-bench-byol-")
+    atexit.register(shutil.rmtree, storage, ignore_errors=True)
     settings = PretrainSettings(
         shards=shards,
         shard_splits=["train"],
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     subset = tempfile.mkdtemp(prefix="dermanet-scale-shards-")
+    atexit.register(shutil.rmtree, subset, ignore_errors=True)
     counts = subset_shards(args.shards, subset, args.train_images)
     init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     results: dict[str, dict[int, list[float]]] = {}

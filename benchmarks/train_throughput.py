@@ -18,7 +18,9 @@ Medians over epochs (the first epoch is dropped when there are 3 or more). Print
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -115,6 +117,7 @@ def train_job(args: argparse.Namespace, workers: int, threads: int) -> tuple[lis
 
     init_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="dermanet-bench-train-")
+    atexit.register(shutil.rmtree, storage, ignore_errors=True)  # its checkpoints
     outcome = run_training(
         TrainSettings(
             shards=args.shards,
