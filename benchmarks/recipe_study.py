@@ -76,7 +76,27 @@ ARMS: dict[str, tuple[str, list[str], int, float]] = {
         96,
         1.0,
     ),
+    "byol-init": (
+        "BYOL backbone (pretrained on the kept sources' train images) instead of random init",
+        [],
+        96,
+        1.0,
+    ),
 }
+# Arms that first pretrain a backbone (jobs/pretrain_byol.py, the held-out source left out as
+# in fine-tuning, train split only so validation stays unseen), then fine-tune as above with
+# --pretrain-ckpt: name -> (pretraining flags, pretraining epochs as a factor of --epochs).
+# Their wall time counts both; they cost more than the others (the table says how much).
+PRETRAINED: dict[str, tuple[list[str], float]] = {
+    "byol-init": (
+        ["--model-config", "configs/dermanet_small.yaml", "--img-size", "96",
+         "--batch-size", "64", "--lr", "1e-3", "--weight-decay", "1e-4",
+         "--base-momentum", "0.99", "--warmup-epochs", "1", "--proj-hidden-dim", "512",
+         "--pred-hidden-dim", "512", "--proj-out-dim", "128", "--shard-splits", "train",
+         "--seed", "0"],
+        0.75,
+    ),
+}  # fmt: skip
 TTA_MODES = ("flips", "dihedral", "multicrop")  # evaluated on the base arm's model
 
 
@@ -116,12 +136,25 @@ def run_arm(name: str, args: argparse.Namespace) -> dict:
     what, flags, size, factor = ARMS[name]
     epochs = max(2, round(args.epochs * factor))
     folder.mkdir(parents=True, exist_ok=True)
+    pretrain_seconds = 0.0
+    if name in PRETRAINED:
+        byol_flags, byol_factor = PRETRAINED[name]
+        byol_name = f"{name}-pretrain"
+        pretrain_seconds = run(
+            [sys.executable, "jobs/pretrain_byol.py", "--shards", args.shards, *byol_flags,
+             "--epochs", str(max(1, round(args.epochs * byol_factor))),
+             "--exclude-origins", args.holdout, "--storage-path", str(Path(args.out).resolve()),
+             "--name", byol_name],
+            folder / "pretrain.log",
+        )  # fmt: skip
+        backbone = Path(args.out).resolve() / byol_name / "backbone.pt"
+        flags = [*flags, "--pretrain-ckpt", str(backbone)]
     command = [
         sys.executable, "jobs/train.py", "--shards", args.shards, *BASE, *flags,
         "--img-size", str(size), "--epochs", str(epochs), "--exclude-origins", args.holdout,
         "--storage-path", str(Path(args.out).resolve()), "--name", name,
     ]  # fmt: skip
-    seconds = run(command, folder / "train.log")
+    seconds = run(command, folder / "train.log") + pretrain_seconds
     history = pd.read_csv(folder / "logs" / "metrics.csv")
     last = history.dropna(subset=["val/balanced_accuracy"]).iloc[-1]
     transfer = evaluate(folder / "last.pt", args, folder / "transfer", [args.holdout], "none")
@@ -131,6 +164,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict:
         "img_size": size,
         "epochs": epochs,
         "minutes": round(seconds / 60, 1),
+        "of which pretraining": round(pretrain_seconds / 60, 1),
         "train img/s": round(float(history["perf/train_images_per_sec"].median()), 0),
         "val bal-acc": round(float(last["val/balanced_accuracy"]), 4),
         "val AUROC": round(float(last["val/macro_auroc"]), 4),

@@ -98,6 +98,7 @@ def test_help_documents_every_flag(capsys) -> None:
         (["--data-dirs", ".", "--model-config", "/no/model.yaml"], "--model-config"),
         (["--data-dirs", ".", "--warmup-epochs", "5", "--max-epochs", "2"], "--warmup-epochs"),
         (["--data-dirs", ".", "--batch-size", "1"], "--batch-size >= 2"),
+        (["--data-dirs", ".", "--exclude-origins", "clinic_b"], "--exclude-origins needs --shards"),
     ],
 )
 def test_cli_rejects_bad_input_with_exit_2(argv: list[str], expected: str, capsys) -> None:
@@ -160,3 +161,29 @@ def test_pretraining_exports_a_loadable_backbone_and_resumes(
     assert history["step"].tolist() == [6, 12, 18]
     pd.testing.assert_frame_equal(history.iloc[:2][first.columns], first)
     assert torch.load(backbone, weights_only=True)["provenance"]["optimizer_steps"] == 18
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_shards_without_an_origin_are_what_pretraining_reads(ray_local, tmp_path) -> None:
+    """A leave-one-source-out study pretrains without the source it scores: the rows BYOL
+    streams are those of the kept sources, of the splits asked for."""
+    from dermanet.data import assign_splits, read_plain_csv
+    from dermanet.data.shards import prepare_shards
+    from dermanet.data.synthetic import generate_synthetic_dataset
+    from dermanet.train.pretrain import load_images
+
+    root = tmp_path / "data"
+    generate_synthetic_dataset(root, num_images=60, size=32, seed=4)
+    catalogue = assign_splits(read_plain_csv(root / "metadata.csv", root / "images"), seed=0)
+    catalogue["origin"] = ["clinic_b" if i % 3 == 0 else "clinic_a" for i in range(60)]
+    prepare_shards(catalogue, str(tmp_path / "shards"), short_side=32)
+    settings = _settings(root, tmp_path, data_dirs=[], shards=str(tmp_path / "shards"),
+                         exclude_origins=["clinic_b"])  # fmt: skip
+    settings.validate()
+    source, size, where = load_images(settings)
+    kept = catalogue.loc[
+        (catalogue["origin"] == "clinic_a") & catalogue["split"].isin(["train", "val"])
+    ]
+    assert size == len(kept) == len(source.take_all())
+    assert "without clinic_b" in where

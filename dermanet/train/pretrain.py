@@ -65,9 +65,13 @@ def load_images(settings: PretrainSettings) -> tuple[ray.data.Dataset, int, str]
     """Raw unlabelled rows, how many there are (sets the schedules' length) and their source."""
     if settings.shards:
         splits = list(dict.fromkeys(settings.shard_splits))
-        rows = split_rows(DataLocation(shards=settings.shards), splits)
+        rows = split_rows(
+            DataLocation(shards=settings.shards), splits, exclude_origins=settings.exclude_origins
+        )
         source, size = rows.dataset, len(rows)
-        where = f"shards {settings.shards} (splits {', '.join(splits)}; labels ignored)"
+        left_out = ", ".join(settings.exclude_origins)
+        without = f"; without {left_out}" if left_out else ""
+        where = f"shards {settings.shards} (splits {', '.join(splits)}{without}; labels ignored)"
     else:
         source = read_image_folders(list(settings.data_dirs))
         if all(not is_uri(folder) for folder in settings.data_dirs):

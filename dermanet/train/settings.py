@@ -308,6 +308,13 @@ class PretrainSettings(RunSettings):
         choices=SPLITS,
         default_factory=lambda: ["train", "val"],
     )
+    exclude_origins: list[str] = option(
+        help="with --shards: leave images of these origins out (a leave-one-source-out study "
+        "pretrains, like it fine-tunes, without the source it scores afterwards)",
+        group="data (give --data-dirs or --shards)",
+        metavar="ORIGIN",
+        default_factory=list,
+    )
     proj_hidden_dim: int = option(4096, "projector hidden size", group="model", minimum=1)
     proj_out_dim: int = option(256, "projection (embedding) size", group="model", minimum=1)
     pred_hidden_dim: int = option(4096, "predictor hidden size", group="model", minimum=1)
@@ -343,6 +350,8 @@ class PretrainSettings(RunSettings):
             raise ValueError("give either --data-dirs (image folders) or --shards, not both/none")
         if not self.shard_splits:
             raise ValueError(f"--shard-splits takes some of {SPLITS}")
+        if self.exclude_origins and not self.shards:
+            raise ValueError("--exclude-origins needs --shards (image folders have no origin)")
         for folder in self.data_dirs:
             if not is_uri(folder) and not Path(folder).expanduser().is_dir():
                 raise FileNotFoundError(f"--data-dirs: {folder} is not a folder")
