@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         "--in-source", nargs="+", default=["HAM10000", "ISIC_archive(upGrad-9class)"],
         help="the other sources (scored by the TTA rows)",
     )  # fmt: skip
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="arms")
+    p.add_argument(
+        "--arms", nargs="+", default=[a for a in ARMS if a not in PRETRAINED],
+        choices=list(ARMS), help="arms (byol-init, ~2.5x an arm's cost, only when named)",
+    )  # fmt: skip
     p.add_argument("--tta", action="store_true", help="also score TTA modes on the base arm")
     args = p.parse_args(argv)
     rows = []

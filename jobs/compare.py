@@ -8,24 +8,28 @@
         --groups ../shared/data/derm-sample/metadata.csv --group-by origin --plot diff.png
 
 Prints, for all images and for each group, both models' balanced accuracy and macro AUROC,
-the difference (candidate - baseline) and its bootstrap interval; "within noise" means the
-interval holds 0. Choose on validation, never on test.
+the difference (candidate - baseline) and its bootstrap interval (whole lesions drawn when
+the CSV has `lesion_id`); "within noise" means the interval holds 0. Each row is its own 95 %
+interval: among many rows, one may exclude 0 by chance. Choose on validation, never on test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
+
+import pandas as pd
 
 from dermanet.cli import run_job, setup_logging
 from dermanet.eval.compare import (
     METRICS,
     markdown_table,
     paired_bootstrap,
-    read_groups,
+    read_image_table,
     read_report,
 )
 from dermanet.eval.plots import differences_figure, save_figure
@@ -48,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--groups", help="CSV with an `image` column and --group-by, to compare inside groups too"
     )
     p.add_argument("--group-by", default="origin", help="the --groups column to group by")
+    p.add_argument(
+        "--cluster-by",
+        help="a --groups column whose units are drawn whole (images of one lesion are not "
+        "independent; drawing them one by one narrows the interval). Default: lesion_id when "
+        "the CSV has it; 'none' draws single images",
+    )
     p.add_argument("--resamples", type=int, default=1000, help="paired bootstrap draws")
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -64,9 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def work() -> str:
-        groups = read_groups(args.groups, args.group_by) if args.groups else None
+        groups = clusters = None
+        if args.groups:
+            table = read_image_table(args.groups, [args.group_by])
+            groups = table[args.group_by]
+            cluster_by = args.cluster_by
+            if cluster_by is None and "lesion_id" in pd.read_csv(args.groups, nrows=0).columns:
+                cluster_by = "lesion_id"
+            if cluster_by and cluster_by != "none":
+                clusters = read_image_table(args.groups, [cluster_by])[cluster_by]
+                print(f"drawing whole {cluster_by} units", file=sys.stderr)
+        elif args.cluster_by not in (None, "none"):
+            raise ValueError("--cluster-by needs --groups (the CSV that has the column)")
         differences = paired_bootstrap(
-            read_report(args.baseline), read_report(args.candidate), groups,
+            read_report(args.baseline), read_report(args.candidate), groups, clusters,
             resamples=args.resamples, confidence=args.confidence, seed=args.seed,
             metrics=args.metrics,
         )  # fmt: skip
@@ -74,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             title = f"{Path(args.candidate).name} vs {Path(args.baseline).name}"
             save_figure(differences_figure(differences, title), args.plot)
         if args.output:
-            rows = [asdict(d) | {"difference": d.difference, "verdict": d.verdict}
-                    for d in differences]  # fmt: skip
+            rows = [
+                {k: None if isinstance(v, float) and math.isnan(v) else v  # valid JSON
+                 for k, v in (asdict(d) | {"difference": d.difference}).items()}
+                | {"verdict": d.verdict}
+                for d in differences
+            ]  # fmt: skip
             with open(args.output, "w") as f:
                 json.dump(rows, f, indent=2)
         return markdown_table(differences, args.confidence)

@@ -13,7 +13,7 @@ import pytest
 from sklearn import metrics as sk
 
 from dermanet.classes import CLASS_NAMES
-from dermanet.eval.compare import ScoredImages, paired_bootstrap, read_groups, read_report
+from dermanet.eval.compare import ScoredImages, paired_bootstrap, read_image_table, read_report
 from dermanet.eval.isic_scorer import isic_submission
 from dermanet.eval.metrics import balanced_accuracy, per_class_auroc, per_class_recall
 
@@ -77,6 +77,32 @@ def test_paired_bootstrap_tells_a_real_gain_from_none_and_reads_each_group() -> 
     assert {d.verdict for d in flipped} == {"baseline better"}
 
 
+def test_whole_lesions_are_drawn_and_undefined_intervals_say_so() -> None:
+    """Three images of each lesion are one unit of evidence, not three: drawing lesions
+    widens the interval. A group whose AUROC cannot be computed says so."""
+    rng = np.random.default_rng(3)
+    lesion_labels = rng.integers(0, K, 150)
+    labels = np.repeat(lesion_labels, 3)  # three images per lesion, scored alike
+    weak = np.repeat(_probs(rng, lesion_labels, 1.0), 3, axis=0)
+    better = np.repeat(_probs(rng, lesion_labels, 1.6), 3, axis=0)
+    base, cand = _scored(labels, weak), _scored(labels, better)
+    lesions = pd.Series(np.repeat(np.arange(150), 3), index=base.images)
+
+    def width(clusters: pd.Series | None) -> float:
+        (d,) = paired_bootstrap(base, cand, clusters=clusters, metrics=["balanced_accuracy"],
+                                resamples=300, progress=False)  # fmt: skip
+        return d.high - d.low
+
+    assert width(lesions) > 1.4 * width(None)  # ~sqrt(3) wider
+    one_class = pd.Series(np.where(labels == 0, "only class 0", "rest"), index=base.images)
+    found = paired_bootstrap(base, cand, one_class, resamples=50, progress=False)
+    auroc = next(d for d in found if d.group == "only class 0" and d.metric == "macro_auroc")
+    assert auroc.verdict == "not defined"
+    elsewhere = pd.Series("x", index=[f"OTHER_{i}" for i in range(5)])
+    with pytest.raises(ValueError, match="none of the 450 scored images has a group"):
+        paired_bootstrap(base, cand, elsewhere, resamples=5, progress=False)
+
+
 def _write_report(folder: Path, images: list[str], labels: np.ndarray, probs: np.ndarray) -> Path:
     folder.mkdir(parents=True)
     isic_submission(images, probs).to_csv(folder / "predictions.csv", index=False)
@@ -92,19 +118,22 @@ def test_compare_job_prints_the_table_and_refuses_unpaired_reports(tmp_path, cap
     strong = _probs(rng, labels, 3)[::-1]  # listed in another order: paired by image id
     cand = _write_report(tmp_path / "cand", images[::-1], labels[::-1], strong)
     groups = tmp_path / "metadata.csv"
-    pd.DataFrame({"image": [f"{i}.jpg" for i in images], "origin": ["x", "y"] * 150}).to_csv(
-        groups, index=False
-    )
+    pd.DataFrame(
+        {"image": [f"{i}.jpg" for i in images], "origin": ["x", "y"] * 150,
+         "lesion_id": [f"L{i // 2}" for i in range(300)]}
+    ).to_csv(groups, index=False)  # fmt: skip
     out = tmp_path / "diff.json"
     argv = [str(base), str(cand), "--groups", str(groups), "--resamples", "100"]
     plot = tmp_path / "diff.png"
     assert compare_job.main([*argv, "--output", str(out), "--plot", str(plot)]) == 0
     assert plot.stat().st_size > 10_000  # a drawn figure, not an empty canvas
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| x | 150 | balanced_accuracy |" in printed and "candidate better" in printed
+    assert "drawing whole lesion_id units" in captured.err
     rows = json.loads(out.read_text())
     assert {r["group"] for r in rows} == {"all images", "x", "y"}
-    assert read_groups(groups, "origin")["ISIC_0000001"] == "y"  # ".jpg" ids match
+    assert read_image_table(groups, ["origin"]).loc["ISIC_0000001", "origin"] == "y"  # ".jpg"
 
     weak = _probs(rng, labels, 1)[:200]
     fewer = _write_report(tmp_path / "fewer", images[:200], labels[:200], weak)

@@ -165,7 +165,7 @@ def test_pretraining_exports_a_loadable_backbone_and_resumes(
 
 @pytest.mark.ray
 @pytest.mark.timeout(120)
-def test_shards_without_an_origin_are_what_pretraining_reads(ray_local, tmp_path) -> None:
+def test_pretraining_reads_only_the_kept_origins_of_shards(ray_local, tmp_path) -> None:
     """A leave-one-source-out study pretrains without the source it scores: the rows BYOL
     streams are those of the kept sources, of the splits asked for."""
     from dermanet.data import assign_splits, read_plain_csv

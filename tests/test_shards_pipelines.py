@@ -222,37 +222,6 @@ def test_split_rows_of_shards_describe_what_they_stream_by_origin(
     assert len(other.dataset.take_all()) == len(other.table)
 
 
-def test_sampling_repeats_rebalance_classes_and_sources() -> None:
-    """Class power sets class shares; source power moves draws to the rare source inside each
-    class without changing those shares; an epoch keeps its size."""
-    # Class 0: 60 rows of source a, 20 of b. Class 1: 20 rows of a only. (a: 80 rows, b: 20.)
-    table = pd.DataFrame(
-        {"label_index": [0] * 80 + [1] * 20, "origin": ["a"] * 60 + ["b"] * 20 + ["a"] * 20},
-        index=pd.Index(np.arange(100) + 1000, name="index"),
-    )
-    assert sampling_repeats(table, 0.0, 0.0) is None
-
-    def shares(class_power: float, origin_power: float) -> tuple[pd.Series, pd.Series]:
-        copies = pd.Series(sampling_repeats(table, class_power, origin_power))
-        assert sorted(copies.index) == sorted(table.index)
-        assert copies.sum() == pytest.approx(len(table))
-        drawn = copies.reindex(table.index) / len(table)
-        return drawn.groupby(table["label_index"]).sum(), drawn.groupby(table["origin"]).sum()
-
-    classes, sources = shares(1.0, 0.0)  # balanced classes, sources as they come
-    assert classes.tolist() == pytest.approx([0.5, 0.5])
-    assert sources["b"] == pytest.approx(0.5 * 20 / 80)
-    classes, sources = shares(0.5, 0.0)  # square root: 80 : 20 -> sqrt(80) : sqrt(20)
-    assert classes[0] / classes[1] == pytest.approx(2.0)
-    classes, sources = shares(1.0, 1.0)  # inside class 0, b's rows weigh 80/20 = 4x a's
-    assert classes.tolist() == pytest.approx([0.5, 0.5])
-    assert sources["b"] == pytest.approx(0.5 * (20 * 4) / (60 + 20 * 4))
-    _, half = shares(1.0, 0.5)
-    assert 0.5 * 20 / 80 < half["b"] < sources["b"]
-    no_origin = table.drop(columns="origin")  # one source: the same as class power alone
-    assert sampling_repeats(no_origin, 1.0, 1.0) == pytest.approx(sampling_repeats(table, 1.0, 0))
-
-
 def test_resampled_training_stream_draws_the_rare_source_more(
     ray_local, synthetic_with_corrupt, tmp_path: Path
 ) -> None:
@@ -280,12 +249,19 @@ def test_resampled_training_stream_draws_the_rare_source_more(
 
 
 def test_only_sources_in_large_blocks_are_recut(synthetic_shards: str, synthetic_dir) -> None:
-    """Shards and catalogue rows arrive in 256-row blocks: a repartition would only delay the
-    first batch. Image folders arrive in few large read blocks and still need it."""
+    """Shards (one split or several) and catalogue rows arrive in 256-row blocks: a repartition
+    would only delay the first batch. Image folders arrive in few large read blocks and still
+    need it."""
     config = PipelineConfig(img_size=16)
     for mode in ("train", "eval"):
         shards = build_pipeline(read_shards(synthetic_shards, "train"), mode, config, seed=0)
         assert "Repartition" not in repr(shards), repr(shards)
+    rows = split_rows(DataLocation(shards=synthetic_shards), ["train", "val"])  # two splits
+    assert "Repartition" not in repr(build_pipeline(rows.dataset, "train", config, seed=0))
+    plain = read_plain_csv(synthetic_dir / "metadata.csv", synthetic_dir / "images")
+    cat = catalogue_rows(assign_splits(plain, seed=0))
+    files = build_pipeline(read_catalogue_files(cat), "eval", config)
+    assert "Repartition" not in repr(files), repr(files)
     folders = build_pipeline(read_image_folders([str(synthetic_dir / "images")]), "eval", config)
     assert "Repartition" in repr(folders), repr(folders)
 

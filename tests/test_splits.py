@@ -10,6 +10,7 @@ import pytest
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data import CatalogueError, assign_splits, class_counts, class_weights, read_plain_csv
+from dermanet.data.pipelines import sampling_repeats
 
 
 def _check_split_invariants(cat: pd.DataFrame) -> None:
@@ -63,3 +64,34 @@ def test_derm_sample_split(derm_sample_catalogue: pd.DataFrame) -> None:
     assert np.allclose(shares["train"], 0.70, atol=0.05)
     weights = class_weights(cat)
     assert weights[CLASS_NAMES.index("DF")] > weights[CLASS_NAMES.index("NV")] * 50
+
+
+def test_sampling_repeats_rebalance_classes_and_sources() -> None:
+    """Class power sets class shares; source power moves draws to the rare source inside each
+    class without changing those shares; an epoch keeps its size."""
+    # Class 0: 60 rows of source a, 20 of b. Class 1: 20 rows of a only. (a: 80 rows, b: 20.)
+    table = pd.DataFrame(
+        {"label_index": [0] * 80 + [1] * 20, "origin": ["a"] * 60 + ["b"] * 20 + ["a"] * 20},
+        index=pd.Index(np.arange(100) + 1000, name="index"),
+    )
+    assert sampling_repeats(table, 0.0, 0.0) is None
+
+    def shares(class_power: float, origin_power: float) -> tuple[pd.Series, pd.Series]:
+        copies = pd.Series(sampling_repeats(table, class_power, origin_power))
+        assert sorted(copies.index) == sorted(table.index)
+        assert copies.sum() == pytest.approx(len(table))
+        drawn = copies.reindex(table.index) / len(table)
+        return drawn.groupby(table["label_index"]).sum(), drawn.groupby(table["origin"]).sum()
+
+    classes, sources = shares(1.0, 0.0)  # balanced classes, sources as they come
+    assert classes.tolist() == pytest.approx([0.5, 0.5])
+    assert sources["b"] == pytest.approx(0.5 * 20 / 80)
+    classes, sources = shares(0.5, 0.0)  # square root: 80 : 20 -> sqrt(80) : sqrt(20)
+    assert classes[0] / classes[1] == pytest.approx(2.0)
+    classes, sources = shares(1.0, 1.0)  # inside class 0, b's rows weigh 80/20 = 4x a's
+    assert classes.tolist() == pytest.approx([0.5, 0.5])
+    assert sources["b"] == pytest.approx(0.5 * (20 * 4) / (60 + 20 * 4))
+    _, half = shares(1.0, 0.5)
+    assert 0.5 * 20 / 80 < half["b"] < sources["b"]
+    no_origin = table.drop(columns="origin")  # one source: the same as class power alone
+    assert sampling_repeats(no_origin, 1.0, 1.0) == pytest.approx(sampling_repeats(table, 1.0, 0))

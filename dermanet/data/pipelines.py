@@ -286,11 +286,12 @@ def sampling_repeats(
     Inside each class, a row of origin o weighs n_o^(-origin_power) (n_o: the origin's rows in
     `table`), so a source that is rare overall is drawn more often without changing any class's
     share: 0 leaves sources as they come, 1 draws every source equally often where classes
-    allow. Weighing by whole-source counts rather than per class-and-source cell keeps a row's
-    copies near (largest source / its source)^origin_power times its class's: a class's two rows
-    from a rare source are not each drawn a third of that class's epoch. Rows without an origin form
-    one source. `table` is `SplitRows.table`: indexed by row `index`, with `label_index` and
-    (optional) `origin`.
+    allow. A row's copies are then about (largest source / its source)^origin_power times its
+    class's: at power 1, 20 images of a source 500x smaller than the largest are each drawn
+    ~500x as often as one of the largest, so keep the power low for tiny sources (the training
+    log names the most-repeated row's copies). Rows without an origin form one source.
+    `table` is `SplitRows.table`: indexed by row `index`, with `label_index` and (optional)
+    `origin`.
     """
     if class_power == 0 and origin_power == 0:
         return None

@@ -100,7 +100,7 @@ def split_rows(
         raise ValueError(f"splits must be some of {SPLITS} or 'all', got {list(names)}")
     if location.shards:
         per_split = [shard_rows(location.shards, split, DESCRIBING_COLUMNS) for split in names]
-        table = pd.concat(per_split, ignore_index=True)
+        table = shard_table = pd.concat(per_split, ignore_index=True)
         if "origin" not in table:
             table["origin"] = None
     else:
@@ -115,9 +115,8 @@ def split_rows(
         )
     filtered = bool(origins) or bool(exclude_origins)
     keep = set(table["index"].tolist()) if filtered else None
-    if location.shards:
-        sources = [shard_references_dataset(rows, keep_index=keep) for rows in per_split]
-        dataset = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+    if location.shards:  # one frame, so several splits stay one materialised dataset
+        dataset = shard_references_dataset(shard_table, keep_index=keep)
     else:
         dataset = read_catalogue_files(table.reset_index(drop=True))
     columns = ["image", "label_index", "origin"]
@@ -135,14 +134,20 @@ def catalogue_rows(catalogue: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def require_origins(table: pd.DataFrame, what: str) -> None:
+    """Stop with what to do when `what` (a flag) needs image origins the rows do not have."""
+    if "origin" not in table or table["origin"].isna().all():
+        raise CatalogueError(
+            f"{what} needs an `origin` column in the catalogue: use a CSV that has one (e.g. "
+            "derm-sample's metadata.csv), and re-run jobs/prepare_data.py on it for --shards"
+        )
+
+
 def _filter_origins(
     table: pd.DataFrame, origins: Sequence[str] | None, exclude: Sequence[str]
 ) -> pd.DataFrame:
-    if (origins or exclude) and table["origin"].isna().all():
-        raise CatalogueError(
-            "origin filters need an `origin` column in the catalogue (re-run jobs/prepare_data.py "
-            "on a CSV that has one, e.g. derm-sample's metadata.csv)"
-        )
+    if origins or exclude:
+        require_origins(table, "an origin filter (--origins, --exclude-origins)")
     if origins:
         table = table.loc[table["origin"].isin(list(origins))]
     if exclude:

@@ -9,6 +9,8 @@ by validation, per source, is how DermaNet prefers what holds across sources (is
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from dermanet.classes import CLASS_NAMES
+from dermanet.data.images import image_id_from_filename
 from dermanet.eval.metrics import balanced_accuracy, macro_auroc
 
+log = logging.getLogger(__name__)
 ALL_IMAGES = "all images"
 
 
@@ -46,7 +50,7 @@ def read_report(folder: str | Path) -> ScoredImages:
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: pass a jobs/evaluate.py --output folder")
-        frame = pd.read_csv(path, index_col="image")
+        frame = pd.read_csv(path, dtype={"image": str}).set_index("image")
         missing = [c for c in CLASS_NAMES if c not in frame.columns]
         if missing:
             raise ValueError(f"{path} lacks class columns {missing}: not an evaluate report")
@@ -57,19 +61,22 @@ def read_report(folder: str | Path) -> ScoredImages:
     return ScoredImages(probs.index, probs.to_numpy(float), truth.to_numpy().argmax(axis=1))
 
 
-def read_groups(csv: str | Path, column: str) -> pd.Series:
-    """Group of each image (`column` of a CSV with an `image` column, e.g. derm-sample's
-    metadata.csv and its `origin`), indexed by image id."""
+def read_image_table(csv: str | Path, columns: Sequence[str]) -> pd.DataFrame:
+    """`columns` of a CSV with an `image` column (e.g. derm-sample's metadata.csv: `origin`,
+    `lesion_id`), indexed by image id as the catalogue readers name images."""
     path = Path(csv)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     header = pd.read_csv(path, nrows=0).columns
-    missing = [c for c in ("image", column) if c not in header]
+    missing = [c for c in ("image", *columns) if c not in header]
     if missing:
         raise ValueError(f"{path} has no column(s) {missing}; its columns: {list(header)}")
-    table = pd.read_csv(path, usecols=["image", column], dtype={"image": str})
-    image = table["image"].str.replace(r"\.(jpe?g|png)$", "", regex=True, case=False)
-    return pd.Series(table[column].to_numpy(), index=image, name=column)
+    table = pd.read_csv(path, usecols=["image", *columns], dtype={"image": str})
+    table.index = pd.Index([image_id_from_filename(i.strip()) for i in table["image"]])
+    duplicated = table.index[table.index.duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(f"{path} lists {len(duplicated)} image ids twice, e.g. {duplicated[0]}")
+    return table.loc[:, list(columns)]
 
 
 def pair_reports(baseline: ScoredImages, candidate: ScoredImages) -> None:
@@ -102,6 +109,8 @@ class Difference:
 
     @property
     def verdict(self) -> str:
+        if math.isnan(self.low) or math.isnan(self.high):
+            return "not defined"  # e.g. AUROC on a group with one class
         if self.low > 0:
             return "candidate better"
         if self.high < 0:
@@ -113,6 +122,7 @@ def paired_bootstrap(
     baseline: ScoredImages,
     candidate: ScoredImages,
     groups: pd.Series | None = None,
+    clusters: pd.Series | None = None,
     *,
     resamples: int = 1000,
     confidence: float = 0.95,
@@ -120,31 +130,49 @@ def paired_bootstrap(
     metrics: Sequence[str] = tuple(METRICS),
     progress: bool = True,
 ) -> list[Difference]:
-    """Differences over all images and inside each group (e.g. origin; by image id), each with
-    a percentile interval from `resamples` paired draws of that group's images."""
+    """Differences over all images and inside each group (e.g. origin), each with a percentile
+    interval from `resamples` paired draws of that group's images.
+
+    With `clusters` (e.g. lesion id) the draws pick whole clusters: images of one lesion are
+    not independent, and drawing them one by one makes the interval too narrow. `groups` and
+    `clusters` are indexed by image id; an image without a cluster is its own.
+    """
     pair_reports(baseline, candidate)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
     if resamples < 1 or not 0 < confidence < 1:
         raise ValueError("need resamples >= 1 and 0 < confidence < 1")
-    selections = {ALL_IMAGES: np.arange(len(baseline.images))}
+    images = baseline.images
+    selections = {ALL_IMAGES: np.arange(len(images))}
     if groups is not None:
-        named = groups.reindex(baseline.images)
+        named = groups.reindex(images)
+        if named.isna().all():
+            raise ValueError(
+                f"none of the {len(images)} scored images has a group (report ids look like "
+                f"{images[0]!r}, the groups' like {groups.index[0]!r})"
+            )
+        if named.isna().any():
+            log.warning("%d of %d images have no group", named.isna().sum(), len(images))
         for group in sorted(named.dropna().unique()):
             selections[str(group)] = np.flatnonzero((named == group).to_numpy())
+    units = images.to_numpy(dtype=object)
+    if clusters is not None:
+        units = clusters.reindex(images).fillna(pd.Series(images, index=images)).to_numpy()
     rng = np.random.default_rng(seed)
     tail = (1 - confidence) / 2 * 100
+    labels = baseline.labels
     out = []
     for group, rows in tqdm(selections.items(), desc="bootstrap", disable=not progress):
-        draws = [rng.choice(rows, len(rows)) for _ in range(resamples)]
+        draws = _cluster_draws(rows, units[rows], resamples, rng)
         for metric in metrics:
-            score, labels = METRICS[metric], baseline.labels
+            score = METRICS[metric]
             spread = np.array(
                 [score(candidate.probs[s], labels[s]) - score(baseline.probs[s], labels[s])
                  for s in draws]
             )  # fmt: skip
-            low, high = np.nanpercentile(spread, [tail, 100 - tail])
+            finite = spread[np.isfinite(spread)]
+            low, high = np.percentile(finite, [tail, 100 - tail]) if len(finite) else (np.nan,) * 2
             out.append(
                 Difference(
                     group, len(rows), metric,
@@ -154,6 +182,20 @@ def paired_bootstrap(
                 )
             )  # fmt: skip
     return out
+
+
+def _cluster_draws(
+    rows: np.ndarray, units: np.ndarray, resamples: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """`resamples` draws with replacement of as many units as there are, each unit bringing
+    all its rows (a unit per row: the plain bootstrap)."""
+    _, inverse = np.unique(units.astype(str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(rows[order], np.cumsum(np.bincount(inverse))[:-1])
+    if len(members) == len(rows):  # one row per unit: draw rows directly (faster)
+        return [rng.choice(rows, len(rows)) for _ in range(resamples)]
+    picks = rng.integers(0, len(members), size=(resamples, len(members)))
+    return [np.concatenate([members[i] for i in pick]) for pick in picks]
 
 
 def markdown_table(differences: Sequence[Difference], confidence: float = 0.95) -> str:

@@ -1,7 +1,9 @@
-"""Classification metrics from probabilities (scikit-learn's counts, our ISIC conventions).
+"""Classification metrics from probabilities, with our ISIC conventions.
 
 Balanced accuracy is the ISIC 2019 metric: the mean over classes of per-class recall
-(classes absent from the labels are left out, as the official scorer does).
+(classes absent from the labels are left out, as the official scorer does). Recall and AUROC
+are counted with numpy (equal to scikit-learn's, a test) so a bootstrap can call them
+thousands of times.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def classification_metrics(
     labels = np.asarray(labels, dtype=np.int64)
     if probs.ndim != 2 or len(probs) != len(labels) or len(labels) == 0:
         raise ValueError(f"need probs (N, K) and labels (N,), got {probs.shape}, {labels.shape}")
+    if not np.isfinite(probs).all():  # ranks would carry NaN into the AUROC without a word
+        raise ValueError("probabilities contain NaN or inf: the model's output is not finite")
     predicted = probs.argmax(axis=1)
     recall = per_class_recall(labels, predicted, probs.shape[1])
     auroc = per_class_auroc(probs, labels)

@@ -207,7 +207,8 @@ class TrainSettings(RunSettings):
         0.0,
         "source-rebalanced sampling: inside each class, an image of origin o is drawn with "
         "weight ∝ n_o ** -power (n_o: that origin's training images), so rare sources weigh "
-        "more without changing class shares; 0 off, 1 sources equal where classes allow. "
+        "more without changing class shares; 0 off, 1 sources equal where classes allow "
+        "(a source 100x smaller is then repeated ~100x: keep it low for tiny sources). "
         "Needs an `origin` column",
         group="recipe",
         minimum=0,

@@ -22,7 +22,7 @@ from ray.train import CheckpointConfig
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import CatalogueError
 from dermanet.data.pipelines import sampling_repeats
-from dermanet.data.sources import DataLocation, split_rows
+from dermanet.data.sources import DataLocation, require_origins, split_rows
 from dermanet.data.splits import class_weights_from_counts
 from dermanet.inference.checkpoint import (
     CheckpointError,
@@ -119,19 +119,18 @@ class SupervisedJob(TrainingJob):
             {c: round(float(w), 2) for c, w in zip(CLASS_NAMES, weights, strict=True)},
         )  # fmt: skip
         table = rows["train"].table
-        if s.origin_sampling_power > 0 and table["origin"].isna().all():
-            raise CatalogueError(
-                "--origin-sampling-power needs an `origin` column in the catalogue (re-run "
-                "jobs/prepare_data.py on a CSV that has one, e.g. derm-sample's metadata.csv)"
-            )
+        if s.origin_sampling_power > 0:
+            require_origins(table, "--origin-sampling-power")
         repeats = sampling_repeats(table, s.sampling_power, s.origin_sampling_power)
         if repeats is not None:
-            share = pd.Series(repeats).reindex(table.index) / len(table)
+            copies = pd.Series(repeats).reindex(table.index)
+            share = copies / len(table)
             names = table["label_index"].map(dict(enumerate(CLASS_NAMES)))
             log.info(
-                "an epoch draws: classes %s, sources %s",
+                "an epoch draws: classes %s, sources %s; one image at most %.1f times",
                 share.groupby(names).sum().round(3).to_dict(),
                 share.groupby(table["origin"]).sum().round(3).to_dict(),
+                copies.max(),
             )
         return JobData(
             sources={split: r.dataset for split, r in rows.items()},
