@@ -28,8 +28,9 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+MODEL_CONFIG = "configs/dermanet_small.yaml"  # every arm's, and the BYOL arm's backbone
 BASE = [
-    "--model-config", "configs/dermanet_small.yaml", "--batch-size", "32", "--lr", "2e-3",
+    "--model-config", MODEL_CONFIG, "--batch-size", "32", "--lr", "2e-3",
     "--weight-decay", "0.02", "--label-smoothing", "0.1", "--warmup-epochs", "1",
     "--channels-last", "--seed", "0",
 ]  # fmt: skip
@@ -89,7 +90,7 @@ ARMS: dict[str, tuple[str, list[str], int, float]] = {
 # Their wall time counts both; they cost more than the others (the table says how much).
 PRETRAINED: dict[str, tuple[list[str], float]] = {
     "byol-init": (
-        ["--model-config", "configs/dermanet_small.yaml", "--img-size", "96",
+        ["--model-config", MODEL_CONFIG, "--img-size", "96",
          "--batch-size", "64", "--lr", "1e-3", "--weight-decay", "1e-4",
          "--base-momentum", "0.99", "--warmup-epochs", "1", "--proj-hidden-dim", "512",
          "--pred-hidden-dim", "512", "--proj-out-dim", "128", "--shard-splits", "train",

@@ -37,7 +37,7 @@ def settings_parser(
     parser = argparse.ArgumentParser(
         description=lines[0],
         epilog="\n".join(lines[1:]).strip() or None,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     if config_file:
         parser.add_argument(
@@ -50,7 +50,7 @@ def settings_parser(
     return parser
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in every flag's help, examples in the epilog kept as written."""
 
 

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
-
-from dermanet.cli import run_job, setup_logging
+from dermanet.cli import HelpFormatter, run_job, setup_logging
 from dermanet.eval.compare import (
     METRICS,
     markdown_table,
     paired_bootstrap,
-    read_image_table,
+    read_grouping,
     read_report,
 )
 from dermanet.eval.plots import differences_figure, save_figure
@@ -40,11 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=lines[0],
         epilog="\n".join(lines[1:]),
-        formatter_class=type(
-            "Formatter",
-            (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter),
-            {},
-        ),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("baseline", help="jobs/evaluate.py --output folder of the reference model")
     p.add_argument("candidate", help="jobs/evaluate.py --output folder of the model to judge")
@@ -76,13 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> str:
         groups = clusters = None
         if args.groups:
-            table = read_image_table(args.groups, [args.group_by])
-            groups = table[args.group_by]
-            cluster_by = args.cluster_by
-            if cluster_by is None and "lesion_id" in pd.read_csv(args.groups, nrows=0).columns:
-                cluster_by = "lesion_id"
-            if cluster_by and cluster_by != "none":
-                clusters = read_image_table(args.groups, [cluster_by])[cluster_by]
+            grouping = read_grouping(args.groups, args.group_by, args.cluster_by)
+            groups, clusters, cluster_by = grouping
+            if cluster_by:
                 print(f"drawing whole {cluster_by} units", file=sys.stderr)
         elif args.cluster_by not in (None, "none"):
             raise ValueError("--cluster-by needs --groups (the CSV that has the column)")
@@ -95,14 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             title = f"{Path(args.candidate).name} vs {Path(args.baseline).name}"
             save_figure(differences_figure(differences, title), args.plot)
         if args.output:
-            rows = [
-                {k: None if isinstance(v, float) and math.isnan(v) else v  # valid JSON
-                 for k, v in (asdict(d) | {"difference": d.difference}).items()}
-                | {"verdict": d.verdict}
-                for d in differences
-            ]  # fmt: skip
             with open(args.output, "w") as f:
-                json.dump(rows, f, indent=2)
+                json.dump([d.to_dict() for d in differences], f, indent=2)
         return markdown_table(differences, args.confidence)
 
     code, table = run_job(work)

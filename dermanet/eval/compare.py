@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,20 @@ def read_image_table(csv: str | Path, columns: Sequence[str]) -> pd.DataFrame:
     return table.loc[:, list(columns)]
 
 
+def read_grouping(
+    csv: str | Path, group_by: str, cluster_by: str | None = None
+) -> tuple[pd.Series, pd.Series | None, str | None]:
+    """Group and cluster of each image from one read of a catalogue CSV: (groups, clusters,
+    the cluster column). `cluster_by` None means `lesion_id` when the CSV has it (images of
+    one lesion are not independent); "none" draws single images."""
+    if cluster_by is None:
+        cluster_by = "lesion_id" if "lesion_id" in pd.read_csv(csv, nrows=0).columns else "none"
+    if cluster_by == "none":
+        return read_image_table(csv, [group_by])[group_by], None, None
+    table = read_image_table(csv, list(dict.fromkeys([group_by, cluster_by])))
+    return table[group_by], table[cluster_by], cluster_by
+
+
 def pair_reports(baseline: ScoredImages, candidate: ScoredImages) -> None:
     """Refuse reports of different images or different truth: a paired test needs both."""
     if not baseline.images.equals(candidate.images):
@@ -116,6 +130,12 @@ class Difference:
         if self.high < 0:
             return "baseline better"
         return "within noise"
+
+    def to_dict(self) -> dict[str, object]:
+        """Every field, the difference and the verdict; NaN as None (valid JSON)."""
+        values = asdict(self) | {"difference": self.difference}
+        nan = {k for k, v in values.items() if isinstance(v, float) and math.isnan(v)}
+        return {k: None if k in nan else v for k, v in values.items()} | {"verdict": self.verdict}
 
 
 def paired_bootstrap(

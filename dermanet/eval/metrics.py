@@ -57,15 +57,19 @@ def per_class_auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where((n_pos > 0) & (n_neg > 0), auroc, np.nan)
 
 
+def defined_mean(per_class: np.ndarray) -> float:
+    """Mean over the classes where a per-class metric is defined (NaN if none is)."""
+    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+
+
 def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean recall over the classes present in `labels` (the ISIC 2019 metric)."""
-    return float(np.nanmean(per_class_recall(labels, np.argmax(probs, axis=1), probs.shape[1])))
+    return defined_mean(per_class_recall(labels, np.argmax(probs, axis=1), probs.shape[1]))
 
 
 def macro_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean one-vs-rest AUROC over the classes with positives and negatives (NaN if none)."""
-    auroc = per_class_auroc(probs, labels)
-    return float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan")
+    return defined_mean(per_class_auroc(probs, labels))
 
 
 def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -93,8 +97,8 @@ def classification_metrics(
     result = {
         "top1": float((predicted == labels).mean()),
         "top5": top_k_accuracy(probs, labels, 5),
-        "balanced_accuracy": float(np.nanmean(recall)),
-        "macro_auroc": float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan"),
+        "balanced_accuracy": defined_mean(recall),
+        "macro_auroc": defined_mean(auroc),
         "macro_f1": float(np.nanmean(per_class_f1(labels, predicted, probs.shape[1]))),
     }
     for name, r, a in zip(class_names, recall, auroc, strict=True):

@@ -35,6 +35,14 @@ class RunSettings:
         aliases=("--model-cfg",),
     )
     img_size: int = option(128, "input side in pixels", group="data", minimum=32)
+    exclude_origins: list[str] = option(
+        help="leave images of these origins out of training and validation (data with an "
+        "`origin` column): a leave-one-source-out study scores them afterwards with "
+        "jobs/evaluate.py --origins",
+        group="data",
+        metavar="ORIGIN",
+        default_factory=list,
+    )
     epochs: int = option(10, "training epochs in all", group="optimisation", minimum=1)
     batch_size: int = option(
         32,
@@ -182,13 +190,6 @@ class TrainSettings(RunSettings):
     val_every: int = option(
         1, "validate every N epochs (and always after the last)", group="optimisation", minimum=1
     )
-    exclude_origins: list[str] = option(
-        help="leave images of these origins out of train and val (a leave-one-source-out "
-        "study scores them afterwards with jobs/evaluate.py --origins)",
-        group="data",
-        metavar="ORIGIN",
-        default_factory=list,
-    )
     class_weight_power: float = option(
         1.0,
         "loss weight of class c = (N / (K n_c)) ** power: 1 inverse frequency, 0 unweighted",
@@ -308,13 +309,6 @@ class PretrainSettings(RunSettings):
         group="data (give --data-dirs or --shards)",
         choices=SPLITS,
         default_factory=lambda: ["train", "val"],
-    )
-    exclude_origins: list[str] = option(
-        help="with --shards: leave images of these origins out (a leave-one-source-out study "
-        "pretrains, like it fine-tunes, without the source it scores afterwards)",
-        group="data (give --data-dirs or --shards)",
-        metavar="ORIGIN",
-        default_factory=list,
     )
     proj_hidden_dim: int = option(4096, "projector hidden size", group="model", minimum=1)
     proj_out_dim: int = option(256, "projection (embedding) size", group="model", minimum=1)
