@@ -4,9 +4,10 @@
 
 Needs the real derm-sample (DERMANET_SAMPLE_DIR). Every source runs the same decode+augment
 function (`dermanet.data.pipelines.decode_transform_batch`), so the comparison is of the data
-movement around it. Prints a Markdown table: median images/s and the ratio to the baseline,
-for the whole pass and for the part after the first batch (each column a median of its own),
-so a start-up cost shows apart from the rate a long epoch streams at.
+movement around it. Each source is built once and streamed once per pass, as training streams
+its pipeline every epoch. Prints a Markdown table: median images/s and the ratio to the
+baseline, for the whole pass and for the part after the first batch (each column a median of
+its own), so a start-up cost shows apart from the rate a long epoch streams at.
 """
 
 from __future__ import annotations
@@ -140,16 +141,20 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.workers,
             persistent_workers=False,
         )
+        # Each source is built once per size and iterated once per pass, as training builds
+        # its pipeline once and streams it every epoch (the DataLoader too is built once).
+        raw = build_pipeline(read_catalogue_files(cat), "train", config)
+        sharded = build_pipeline(read_shards(shards, "train"), "train", config)
         sources = {
             ("loader", f"DataLoader raw JPEG ({args.workers} workers)"): (
                 lambda loader=loader: loader
             ),
-            ("raw", "Ray Data raw files"): lambda config=config: build_pipeline(
-                read_catalogue_files(cat), "train", config
-            ).iter_torch_batches(batch_size=args.batch_size),
-            ("shards", "Ray Data Parquet shards"): lambda config=config: build_pipeline(
-                read_shards(shards, "train"), "train", config
-            ).iter_torch_batches(batch_size=args.batch_size),
+            ("raw", "Ray Data raw files"): lambda raw=raw: raw.iter_torch_batches(
+                batch_size=args.batch_size
+            ),
+            ("shards", "Ray Data Parquet shards"): lambda sharded=sharded: (
+                sharded.iter_torch_batches(batch_size=args.batch_size)
+            ),
         }
         chosen = {key: item for key, item in sources.items() if key[0] in args.sources}
         # Round-robin, not source after source: this VM drifts by ±15 % over minutes, and a
