@@ -15,6 +15,7 @@ import torch
 
 from dermanet.data import assign_splits, read_plain_csv
 from dermanet.data.pipelines import (
+    SHARD_REFERENCE_COLUMNS,
     PipelineConfig,
     build_pipeline,
     encoded_image,
@@ -22,7 +23,9 @@ from dermanet.data.pipelines import (
     read_image_folders,
     read_shards,
     sampling_repeats,
+    shard_rows,
 )
+from dermanet.data.ray_io import dataset_from_frame
 from dermanet.data.shards import (
     ROWS_PER_GROUP,
     ShardsExistError,
@@ -195,6 +198,37 @@ def test_training_batches_mix_classes_of_a_class_sorted_catalogue(
         assert mixed >= 0.9, f"only {mixed:.0%} of the batches mix classes"
 
 
+def test_training_stream_draws_new_order_and_augmentation_every_epoch_and_repeats_by_seed(
+    synthetic_shards: str,
+) -> None:
+    """Each epoch (an execution of the same pipeline) takes a new block order and new
+    augmentation draws; a pipeline built again with the same seed repeats them exactly."""
+    rows = shard_rows(synthetic_shards, "train").loc[:, list(SHARD_REFERENCE_COLUMNS)]
+    config = PipelineConfig(img_size=16, rows_per_block=4)
+
+    def three_epochs(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        source = dataset_from_frame(rows, rows_per_block=config.rows_per_block)
+        ds = build_pipeline(source, "train", config, seed=seed)
+        epochs = []
+        for _ in range(3):
+            batches = list(ds.iter_batches(batch_size=8, batch_format="numpy"))
+            epochs.append(
+                tuple(np.concatenate([b[k] for b in batches]) for k in ("index", "image"))
+            )
+        return epochs
+
+    first, again = three_epochs(0), three_epochs(0)
+    for (index, image), (index_again, image_again) in zip(first, again, strict=True):
+        np.testing.assert_array_equal(index, index_again)
+        np.testing.assert_array_equal(image, image_again)
+        assert sorted(index.tolist()) == sorted(rows["index"].tolist())
+    orders = [tuple(index.tolist()) for index, _ in first]
+    assert len(set(orders)) == 3, "two epochs streamed the same order"
+    (index0, image0), (index1, image1) = first[0], first[1]
+    same_image = image1[np.argsort(index1)][np.argsort(np.argsort(index0))]
+    assert not np.array_equal(image0, same_image), "two epochs drew the same augmentations"
+
+
 def test_split_rows_of_shards_describe_what_they_stream_by_origin(
     ray_local, synthetic_with_corrupt, tmp_path: Path
 ) -> None:
@@ -291,8 +325,6 @@ def test_frame_blocks_get_new_columns_in_every_row(ray_local) -> None:
     index, so blocks cut from a catalogue after the first 256 rows got NaN and a training
     stream from raw files over 256 images failed."""
     from ray.data.expressions import random
-
-    from dermanet.data.ray_io import dataset_from_frame
 
     ds = dataset_from_frame(pd.DataFrame({"index": np.arange(600)}), rows_per_block=256)
     batches = ds.with_column("u", random(seed=0)).iter_batches(batch_format="numpy")
