@@ -7,10 +7,11 @@
     .venv/bin/python jobs/compare.py /tmp/eval-shipped /tmp/eval-candidate \\
         --groups ../shared/data/derm-sample/metadata.csv --group-by origin --plot diff.png
 
-Prints, for all images and for each group, both models' balanced accuracy and macro AUROC,
-the difference (candidate - baseline) and its bootstrap interval (whole lesions drawn when
-the CSV has `lesion_id`); "within noise" means the interval holds 0. Each row is its own 95 %
-interval: among many rows, one may exclude 0 by chance. Choose on validation, never on test.
+Prints, for all images and for each group, both models' balanced accuracy, macro AUROC,
+melanoma AUROC and melanoma recall (--metrics picks), the difference (candidate - baseline)
+and its bootstrap interval (whole lesions drawn when the CSV has `lesion_id`); "within noise"
+means the interval holds 0. Each row is its own 95 % interval: among many rows, one may exclude
+0 by chance. Choose on validation, never on test.
 """
 
 from __future__ import annotations

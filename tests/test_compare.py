@@ -77,6 +77,32 @@ def test_paired_bootstrap_tells_a_real_gain_from_none_and_reads_each_group() -> 
     assert {d.verdict for d in flipped} == {"baseline better"}
 
 
+def test_melanoma_rows_catch_a_gain_bought_with_melanoma_recall() -> None:
+    """A prior shift towards common classes can hold balanced accuracy while it calls fewer
+    melanomas MEL; the melanoma rows (scikit-learn's numbers) say which side lost."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, K, 800)
+    base = _probs(rng, labels, 1.5)
+    mel = CLASS_NAMES.index("MEL")
+    shifted = base * np.where(np.arange(K) == mel, 0.4, 1.0)  # MEL's odds cut to 0.4
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    found = paired_bootstrap(_scored(labels, base), _scored(labels, shifted), resamples=200,
+                             progress=False)  # fmt: skip
+    by = {d.metric: d for d in found}
+    is_mel = labels == mel
+    assert by["melanoma_recall"].baseline == pytest.approx(
+        sk.recall_score(is_mel, base.argmax(axis=1) == mel)
+    )
+    assert by["melanoma_auroc"].baseline == pytest.approx(sk.roc_auc_score(is_mel, base[:, mel]))
+    assert by["melanoma_recall"].verdict == "baseline better"
+    assert by["melanoma_auroc"].verdict == "within noise"  # P(MEL) ranks as before
+    no_melanoma = pd.Series(np.where(is_mel, "mel", "other"), index=_scored(labels, base).images)
+    found = paired_bootstrap(_scored(labels, base), _scored(labels, shifted), no_melanoma,
+                             resamples=20, progress=False)  # fmt: skip
+    other = {d.metric: d for d in found if d.group == "other"}
+    assert other["melanoma_recall"].verdict == "not defined"
+
+
 def test_whole_lesions_are_drawn_and_undefined_intervals_say_so() -> None:
     """Three images of each lesion are one unit of evidence, not three: drawing lesions
     widens the interval. A group whose AUROC cannot be computed says so."""

@@ -21,15 +21,36 @@ from tqdm import tqdm
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import image_id_from_filename
-from dermanet.eval.metrics import balanced_accuracy, macro_auroc
+from dermanet.eval.metrics import (
+    balanced_accuracy,
+    macro_auroc,
+    per_class_auroc,
+    per_class_recall,
+)
 
 log = logging.getLogger(__name__)
 ALL_IMAGES = "all images"
 
 
+MELANOMA = CLASS_NAMES.index("MEL")
+
+
+def melanoma_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """MEL vs the rest: how well P(MEL) ranks melanomas above everything else."""
+    return float(per_class_auroc(probs, labels)[MELANOMA])
+
+
+def melanoma_recall(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The share of melanomas called MEL: a candidate can gain balanced accuracy by calling
+    common classes more often and lose exactly this, the recall a screening tool lives by."""
+    return float(per_class_recall(labels, np.argmax(probs, axis=1), probs.shape[1])[MELANOMA])
+
+
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "balanced_accuracy": balanced_accuracy,
     "macro_auroc": macro_auroc,
+    "melanoma_auroc": melanoma_auroc,
+    "melanoma_recall": melanoma_recall,
 }
 
 
