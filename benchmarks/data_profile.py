@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-size", type=int, default=128, help="training image side")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
-    p.add_argument("--rows-per-block", type=int, default=256, help="PipelineConfig knob")
+    p.add_argument(
+        "--rows-per-block",
+        type=int,
+        default=PipelineConfig.rows_per_block,
+        help="PipelineConfig knob",
+    )
     p.add_argument("--map-batch-size", type=int, default=32, help="rows per map_batches call")
     p.add_argument("--in-process-images", type=int, default=1000, help="images for the solo run")
     args = p.parse_args(argv)
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     config = PipelineConfig(
         img_size=args.img_size, rows_per_block=args.rows_per_block, batch_size=args.map_batch_size
     )
-    ds = build_pipeline(read_shards(args.shards, args.split), "train", config)
+    source = read_shards(args.shards, args.split, rows_per_block=args.rows_per_block)
+    ds = build_pipeline(source, "train", config)
     start = time.perf_counter()
     images = sum(len(b["label"]) for b in ds.iter_torch_batches(batch_size=args.batch_size))
     seconds = time.perf_counter() - start

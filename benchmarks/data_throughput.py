@@ -8,6 +8,9 @@ movement around it. Each source is built once and streamed once per pass, as tra
 its pipeline every epoch. Prints a Markdown table: median images/s and the ratio to the
 baseline, for the whole pass and for the part after the first batch (each column a median of
 its own), so a start-up cost shows apart from the rate a long epoch streams at.
+
+`--rows-per-block 256 512` streams the shards once per block size in the same round-robin,
+an A/B of the decode-task size that a drifting VM hits alike.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -111,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (baseline)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
     p.add_argument(
+        "--rows-per-block",
+        type=int,
+        nargs="+",
+        default=[PipelineConfig.rows_per_block],
+        help="rows per decode task for the shards source; several = one shards source each",
+    )
+    p.add_argument(
         "--sources",
         nargs="+",
         choices=SOURCES,
@@ -144,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         # Each source is built once per size and iterated once per pass, as training builds
         # its pipeline once and streams it every epoch (the DataLoader too is built once).
         raw = build_pipeline(read_catalogue_files(cat), "train", config)
-        sharded = build_pipeline(read_shards(shards, "train"), "train", config)
         sources = {
             ("loader", f"DataLoader raw JPEG ({args.workers} workers)"): (
                 lambda loader=loader: loader
@@ -152,10 +161,19 @@ def main(argv: list[str] | None = None) -> int:
             ("raw", "Ray Data raw files"): lambda raw=raw: raw.iter_torch_batches(
                 batch_size=args.batch_size
             ),
-            ("shards", "Ray Data Parquet shards"): lambda sharded=sharded: (
-                sharded.iter_torch_batches(batch_size=args.batch_size)
-            ),
         }
+        for block in args.rows_per_block:
+            sharded = build_pipeline(
+                read_shards(shards, "train", rows_per_block=block),
+                "train",
+                replace(config, rows_per_block=block),
+            )
+            name = "Ray Data Parquet shards"
+            if len(args.rows_per_block) > 1:
+                name += f" ({block}-row blocks)"
+            sources["shards", name] = lambda sharded=sharded: sharded.iter_torch_batches(
+                batch_size=args.batch_size
+            )
         chosen = {key: item for key, item in sources.items() if key[0] in args.sources}
         # Round-robin, not source after source: this VM drifts by ±15 % over minutes, and a
         # drift must hit every source alike, not only the one that happened to run during it.

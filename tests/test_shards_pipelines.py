@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -283,9 +284,9 @@ def test_resampled_training_stream_draws_the_rare_source_more(
 
 
 def test_only_sources_in_large_blocks_are_recut(synthetic_shards: str, synthetic_dir) -> None:
-    """Shards (one split or several) and catalogue rows arrive in 256-row blocks: a repartition
-    would only delay the first batch. Image folders arrive in few large read blocks and still
-    need it."""
+    """Shards (one split or several) and catalogue rows arrive in blocks of
+    `PipelineConfig.rows_per_block` rows: a repartition would only delay the first batch.
+    Image folders arrive in few large read blocks and still need it."""
     config = PipelineConfig(img_size=16)
     for mode in ("train", "eval"):
         shards = build_pipeline(read_shards(synthetic_shards, "train"), mode, config, seed=0)
@@ -298,6 +299,14 @@ def test_only_sources_in_large_blocks_are_recut(synthetic_shards: str, synthetic
     assert "Repartition" not in repr(files), repr(files)
     folders = build_pipeline(read_image_folders([str(synthetic_dir / "images")]), "eval", config)
     assert "Repartition" in repr(folders), repr(folders)
+
+    # Shards cut for a smaller block size than the pipeline's are left so; larger are re-cut.
+    four = replace(config, rows_per_block=4)
+    small = read_shards(synthetic_shards, "train", rows_per_block=4)
+    assert small.num_blocks() == -(-small.count() // 4) > 1
+    assert "Repartition" not in repr(build_pipeline(small, "train", four, seed=0))
+    default = read_shards(synthetic_shards, "train")
+    assert "Repartition" in repr(build_pipeline(default, "train", four, seed=0))
 
 
 def test_two_views_differ(synthetic_shards: str) -> None:
