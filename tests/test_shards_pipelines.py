@@ -300,7 +300,7 @@ def test_only_sources_in_large_blocks_are_recut(synthetic_shards: str, synthetic
     folders = build_pipeline(read_image_folders([str(synthetic_dir / "images")]), "eval", config)
     assert "Repartition" in repr(folders), repr(folders)
 
-    # Shards cut for a smaller block size than the pipeline's are left so; larger are re-cut.
+    # Shards cut at the pipeline's block size are left so; shards in larger blocks are re-cut.
     four = replace(config, rows_per_block=4)
     small = read_shards(synthetic_shards, "train", rows_per_block=4)
     assert small.num_blocks() == -(-small.count() // 4) > 1

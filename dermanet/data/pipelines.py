@@ -71,7 +71,7 @@ class PipelineConfig:
     `rows_per_block` is 512 because every decode task leaves its worker idle about 20 ms in
     Ray Data's dispatch and hand-off, beside 0.6 ms of decoding per image at 128 px: 512-row
     blocks halve that idle, so an epoch streams faster once started (5 of 6 paired runs
-    against 256 rows, -4 % to +15 %), for a first batch 0.2-0.4 s later each epoch
+    against 256 rows, -4 % to +15 %), for a first batch 0.2-0.5 s later each epoch
     (docs/benchmarks.md). An epoch that streams for minutes gains; a 3 s benchmark pass is
     about even.
     """
