@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -240,6 +242,32 @@ def test_registry_lists_and_chooses_a_default(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setenv("DERMANET_DEFAULT_MODEL", "older")
     assert ModelRegistry(tmp_path).default().model_id == "older"
     assert registry.load("older").img_size == 48
+
+
+def test_model_version_is_the_hash_of_the_bytes_loaded(tmp_path: Path) -> None:
+    """A loaded checkpoint, its registry entry and its answers name the file by the SHA-256
+    of its bytes and its recorded creation time; a file without one is dated by its mtime."""
+    path = _checkpoint(tmp_path, "m", time.time())
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_checkpoint(path)
+    assert loaded.version.to_dict() == {
+        "id": "m", "sha256": sha, "created": loaded.provenance["created_utc"]
+    }  # fmt: skip
+    info = ModelRegistry(tmp_path).get("m")
+    assert info.to_dict()["sha256"] == sha and info.version == loaded.version
+    answer = Predictor(loaded).predict(np.full((60, 60, 3), 120, np.uint8)).to_dict()
+    assert answer["model"] == loaded.version.to_dict()
+    raw = torch.load(path, weights_only=True)
+    del raw["provenance"]["created_utc"]
+    undated = tmp_path / "undated.pt"
+    torch.save(raw, undated)
+    os.utime(undated, (1_700_000_000, 1_700_000_000))
+    expected = dt.datetime.fromtimestamp(1_700_000_000, dt.UTC).isoformat(timespec="seconds")
+    assert load_checkpoint(undated).version.created == expected
+    assert ModelRegistry(tmp_path).get("undated").created == expected
+    assert (
+        load_checkpoint(undated).version.sha256 == hashlib.sha256(undated.read_bytes()).hexdigest()
+    )
 
 
 def test_registry_never_turns_ids_into_paths(tmp_path: Path) -> None:

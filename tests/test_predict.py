@@ -7,6 +7,7 @@ and set fields are compared for accepted and refused images.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -118,6 +119,10 @@ def test_rows_equal_classify_answers(client, trust_model, archive, tmp_path, cap
     assert table["path"].tolist() == [str(p) for p in files]  # recursive, in listing order
     assert table["image"].tolist() == [p.stem for p in files]
     assert (table["model_id"] == MODEL_ID).all()
+    version = load_checkpoint(trust_model).version  # every row names the exact file scored
+    assert (table["model_sha256"] == hashlib.sha256(trust_model.read_bytes()).hexdigest()).all()
+    assert (table["model_sha256"] == version.sha256).all()
+    assert (table["model_created"] == version.created).all()
 
     failed = table.loc[table["error"].notna()]
     assert sorted(Path(p).name for p in failed["path"]) == sorted(UNREADABLE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,6 +76,33 @@ def test_health_models_and_docs(client: httpx.Client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/healthz", "/healthz/live", "/healthz/ready", "/v1/models"} <= set(paths)
     assert {"/v1/classify", "/v1/gradcam"} <= set(paths)
+
+
+def test_every_answer_names_the_exact_model_file(client, model_registry: Path) -> None:
+    """classify, /v1/models and Grad-CAM (JSON and PNG headers) carry the SHA-256 of the bytes
+    of the checkpoint file served, and the creation time it records."""
+    files = {name: model_registry / f"{name}.pt" for name in ("default", "trusted")}
+    sha = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    created = {
+        name: load_checkpoint(path).provenance["created_utc"] for name, path in files.items()
+    }
+    listing = {m["id"]: m for m in client.get("/v1/models").json()["models"]}
+    for name in files:
+        assert listing[name]["sha256"] == sha[name] and listing[name]["created"] == created[name]
+        body = classify(client, lesion_jpeg(2), model=name).json()
+        assert body["model"] == {"id": name, "sha256": sha[name], "created": created[name]}
+    data = lesion_jpeg(3)
+    png = client.post("/v1/gradcam", files={"file": ("a.jpg", data)}, params={"model": "trusted"})
+    assert png.headers["x-dermanet-model"] == "trusted"
+    assert png.headers["x-dermanet-model-sha256"] == sha["trusted"]
+    assert png.headers["x-dermanet-model-created"] == created["trusted"]
+    body = client.post(
+        "/v1/gradcam", files={"file": ("a.jpg", data)}, params={"include_cam": "true"}
+    ).json()
+    assert body["model"]["sha256"] == sha["default"] == body["prediction"]["model"]["sha256"]
+    several = [("file", (f"{i}.jpg", lesion_jpeg(i))) for i in range(2)]
+    results = client.post("/v1/classify", files=several).json()["results"]
+    assert [r["model"]["sha256"] for r in results] == [sha["default"]] * 2
 
 
 def assert_same_answer(body, expected, where: str = "answer") -> None:

@@ -202,6 +202,7 @@ def test_similar_endpoint_finds_the_image_itself(serve_url: str, similar_index) 
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_id"] == "default" and body["k"] == 5 and len(body["neighbours"]) == 5
+    assert body["model"]["sha256"] == file_sha256(similar_index.path.with_name("default.pt"))
     first = body["neighbours"][0]
     assert first["image"] == image and first["distance"] < 2e-3
     assert first["label"] == CLASS_NAMES[index.labels[7]]

@@ -264,7 +264,10 @@ def test_client_parses_the_trust_fields() -> None:
     assert accepted.set_coverage == 0.9 and accepted.ood_threshold == 1.57
     old = Classification.from_json(answer())  # a server from before the gate
     assert old.accepted and old.prediction_set is None and old.probabilities_trusted
-    assert old.to_dict()["risk"] == 1.35
+    assert old.to_dict()["risk"] == 1.35 and old.model is None
+    version = {"id": "default", "sha256": "ab" * 32, "created": "2026-12-01T10:00:00+00:00"}
+    versioned = Classification.from_json(trusted_answer() | {"model": version})
+    assert versioned.model.sha256 == "ab" * 32 and versioned.to_dict()["model"] == version
 
 
 def test_views_of_a_refused_image() -> None:

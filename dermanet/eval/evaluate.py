@@ -276,6 +276,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
     )
     report: dict[str, Any] = {
         "checkpoint": str(settings.checkpoint),
+        "model": loaded.version.to_dict() if loaded.version else None,  # the file scored
         "settings": dataclasses.asdict(settings),
         "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_NAMES)},
         "temperature": temperature,
@@ -385,7 +386,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# DermaNet evaluation report",
         "",
-        f"- checkpoint: `{report['checkpoint']}`",
+        f"- checkpoint: `{report['checkpoint']}`"
+        + (
+            f" (sha256 `{report['model']['sha256']}`, created {report['model']['created']})"
+            if report.get("model")
+            else ""
+        ),
         f"- split: {'+'.join(report['settings']['split'])} ({report['images']} images), "
         f"test-time views: {report['settings']['tta'] or report['served_views']}",
         f"- **balanced accuracy (official ISIC scorer): "

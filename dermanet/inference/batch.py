@@ -37,11 +37,12 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from dermanet.answer import ModelVersion
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import IMAGE_EXTENSIONS, ImageDecodeError, image_id_from_filename
 from dermanet.data.ray_io import dataset_from_frame
 from dermanet.data.readers import read_catalogue
-from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint
+from dermanet.inference.checkpoint import LoadedCheckpoint, checkpoint_from_bytes
 from dermanet.inference.predictor import (
     BACKENDS,
     Prediction,
@@ -254,11 +255,17 @@ def _path_list(table: pd.DataFrame, csv_location: str) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A checkpoint's bytes (shipped to the workers) and what the driver read from it."""
+    """A checkpoint's bytes (shipped to the workers) and what the driver read from them."""
 
     model_id: str
     data: bytes
+    mtime: float | None  # the file's, which dates a checkpoint that records no creation time
     loaded: LoadedCheckpoint
+
+    @property
+    def version(self) -> ModelVersion:
+        assert self.loaded.version is not None  # set by checkpoint_from_bytes
+        return self.loaded.version
 
 
 def resolve_model(model: str | None, model_dir: str | None = None) -> ModelSource:
@@ -269,23 +276,19 @@ def resolve_model(model: str | None, model_dir: str | None = None) -> ModelSourc
     if looks_like_file:
         if not exists(model):
             raise FileNotFoundError(f"--model {model} does not exist")
-        data = read_bytes(model)
+        location = model
         model_id = PurePosixPath(urlparse(model).path if is_uri(model) else model).stem
     else:
         try:
             info = ModelRegistry(model_dir).resolve(model)
         except RegistryError as exc:
             raise ValueError(str(exc)) from None
-        data, model_id = info.path.read_bytes(), info.model_id
-    return ModelSource(model_id, data, _load_bytes(data))
-
-
-def _load_bytes(data: bytes, map_location: str = "cpu") -> LoadedCheckpoint:
-    """load_checkpoint reads files: give it a private temporary one."""
-    with tempfile.TemporaryDirectory(prefix="dermanet-model-") as folder:
-        path = Path(folder) / "model.pt"
-        path.write_bytes(data)
-        return load_checkpoint(path, map_location=map_location)
+        location, model_id = str(info.path), info.model_id
+    fs, path = resolve_filesystem(location)
+    modified = fs.get_file_info(path).mtime
+    mtime = modified.timestamp() if modified is not None else None
+    data = read_bytes(location)
+    return ModelSource(model_id, data, mtime, checkpoint_from_bytes(data, model_id, mtime=mtime))
 
 
 # ---------------------------------------------------------------- Ray Data stages
@@ -345,7 +348,9 @@ def output_schema(passthrough: list[str], feature_dim: int | None) -> pa.Schema:
     """The result table's columns, fixed up front so every batch (and file) has the same:
     the input rows' own columns (text), then the answer's."""
     fields = [pa.field(name, pa.string()) for name in passthrough]
-    fields += [pa.field("model_id", pa.string())]
+    fields += [
+        pa.field(name, pa.string()) for name in ("model_id", "model_sha256", "model_created")
+    ]
     fields += [pa.field(f"prob_{c}", pa.float64()) for c in CLASS_NAMES]
     fields += [
         pa.field("probabilities_trusted", pa.bool_()),
@@ -367,6 +372,11 @@ def output_schema(passthrough: list[str], feature_dim: int | None) -> pa.Schema:
         fields.append(pa.field("embedding", pa.list_(pa.float32())))
     fields.append(pa.field("error", pa.string()))
     return pa.schema(fields)
+
+
+def model_columns(version: ModelVersion) -> dict[str, str]:
+    """An answer's `model` object as the table's columns (every row, errors too)."""
+    return {f"model_{key}": value for key, value in version.to_dict().items()}
 
 
 def prediction_row(prediction: Prediction, embeddings: bool) -> dict[str, Any]:
@@ -398,6 +408,7 @@ class PredictWorker:
         self,
         model: Any,
         model_id: str,
+        mtime: float | None,
         risk: dict[str, Any],
         schema: pa.Schema,
         use_gpu: bool,
@@ -412,11 +423,12 @@ class PredictWorker:
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("--use-gpu: this worker got no usable CUDA device")
         device = "cuda" if use_gpu else "cpu"
-        loaded = _load_bytes(data, device)
+        # the driver's bytes and mtime: the same model and the same version as the driver's
+        loaded = checkpoint_from_bytes(data, model_id, device, mtime=mtime)
         if views is not None:  # e.g. "none" where only the plain view's features are wanted
             loaded.tta = views
         self.predictor = Predictor(loaded, RiskPolicy.from_mapping(risk), device, backend=backend)
-        self.model_id = model_id
+        self.model_columns = model_columns(loaded.version)
         self.schema = schema
         self.embeddings = "embedding" in schema.names
 
@@ -434,7 +446,7 @@ class PredictWorker:
                 rows[i] = {"error": outcome}
         passthrough = [name for name in self.schema.names if name in columns and name != "error"]
         for i, row in enumerate(rows):
-            row.update({name: columns[name][i] for name in passthrough}, model_id=self.model_id)
+            row.update({name: columns[name][i] for name in passthrough}, **self.model_columns)
         return pa.Table.from_pylist(rows, schema=self.schema)
 
     def _predict(self, prepared: list[PreparedImage]) -> list[Prediction | str]:
@@ -519,6 +531,7 @@ def prepare_and_score(
         fn_constructor_kwargs={
             "model": ray.put(model.data),
             "model_id": model.model_id,
+            "mtime": model.mtime,
             "risk": RiskPolicy.from_env().to_dict(),
             "schema": schema,
             "use_gpu": use_gpu,

@@ -11,8 +11,10 @@ Two kinds share the format: a `classifier` (the whole DermResNetSE: what serving
 from __future__ import annotations
 
 import datetime as dt
+import io
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 import dermanet
+from dermanet.answer import ModelVersion
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.transforms import DERM_MEAN, DERM_STD
 from dermanet.eval.tta import TTA_MODES
@@ -59,6 +62,7 @@ class LoadedCheckpoint:
     trust: dict[str, Any] = field(default_factory=dict)  # {"ood": ..., "conformal": ...}
     format_version: int = CHECKPOINT_FORMAT_VERSION
     path: Path | None = None
+    version: ModelVersion | None = None  # the exact bytes loaded: every answer carries it
 
 
 def save_checkpoint(
@@ -189,11 +193,22 @@ def read_checkpoint_dict(
     `mmap=True` maps tensor storage lazily, so reading metadata stays cheap for big files.
     """
     path = Path(path)
-    noun = "checkpoint" if kind == "classifier" else f"{kind} file"
     if not path.is_file():
-        raise FileNotFoundError(f"{noun} {path} does not exist")
+        raise FileNotFoundError(f"{_noun(kind)} {path} does not exist")
+    return _validated(path, path, kind, mmap=mmap)
+
+
+def _noun(kind: str) -> str:
+    return "checkpoint" if kind == "classifier" else f"{kind} file"
+
+
+def _validated(
+    source: Path | io.BytesIO, path: Path, kind: str, mmap: bool = False
+) -> dict[str, Any]:
+    """`torch.load(source)` checked to be a DermaNet file of `kind`; `path` names it."""
+    noun = _noun(kind)
     try:
-        data = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+        data = torch.load(source, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as exc:
         raise CheckpointError(
             f"{path} is not a DermaNet {noun}: torch.load(weights_only=True) cannot read "
@@ -240,20 +255,48 @@ def read_checkpoint_dict(
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the model (eval mode, float32) and its preprocessing facts from a checkpoint."""
+    """Rebuild the model (eval mode, float32) and its preprocessing facts from a checkpoint.
+
+    The file is read once; its version (`LoadedCheckpoint.version`) hashes exactly those bytes,
+    so a file replaced later cannot be mistaken for the one this model came from.
+    """
     path = Path(path)
-    data = read_checkpoint_dict(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as handle:
+        mtime = os.fstat(handle.fileno()).st_mtime
+        data = handle.read()
+    return checkpoint_from_bytes(data, path.stem, map_location, path=path, mtime=mtime)
+
+
+def checkpoint_from_bytes(
+    raw: bytes,
+    model_id: str,
+    map_location: str | torch.device = "cpu",
+    *,
+    path: Path | None = None,
+    mtime: float | None = None,
+) -> LoadedCheckpoint:
+    """`load_checkpoint` for a checkpoint's bytes (batch inference ships them to its workers).
+
+    `model_id` names the model in answers; `mtime` (the file's, when there is one) dates a
+    file that records no creation time of its own.
+    """
+    where = path or Path(f"<{model_id}.pt>")
+    data = _validated(io.BytesIO(raw), where, "classifier")
+    created = (data.get("provenance") or {}).get("created_utc")
+    version = ModelVersion.of_bytes(model_id, raw, created, mtime)
     try:
         config = ModelConfig.from_dict(dict(data["model_config"]))
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its model_config is invalid: {exc}") from None
+        raise CheckpointError(f"{where}: its model_config is invalid: {exc}") from None
     model = create_model(config)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in data["state_dict"].items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{path}: weights do not fit its model_config: {str(exc).splitlines()[0]}"
+            f"{where}: weights do not fit its model_config: {str(exc).splitlines()[0]}"
         ) from None
     model.to(map_location).eval()
     norm = data.get("normalization") or {"mean": list(DERM_MEAN), "std": list(DERM_STD)}
@@ -269,10 +312,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         provenance=dict(data.get("provenance") or {}),
         temperature=stored_temperature(data),
         color_constancy=str(preprocessing.get("color_constancy", "none")),
-        tta=served_views(preprocessing, path),
+        tta=served_views(preprocessing, where),
         trust=dict(data.get("trust") or {}),
         format_version=int(data["format_version"]),
         path=path,
+        version=version,
     )
 
 

@@ -14,7 +14,6 @@ This module needs Ray (like `dermanet.inference.batch`); import it explicitly.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -314,7 +313,7 @@ def build_index(settings: IndexSettings, *, fixed_cluster: bool = True) -> Index
         embedded.table,
         embedded.features,
         embedded.thumbnails,
-        model_sha256=hashlib.sha256(model.data).hexdigest(),
+        model_sha256=model.version.sha256,
         extra={
             "model_id": model.model_id,
             "split": settings.split,

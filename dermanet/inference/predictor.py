@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dermanet.answer import ModelVersion
 from dermanet.classes import CLASS_INDEX, CLASS_NAMES, NUM_CLASSES
 from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image
 from dermanet.data.transforms import decode_side, eval_pixels, pixels_to_tensor
@@ -63,6 +64,7 @@ class Prediction:
     prediction_set: list[str] | None = None
     set_coverage: float | None = None
     features: np.ndarray | None = field(default=None, compare=False, repr=False)
+    model: ModelVersion | None = None  # the checkpoint file that answered
 
     @property
     def accepted(self) -> bool:
@@ -86,6 +88,7 @@ class Prediction:
             "gate": dict(self.gate),
             "prediction_set": self.prediction_set,
             "set_coverage": self.set_coverage,
+            "model": self.model.to_dict() if self.model else None,
         }
 
 
@@ -389,5 +392,6 @@ class Predictor:
             top_class=CLASS_NAMES[top],
             top_probability=values[CLASS_NAMES[top]],
             risk=self.risk_policy.assess(values),
+            model=self.checkpoint.version,
             **trust,
         )

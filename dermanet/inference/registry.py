@@ -7,6 +7,7 @@ so a request cannot name a file outside the registry.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dermanet.answer import ModelVersion, created_at
 from dermanet.inference.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
@@ -62,6 +64,12 @@ class ModelInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
     error: str | None = None
+    sha256: str = ""  # of the file's bytes when listed (a loaded model hashes what it loaded)
+    created: str = ""  # the checkpoint's provenance.created_utc, else the file's mtime
+
+    @property
+    def version(self) -> ModelVersion:
+        return ModelVersion(self.model_id, self.sha256, self.created)
 
     @property
     def usable(self) -> bool:
@@ -71,6 +79,8 @@ class ModelInfo:
         """JSON-friendly view; the server-side path is left out on purpose."""
         return {
             "id": self.model_id,
+            "sha256": self.sha256,
+            "created": self.created,
             "file": self.path.name,
             "size_bytes": self.size_bytes,
             "modified_utc": self.modified_utc,
@@ -184,8 +194,10 @@ class ModelRegistry:
 
 
 def _describe(path: Path, stat: os.stat_result) -> ModelInfo:
-    base = {
-        "model_id": path.name[: -len(CHECKPOINT_SUFFIX)],
+    """One file's listing entry: metadata, and its version (hashed once per file change)."""
+    model_id = path.name[: -len(CHECKPOINT_SUFFIX)]
+    base: dict[str, Any] = {
+        "model_id": model_id,
         "path": path,
         "size_bytes": int(stat.st_size),
         "modified_utc": dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC).isoformat(
@@ -193,10 +205,16 @@ def _describe(path: Path, stat: os.stat_result) -> ModelInfo:
         ),
     }
     try:
+        raw = path.read_bytes()
+        base |= {
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "created": created_at(None, stat.st_mtime),
+        }
         data = read_checkpoint_dict(path, mmap=True)
     except (CheckpointError, OSError) as exc:
         log.warning("registry: skipping %s: %s", path, exc)
         return ModelInfo(**base, error=str(exc))
+    base["created"] = created_at((data.get("provenance") or {}).get("created_utc"), stat.st_mtime)
     config = dict(data["model_config"])
     summary = {k: config.get(k) for k in ("name", "layers", "widths", "act", "num_classes")}
     state = data["state_dict"]

@@ -203,6 +203,7 @@ class Classifier(_RegistryBacked):
         return {
             "ok": True,
             **index.similar(prediction.features, k).to_dict(),
+            "model": prediction.to_dict()["model"],
             "gate": prediction.gate,
             "probabilities_trusted": prediction.accepted,
             "index_rows": len(index),
@@ -282,6 +283,7 @@ class GradCam(_RegistryBacked):
             "target_class": result.target_class,
             "target_probability": result.target_probability,
             "prediction": result.prediction.to_dict(),
+            "model": result.prediction.to_dict()["model"],
             "mode": result.mode,
             "opacity": result.opacity,
         }

@@ -416,8 +416,11 @@ class Ingress:
             )
             return JSONResponse(json_safe(body))
         gate = outcome["prediction"].get("gate") or {}
+        version = outcome["model"]
         headers = {
             "X-DermaNet-Model": model_id,
+            "X-DermaNet-Model-Sha256": version["sha256"],
+            "X-DermaNet-Model-Created": version["created"],
             "X-DermaNet-Target-Class": outcome["target_class"],
             "X-DermaNet-Target-Probability": f"{outcome['target_probability']:.6f}",
             "X-DermaNet-Top-Class": outcome["prediction"]["top_class"],

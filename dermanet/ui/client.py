@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from dermanet.answer import ModelVersion
 from dermanet.classes import CLASS_NAMES
 
 SERVE_URL_ENV = "DERMANET_SERVE_URL"
@@ -135,6 +136,7 @@ class Classification:
     prediction_set: tuple[str, ...] | None = None
     set_coverage: float | None = None
     probabilities_trusted: bool = True
+    model: ModelVersion | None = None  # the exact checkpoint file that answered
 
     @property
     def refused(self) -> bool:
@@ -163,6 +165,7 @@ class Classification:
             prediction_set=None if members is None else tuple(str(m) for m in members),
             set_coverage=_number(body.get("set_coverage")),
             probabilities_trusted=bool(body.get("probabilities_trusted", accepted)),
+            model=ModelVersion.from_dict(body.get("model")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,6 +203,7 @@ class SimilarCases:
     vote: str = "class-balanced"
     accepted: bool = True
     index_rows: int | None = None
+    model: ModelVersion | None = None
 
     @property
     def k(self) -> int:
@@ -228,6 +232,7 @@ class SimilarCases:
             vote=str(body.get("vote") or "class-balanced"),
             accepted=bool((body.get("gate") or {}).get("accepted", True)),
             index_rows=int(rows) if rows is not None else None,
+            model=ModelVersion.from_dict(body.get("model")),
         )
 
 
@@ -242,6 +247,7 @@ class GradCamImage:
     top_class: str
     mode: str
     opacity: float
+    model: ModelVersion | None = None
 
 
 class ServeClient:
@@ -341,6 +347,7 @@ class ServeClient:
             top_class=headers.get("x-dermanet-top-class", ""),
             mode=mode,
             opacity=float(opacity),
+            model=_header_version(headers),
         )
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -396,6 +403,14 @@ class ServeClient:
         if not isinstance(body, dict):
             raise ServeUnavailable(f"{self.base_url} answered with unexpected JSON: {body!r:.200}")
         return body
+
+
+def _header_version(headers: Mapping[str, str]) -> ModelVersion | None:
+    """The Grad-CAM PNG's model version, from its X-DermaNet-Model* headers."""
+    keys = {"id": "x-dermanet-model", "sha256": "x-dermanet-model-sha256",
+            "created": "x-dermanet-model-created"}  # fmt: skip
+    found = {key: headers.get(name) for key, name in keys.items()}
+    return ModelVersion.from_dict(found) if all(found.values()) else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:
