@@ -38,6 +38,7 @@ from dermanet.classes import CLASS_NAMES
 from dermanet.data import read_plain_csv
 from dermanet.data.splits import assign_splits
 from dermanet.inference import Predictor, load_checkpoint
+from dermanet.inference.features import extract_features, iter_images
 from dermanet.paths import PROJECT_ROOT, sample_dir
 from dermanet.trust import (
     CHECKS,
@@ -55,7 +56,6 @@ from dermanet.trust import (
     set_report,
     stats_nbytes,
 )
-from dermanet.trust.features import extract_features, iter_images
 from dermanet.trust.ood_set import build_ood_set, read_ood_manifest
 
 log = logging.getLogger("trust_gate")

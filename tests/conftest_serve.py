@@ -30,9 +30,9 @@ from dermanet.data.images import read_image
 from dermanet.data.synthetic import draw_lesion, generate_synthetic_dataset
 from dermanet.data.transforms import eval_transform, to_model_input
 from dermanet.inference import Predictor, load_checkpoint, save_checkpoint
+from dermanet.inference.features import extract_features
 from dermanet.models import DermResNetSE, create_model
 from dermanet.paths import PROJECT_ROOT
-from dermanet.trust.features import extract_features
 from dermanet.trust.fit import fit_trust_statistics
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"

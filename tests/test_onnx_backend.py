@@ -14,10 +14,10 @@ import torch
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.synthetic import draw_lesion
 from dermanet.inference import Predictor, load_checkpoint, save_checkpoint
+from dermanet.inference.features import extract_features
 from dermanet.inference.onnx_backend import ONNX_CACHE_ENV, OnnxEngine, onnx_file
 from dermanet.inference.predictor import resolve_backend
 from dermanet.models import create_model
-from dermanet.trust.features import extract_features
 from dermanet.trust.fit import fit_trust_statistics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from PIL import Image
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import decode_image
 from dermanet.data.transforms import eval_transform, to_model_input
-from dermanet.eval.tta import tta_views
 from dermanet.inference import Predictor, load_checkpoint
+from dermanet.inference.tta import tta_views
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "default.pt"
 TOLERANCE = 0.02  # largest allowed change of any class probability

@@ -12,6 +12,7 @@ import torch
 
 from dermanet.data.synthetic import draw_lesion
 from dermanet.inference import Predictor, load_checkpoint, save_checkpoint
+from dermanet.inference.features import extract_features
 from dermanet.models import create_model
 from dermanet.trust import (
     OOD_METHODS,
@@ -25,7 +26,6 @@ from dermanet.trust import (
     ood_scores,
     stats_nbytes,
 )
-from dermanet.trust.features import extract_features
 from dermanet.trust.quality import QualityReport
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"

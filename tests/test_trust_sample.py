@@ -14,6 +14,7 @@ import pytest
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.splits import assign_splits
 from dermanet.inference import Predictor, load_checkpoint
+from dermanet.inference.features import extract_features, iter_images
 from dermanet.trust import (
     assess_quality,
     calibrated_probabilities,
@@ -25,7 +26,6 @@ from dermanet.trust import (
     prediction_sets,
     set_report,
 )
-from dermanet.trust.features import extract_features, iter_images
 from dermanet.trust.ood_set import CHROMIUM, build_ood_set, read_ood_manifest
 
 pytestmark = pytest.mark.sample

@@ -208,7 +208,7 @@ def derm_model(model_registry: Path, derm_splits, planting) -> Iterator[str]:
     train images, its threshold and the conformal sets on the whole val split."""
     if not SHIPPED.is_file():
         pytest.skip(f"{SHIPPED} not found (the shipped default model)")
-    from dermanet.trust.features import iter_images
+    from dermanet.inference.features import iter_images
 
     target = model_registry / "derm-default.pt"
     shipped = load_checkpoint(SHIPPED)

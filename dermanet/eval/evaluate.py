@@ -32,9 +32,9 @@ from dermanet.eval.isic_scorer import isic_submission, official_score
 from dermanet.eval.metrics import classification_metrics, confusion_matrix, softmax
 from dermanet.eval.plots import confusion_matrix_figure, reliability_figure, roc_figure, save_figure
 from dermanet.eval.trust_eval import fit_trust, quality_ok, trust_report
-from dermanet.eval.tta import TTA_MODES, tta_views
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from dermanet.inference.predictor import Preprocessing
+from dermanet.inference.tta import TTA_MODES, tta_views
 from dermanet.settings import check_settings, option
 from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, OOD_METHODS
 

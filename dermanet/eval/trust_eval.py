@@ -19,10 +19,10 @@ from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import ImageDecodeError
 from dermanet.data.pipelines import encoded_image
 from dermanet.inference.checkpoint import LoadedCheckpoint
+from dermanet.inference.features import iter_images
 from dermanet.inference.predictor import Predictor, Preprocessing
 from dermanet.trust.conformal import prediction_sets
 from dermanet.trust.evaluation import gate_scores, ood_report, set_report
-from dermanet.trust.features import iter_images
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
 from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, ood_scores
 from dermanet.trust.ood_set import read_ood_manifest

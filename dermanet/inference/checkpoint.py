@@ -27,7 +27,7 @@ import dermanet
 from dermanet.answer import ModelVersion
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.transforms import DERM_MEAN, DERM_STD
-from dermanet.eval.tta import TTA_MODES
+from dermanet.inference.tta import TTA_MODES
 from dermanet.models import DermResNetSE, ModelConfig, create_model
 from dermanet.models.dermresnet import HEAD_PREFIXES
 from dermanet.storage import atomic_write
@@ -58,7 +58,7 @@ class LoadedCheckpoint:
     provenance: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0  # probabilities = softmax(logits / temperature)
     color_constancy: str = "none"  # preprocessing the model was trained with
-    tta: str = "none"  # test-time views the server averages (dermanet.eval.tta), set at export
+    tta: str = "none"  # test-time views the server averages (dermanet.inference.tta), set at export
     trust: dict[str, Any] = field(default_factory=dict)  # {"ood": ..., "conformal": ...}
     format_version: int = CHECKPOINT_FORMAT_VERSION
     path: Path | None = None

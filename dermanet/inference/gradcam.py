@@ -24,8 +24,8 @@ import torch
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image, shrink_image
-from dermanet.eval.tta import tta_views
 from dermanet.inference.predictor import Prediction, Predictor, resolve_class
+from dermanet.inference.tta import tta_views
 from dermanet.models import DermResNetSE
 from dermanet.models.dermresnet import FeatureGrid
 

@@ -19,9 +19,9 @@ from dermanet.answer import ModelVersion
 from dermanet.classes import CLASS_INDEX, CLASS_NAMES, NUM_CLASSES
 from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image
 from dermanet.data.transforms import decode_side, eval_pixels, pixels_to_tensor
-from dermanet.eval.tta import tta_views
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from dermanet.inference.risk import RiskAssessment, RiskPolicy
+from dermanet.inference.tta import tta_views
 from dermanet.trust.conformal import prediction_sets
 from dermanet.trust.evaluation import gate_decision
 from dermanet.trust.ood import ood_scores

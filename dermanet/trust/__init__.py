@@ -2,8 +2,8 @@
 features, conformal prediction sets, and the evaluation set and measures that judge them.
 
 Pure functions on numpy arrays and plain dicts; serving, export and the dashboard call them.
-(`dermanet.trust.features`, which runs a Predictor, is imported from its module: the
-predictor itself uses this package.)
+Features and logits through the Predictor are `dermanet.inference.features` (inference sits
+above this package and uses it).
 See docs/trust.md.
 """
 
