@@ -37,8 +37,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from dermanet.answer import ModelVersion
-from dermanet.classes import CLASS_NAMES
+from dermanet.answer import ROW_COLUMNS, ModelVersion
 from dermanet.data.images import IMAGE_EXTENSIONS, ImageDecodeError, image_id_from_filename
 from dermanet.data.ray_io import dataset_from_frame
 from dermanet.data.readers import read_catalogue
@@ -344,58 +343,24 @@ def decode_rows(batch: pd.DataFrame, preprocessing: Preprocessing, max_pixels: i
     )
 
 
+ARROW_TYPES = {"string": pa.string(), "float": pa.float64(), "bool": pa.bool_(),
+               "strings": pa.list_(pa.string())}  # fmt: skip
+
+
 def output_schema(passthrough: list[str], feature_dim: int | None) -> pa.Schema:
     """The result table's columns, fixed up front so every batch (and file) has the same:
-    the input rows' own columns (text), then the answer's."""
+    the input rows' own columns (text), then the answer's (`dermanet.answer.ROW_COLUMNS`)."""
     fields = [pa.field(name, pa.string()) for name in passthrough]
-    fields += [
-        pa.field(name, pa.string()) for name in ("model_id", "model_sha256", "model_created")
-    ]
-    fields += [pa.field(f"prob_{c}", pa.float64()) for c in CLASS_NAMES]
-    fields += [
-        pa.field("probabilities_trusted", pa.bool_()),
-        pa.field("top_class", pa.string()),
-        pa.field("top_probability", pa.float64()),
-        pa.field("risk", pa.float64()),
-        pa.field("traffic_light", pa.string()),
-        pa.field("malignant", pa.float64()),
-        pa.field("benign", pa.float64()),
-        pa.field("gate_accepted", pa.bool_()),
-        pa.field("gate_reasons", pa.list_(pa.string())),
-        pa.field("gate_ood_score", pa.float64()),
-        pa.field("gate_ood_threshold", pa.float64()),
-        pa.field("gate_checks", pa.string()),
-        pa.field("prediction_set", pa.list_(pa.string())),
-        pa.field("set_coverage", pa.float64()),
-    ]
+    fields += [pa.field(name, ARROW_TYPES[kind]) for name, kind in ROW_COLUMNS]
     if feature_dim is not None:
         fields.append(pa.field("embedding", pa.list_(pa.float32())))
     fields.append(pa.field("error", pa.string()))
     return pa.schema(fields)
 
 
-def model_columns(version: ModelVersion) -> dict[str, str]:
-    """An answer's `model` object as the table's columns (every row, errors too)."""
-    return {f"model_{key}": value for key, value in version.to_dict().items()}
-
-
 def prediction_row(prediction: Prediction, embeddings: bool) -> dict[str, Any]:
-    """`Prediction.to_dict()` (what /v1/classify answers) as flat columns."""
-    answer = prediction.to_dict()
-    gate = answer["gate"]
-    row = {f"prob_{c}": answer["probabilities"][c] for c in CLASS_NAMES}
-    row |= {
-        key: answer[key]
-        for key in ("probabilities_trusted", "top_class", "top_probability", "risk",
-                    "traffic_light", "malignant", "benign", "prediction_set", "set_coverage")
-    }  # fmt: skip
-    row |= {
-        "gate_accepted": gate["accepted"],
-        "gate_reasons": list(gate["reasons"]),
-        "gate_ood_score": gate["ood_score"],
-        "gate_ood_threshold": gate["ood_threshold"],
-        "gate_checks": gate.get("checks"),
-    }
+    """What /v1/classify answers for the image, as flat columns (`Answer.to_row`)."""
+    row = prediction.answer().to_row()
     if embeddings:
         row["embedding"] = np.asarray(prediction.features, dtype=np.float32).tolist()
     return row
@@ -428,7 +393,7 @@ class PredictWorker:
         if views is not None:  # e.g. "none" where only the plain view's features are wanted
             loaded.tta = views
         self.predictor = Predictor(loaded, RiskPolicy.from_mapping(risk), device, backend=backend)
-        self.model_columns = model_columns(loaded.version)
+        self.model_columns = loaded.version.to_columns()
         self.schema = schema
         self.embeddings = "embedding" in schema.names
 

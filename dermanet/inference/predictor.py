@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from dermanet.answer import ModelVersion
+from dermanet.answer import Answer, ModelVersion, accept_all
 from dermanet.classes import CLASS_INDEX, CLASS_NAMES, NUM_CLASSES
 from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image
 from dermanet.data.transforms import decode_side, eval_pixels, pixels_to_tensor
@@ -57,10 +57,7 @@ class Prediction:
     top_class: str
     top_probability: float
     risk: RiskAssessment
-    gate: dict[str, Any] = field(
-        default_factory=lambda: {"accepted": True, "reasons": [], "ood_score": None,
-                                 "ood_threshold": None}
-    )  # fmt: skip
+    gate: dict[str, Any] = field(default_factory=accept_all)
     prediction_set: list[str] | None = None
     set_coverage: float | None = None
     features: np.ndarray | None = field(default=None, compare=False, repr=False)
@@ -70,26 +67,24 @@ class Prediction:
     def accepted(self) -> bool:
         return bool(self.gate["accepted"])
 
-    def to_dict(self) -> dict[str, Any]:
-        """Flat JSON shape shared by the HTTP API, batch inference and the dashboard.
+    def answer(self) -> Answer:
+        """The answer schema shared by the HTTP API, batch inference and the dashboard; a
+        refused image claims no risk (`Answer.refused`)."""
+        answer = Answer(
+            probabilities=dict(self.probabilities),
+            top_class=self.top_class,
+            top_probability=self.top_probability,
+            **self.risk.to_dict(),
+            gate=dict(self.gate),
+            prediction_set=self.prediction_set,
+            set_coverage=self.set_coverage,
+            model=self.model,
+        )
+        return answer if self.accepted else answer.refused()
 
-        An image the gate refuses keeps its probabilities (marked `probabilities_trusted:
-        false`) but claims no risk: traffic light "unknown", risk and bars null.
-        """
-        risk = self.risk.to_dict()
-        if not self.accepted:
-            risk = {key: None for key in risk} | {"traffic_light": "unknown"}
-        return {
-            "probabilities": dict(self.probabilities),
-            "probabilities_trusted": self.accepted,
-            "top_class": self.top_class,
-            "top_probability": self.top_probability,
-            **risk,
-            "gate": dict(self.gate),
-            "prediction_set": self.prediction_set,
-            "set_coverage": self.set_coverage,
-            "model": self.model.to_dict() if self.model else None,
-        }
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of one `/v1/classify` result (`Answer.to_dict`)."""
+        return self.answer().to_dict()
 
 
 BACKENDS = ("auto", "torch", "onnx")  # auto: ONNX Runtime on a CPU, torch on a GPU

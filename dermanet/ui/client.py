@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from dermanet.answer import ModelVersion
+from dermanet.answer import Answer, ModelVersion
 from dermanet.classes import CLASS_NAMES
 
 SERVE_URL_ENV = "DERMANET_SERVE_URL"
@@ -144,41 +144,32 @@ class Classification:
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Classification:
-        """Parse one result; a server from before the gate (no `gate` field) accepted all."""
-        gate = body.get("gate") or {}
-        accepted = bool(gate.get("accepted", True))
-        members = body.get("prediction_set")
+        """Parse one result (`dermanet.answer.Answer`, plus the request's model id and file
+        name); a server from before the gate (no `gate` field) accepted all."""
+        answer = Answer.from_dict(body)
+        members = answer.prediction_set
         return cls(
             model_id=str(body["model_id"]),
             filename=str(body.get("filename", "")),
-            probabilities={name: float(body["probabilities"][name]) for name in CLASS_NAMES},
-            top_class=str(body["top_class"]),
-            top_probability=float(body["top_probability"]),
-            risk=_number(body.get("risk")),
-            traffic_light=str(body.get("traffic_light") or "unknown"),
-            malignant=_number(body.get("malignant")),
-            benign=_number(body.get("benign")),
-            accepted=accepted,
-            reasons=tuple(str(reason) for reason in gate.get("reasons") or ()),
-            ood_score=_number(gate.get("ood_score")),
-            ood_threshold=_number(gate.get("ood_threshold")),
-            prediction_set=None if members is None else tuple(str(m) for m in members),
-            set_coverage=_number(body.get("set_coverage")),
-            probabilities_trusted=bool(body.get("probabilities_trusted", accepted)),
-            model=ModelVersion.from_dict(body.get("model")),
+            probabilities=answer.probabilities,
+            top_class=answer.top_class,
+            top_probability=answer.top_probability,
+            risk=answer.risk,
+            traffic_light=answer.traffic_light,
+            malignant=answer.malignant,
+            benign=answer.benign,
+            accepted=answer.accepted,
+            reasons=tuple(answer.gate["reasons"]),
+            ood_score=answer.gate["ood_score"],
+            ood_threshold=answer.gate["ood_threshold"],
+            prediction_set=None if members is None else tuple(members),
+            set_coverage=answer.set_coverage,
+            probabilities_trusted=bool(body.get("probabilities_trusted", answer.accepted)),
+            model=answer.model,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _number(value: Any) -> float | None:
-    """A float, or None for null (a refused image's risk) and anything not a finite number."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True)
