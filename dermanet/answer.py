@@ -120,19 +120,19 @@ class Answer:
         gate = accept_all() | dict(body.get("gate") or {})
         gate["reasons"] = [str(reason) for reason in gate.get("reasons") or ()]
         for key in ("ood_score", "ood_threshold"):
-            gate[key] = _number(gate.get(key))
+            gate[key] = finite_number(gate.get(key))
         members = body.get("prediction_set")
         return cls(
             probabilities={name: float(body["probabilities"][name]) for name in CLASS_NAMES},
             top_class=str(body["top_class"]),
             top_probability=float(body["top_probability"]),
-            risk=_number(body.get("risk")),
+            risk=finite_number(body.get("risk")),
             traffic_light=str(body.get("traffic_light") or "unknown"),
-            malignant=_number(body.get("malignant")),
-            benign=_number(body.get("benign")),
+            malignant=finite_number(body.get("malignant")),
+            benign=finite_number(body.get("benign")),
             gate=gate,
             prediction_set=None if members is None else [str(m) for m in members],
-            set_coverage=_number(body.get("set_coverage")),
+            set_coverage=finite_number(body.get("set_coverage")),
             model=ModelVersion.from_dict(body.get("model")),
         )
 
@@ -147,7 +147,7 @@ class Answer:
         return row
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A float, or None for null (a refused image's risk) and anything not a finite number."""
     try:
         number = float(value)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from dermanet.answer import finite_number
 from dermanet.inference.predictor import Predictor
 
 REEXPORT = "re-export with jobs/evaluate.py --export to fit them"
@@ -30,14 +31,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def model_trust(predictor: Predictor) -> dict[str, Any]:
     """`{"gate": {...}, "prediction_sets": {...}}` of a loaded model, from its checkpoint's
     trust statistics: which checks its gate runs (OOD method and threshold, or quality checks
@@ -50,12 +43,12 @@ def model_trust(predictor: Predictor) -> dict[str, Any]:
         gate = {
             "description": predictor.gate_description,
             "ood_method": str(ood.get("method")),
-            "ood_threshold": _number(ood.get("threshold")),
-            "val_rejection_rate": _number(ood.get("val_rejection_rate")),
+            "ood_threshold": finite_number(ood.get("threshold")),
+            "val_rejection_rate": finite_number(ood.get("val_rejection_rate")),
         }
     calibration: dict[str, Any] = {"description": NO_SETS, "method": None, "coverage": None}
     if sets:
-        coverage = _number(sets.get("coverage"))
+        coverage = finite_number(sets.get("coverage"))
         n = sets.get("n_calibration")
         shown = f"{coverage * 100:.0f} %" if coverage is not None else "unknown"
         calibration = {
