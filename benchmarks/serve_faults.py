@@ -39,8 +39,8 @@ from benchmarks.bench_common import refuse_if_busy
 from dermanet.inference import ModelRegistry
 from dermanet.paths import sample_available, sample_dir
 from dermanet.serving import ServeSettings
-from dermanet.serving.replicas import kill_replica, replica_names, wait_for_replacement
 from dermanet.serving.runner import start_local, stop_local
+from tools.replicas import kill_replica, replica_names, wait_for_replacement
 
 CONFIGS = {
     "before": {"classifier_replicas": 1, "classifier_num_cpus": 1.0, "max_queued_requests": -1},

@@ -6,7 +6,7 @@ With a checkpoint (default weights/default.pt) and derm-sample (split with assig
 0): fits every OOD method on the train split's features with the threshold on val (false
 rejection <= 5 %), and every conformal method on val probabilities (logits / the checkpoint's
 temperature, no TTA: what Serve computes). Reports on the TEST split and on the OOD set
-(built by jobs/build_ood_set.py when --ood has none):
+(built by python -m tools.build_ood_set when --ood has none):
 - quality-check trip rates per check on val (the thresholds' budget: <= 2 %), test and OOD;
 - per OOD method: AUROC, share of OOD and of test rejected by the OOD score alone and by the
   GATE (quality checks OR OOD score), per kind of picture, and the statistics' size;
@@ -37,6 +37,7 @@ import torch
 from dermanet.classes import CLASS_NAMES
 from dermanet.data import read_plain_csv
 from dermanet.data.splits import assign_splits
+from dermanet.eval.trust_eval import read_ood_manifest
 from dermanet.inference import Predictor, load_checkpoint
 from dermanet.inference.features import extract_features, iter_images
 from dermanet.paths import PROJECT_ROOT, sample_dir
@@ -56,7 +57,7 @@ from dermanet.trust import (
     set_report,
     stats_nbytes,
 )
-from dermanet.trust.ood_set import build_ood_set, read_ood_manifest
+from tools.ood_set import build_ood_set
 
 log = logging.getLogger("trust_gate")
 START, END = "<!-- trust_gate results: start -->", "<!-- trust_gate results: end -->"
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ood",
         default=str(PROJECT_ROOT / "outputs" / "trust-ood"),
-        help="OOD set (jobs/build_ood_set.py; built here if missing)",
+        help="OOD set (python -m tools.build_ood_set; built here if missing)",
     )
     p.add_argument(
         "--cache",

@@ -30,14 +30,14 @@ from dermanet.data.synthetic import draw_lesion
 from dermanet.inference import save_checkpoint
 from dermanet.models import create_model
 from dermanet.serving import ServeSettings, build_app
-from dermanet.serving.replicas import (
+from dermanet.serving.runner import wait_ready
+from dermanet.ui.client import ServeBusy, ServeClient, ServeError
+from tools.replicas import (
     kill_replica,
     replica_names,
     wait_for_replacement,
     wait_for_running,
 )
-from dermanet.serving.runner import wait_ready
-from dermanet.ui.client import ServeBusy, ServeClient, ServeError
 
 pytest_plugins = ["conftest_serve"]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

@@ -1,9 +1,8 @@
-"""The OOD evaluation set builder (dermanet.trust.ood_set, jobs/build_ood_set.py)."""
+"""The OOD evaluation set builder (tools/ood_set.py, python -m tools.build_ood_set)."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dermanet.eval.trust_eval import read_ood_manifest
 from dermanet.trust import assess_quality
-from dermanet.trust.ood_set import CHROMIUM, KINDS, build_ood_set, read_ood_manifest
+from tools.ood_set import CHROMIUM, KINDS, build_ood_set
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_SCREENSHOTS = {"screenshot": 0}
 SMALL = {"plot": 3, "document": 2, "photo": 6, "pattern": 9, "noise": 5, "degraded_derm": 5}
 
@@ -68,15 +67,13 @@ def test_missing_requirements_are_skipped_with_a_reason(tmp_path: Path) -> None:
     assert report.manifest["kind"].tolist() == ["pattern"]
     with pytest.raises(ValueError, match="unknown kinds"):
         build_ood_set(tmp_path / "x", counts={"selfies": 3})
-    with pytest.raises(FileNotFoundError, match=r"build_ood_set\.py"):
+    with pytest.raises(FileNotFoundError, match=r"tools\.build_ood_set"):
         read_ood_manifest(tmp_path / "empty")
 
 
 def test_chromium_screenshots_are_refused_by_the_quality_checks(tmp_path: Path) -> None:
-    if not CHROMIUM.is_file():
-        pytest.skip(
-            f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)"
-        )
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on PATH: install Debian's chromium (apt-get install -y chromium)")
     counts = {k: 0 for k in KINDS} | {"screenshot": 5}
     report = build_ood_set(tmp_path / "ood", seed=0, counts=counts)
     assert report.skipped == {} and len(report.manifest) == 5
@@ -87,9 +84,8 @@ def test_chromium_screenshots_are_refused_by_the_quality_checks(tmp_path: Path) 
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("build_ood_set", ROOT / "jobs/build_ood_set.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    from tools import build_ood_set as job
+
     counts = [f"--count={k}=0" for k in KINDS if k not in ("pattern", "noise")]
     args = ["--output", str(tmp_path / "ood"), *counts, "--count", "pattern=2"]
     assert job.main([*args, "--count", "noise=1"]) == 0

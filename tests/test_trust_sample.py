@@ -13,6 +13,7 @@ import pytest
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.splits import assign_splits
+from dermanet.eval.trust_eval import read_ood_manifest
 from dermanet.inference import Predictor, load_checkpoint
 from dermanet.inference.features import extract_features, iter_images
 from dermanet.trust import (
@@ -26,7 +27,7 @@ from dermanet.trust import (
     prediction_sets,
     set_report,
 )
-from dermanet.trust.ood_set import CHROMIUM, build_ood_set, read_ood_manifest
+from tools.ood_set import CHROMIUM, build_ood_set
 
 pytestmark = pytest.mark.sample
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "default.pt"
@@ -68,7 +69,7 @@ def model_outputs(splits, derm_sample: Path, tmp_path_factory: pytest.TempPathFa
     }
     labels = {s: r["label"].map(CLASS_NAMES.index).to_numpy() for s, r in chosen.items()}
     folder = tmp_path_factory.mktemp("ood")
-    counts = {"screenshot": 4 if CHROMIUM.is_file() else 0, "plot": 5, "document": 5,
+    counts = {"screenshot": 4 if CHROMIUM is not None else 0, "plot": 5, "document": 5,
               "photo": 10, "pattern": 9, "noise": 5, "degraded_derm": 10}  # fmt: skip
     build_ood_set(folder, derm_sample, seed=1, counts=counts)
     manifest = read_ood_manifest(folder)

@@ -113,7 +113,7 @@ class EvaluateSettings:
     )
     ood: str | None = option(
         None,
-        "folder of non-dermoscopic pictures (jobs/build_ood_set.py): report the gate's OOD "
+        "folder of non-dermoscopic pictures (python -m tools.build_ood_set): report the gate's OOD "
         "AUROC and the share it refuses, next to the share of the evaluated split it refuses",
         group="output",
     )

@@ -3,16 +3,18 @@
 `jobs/evaluate.py --export` refits the OOD statistics (train features, threshold on val) and the
 conformal sets (val) for the model it ships, so gate and sets always match the weights; the
 report then says how often the gate refuses the evaluated split, how well the sets cover it,
-and, with `--ood DIR` (a set from jobs/build_ood_set.py), how much of a non-dermoscopic set the
-gate refuses and the OOD AUROC.
+and, with `--ood DIR` (a set from `python -m tools.build_ood_set`), how much of a
+non-dermoscopic set the gate refuses and the OOD AUROC.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import ray.data
 
 from dermanet.classes import CLASS_NAMES
@@ -25,7 +27,6 @@ from dermanet.trust.conformal import prediction_sets
 from dermanet.trust.evaluation import gate_scores, ood_report, set_report
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
 from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, ood_scores
-from dermanet.trust.ood_set import read_ood_manifest
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +117,18 @@ def ood_set_report(
         )
         scores.append(gate_scores([predictor.assess(im).ok for im in images], ood))
     return ood_report(gate_in, np.concatenate(scores), threshold, manifest["kind"].tolist())
+
+
+def read_ood_manifest(folder: str | Path) -> pd.DataFrame:
+    """An OOD set's manifest (`python -m tools.build_ood_set` writes it) with an absolute
+    `file` column; a clear error when the folder is not one."""
+    folder = Path(folder)
+    path = folder / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: build the set with "
+            f"`python -m tools.build_ood_set --output {folder}`"
+        )
+    manifest = pd.read_csv(path)
+    manifest["file"] = [str(folder / p) for p in manifest["path"]]
+    return manifest

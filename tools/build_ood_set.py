@@ -1,7 +1,8 @@
 """Build the out-of-distribution evaluation set (pictures that are NOT dermoscopy), offline.
 
-    python jobs/build_ood_set.py --output outputs/trust-ood
-    python jobs/build_ood_set.py --output outputs/trust-ood --derm-sample ../shared/data/derm-sample
+    python -m tools.build_ood_set --output outputs/trust-ood
+    python -m tools.build_ood_set --output outputs/trust-ood \
+        --derm-sample ../shared/data/derm-sample
 
 Writes OUTPUT/<kind>/*.png|jpg and OUTPUT/manifest.csv (path, kind, detail). Never commit the
 images. Screenshots need Debian's chromium; degraded derm images need --derm-sample (its test
@@ -14,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from dermanet.trust.ood_set import CHROMIUM, DEFAULT_COUNTS, KINDS, build_ood_set
+from tools.ood_set import CHROMIUM, CHROMIUM_ENV, DEFAULT_COUNTS, KINDS, build_ood_set
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--derm-sample", help="derm-sample folder (metadata.csv + images/) for degraded images"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every generator")
-    p.add_argument("--chromium", default=str(CHROMIUM), help="headless Chromium for screenshots")
+    p.add_argument(
+        "--chromium",
+        default=CHROMIUM,
+        help=f"headless Chromium for screenshots (default: ${CHROMIUM_ENV}, else found on PATH)",
+    )
     p.add_argument(
         "--count",
         action="append",

@@ -18,6 +18,7 @@ import base64
 import gzip
 import html
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -44,7 +45,20 @@ DEFAULT_COUNTS: dict[str, int] = {
     "noise": 40,
     "degraded_derm": 100,
 }
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ENV = "DERMANET_CHROMIUM"  # a headless Chromium other than the one on PATH
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+def find_chromium() -> Path | None:
+    """$DERMANET_CHROMIUM, else the first of CHROMIUM_NAMES on PATH; None when none is."""
+    named = os.environ.get(CHROMIUM_ENV)
+    if named:
+        return Path(named)
+    found = next((shutil.which(name) for name in CHROMIUM_NAMES if shutil.which(name)), None)
+    return Path(found) if found else None
+
+
+CHROMIUM = find_chromium()
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -215,26 +229,14 @@ def build_ood_set(
     return OODSetReport(manifest, skipped)
 
 
-def read_ood_manifest(folder: str | Path) -> pd.DataFrame:
-    """The manifest with an absolute `file` column; a clear error when the folder is not one."""
-    folder = Path(folder)
-    path = folder / "manifest.csv"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: build the set with `python jobs/build_ood_set.py --output {folder}`"
-        )
-    manifest = pd.read_csv(path)
-    manifest["file"] = [str(folder / p) for p in manifest["path"]]
-    return manifest
-
-
 def _missing_requirement(
     kind: str, chromium: str | Path | None, derm_sample: str | Path | None, test_images: list
 ) -> str | None:
     if kind == "screenshot" and not (chromium and Path(chromium).is_file()):
         return (
-            f"Chromium not found at {chromium}; install Debian's chromium "
-            "(`apt-get install -y chromium`) to include page screenshots"
+            f"Chromium not found ({chromium or 'none of ' + str(CHROMIUM_NAMES) + ' on PATH'});"
+            " install Debian's chromium (`apt-get install -y chromium`) or set "
+            f"{CHROMIUM_ENV} to include page screenshots"
         )
     if kind == "degraded_derm" and not test_images:
         where = derm_sample or "(not given)"
