@@ -13,9 +13,22 @@ import pytest
 from sklearn import metrics as sk
 
 from dermanet.classes import CLASS_NAMES
-from dermanet.eval.compare import ScoredImages, paired_bootstrap, read_image_table, read_report
+from dermanet.eval.compare import (
+    METRICS,
+    ScoredImages,
+    paired_bootstrap,
+    read_image_table,
+    read_report,
+)
 from dermanet.eval.isic_scorer import isic_submission
-from dermanet.eval.metrics import balanced_accuracy, per_class_auroc, per_class_recall
+from dermanet.eval.metrics import (
+    MELANOMA,
+    auroc,
+    balanced_accuracy,
+    melanoma_auroc,
+    per_class_auroc,
+    per_class_recall,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("compare_job", REPO / "jobs" / "compare.py")
@@ -47,6 +60,24 @@ def test_recall_and_auroc_are_scikit_learns() -> None:
     assert balanced_accuracy(probs, labels) == pytest.approx(
         sk.balanced_accuracy_score(labels, predicted)
     )
+
+
+def test_one_auroc_for_reports_comparisons_and_the_gate() -> None:
+    """The evaluate report's melanoma AUC and jobs/compare.py's are one function, scikit-learn's
+    number with ties; the gate's OOD AUROC (dermanet.trust.evaluation) agrees."""
+    from dermanet.trust.evaluation import auroc as gate_auroc
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, K, 500)
+    probs = _probs(rng, labels, 1.0)  # rounded: many ties
+    expected = sk.roc_auc_score(labels == MELANOMA, probs[:, MELANOMA])
+    assert melanoma_auroc(probs, labels) == pytest.approx(expected, abs=1e-12)
+    assert METRICS["melanoma_auroc"] is melanoma_auroc
+    scores = np.round(rng.normal(size=300), 1)
+    positive = rng.random(300) < 0.3
+    assert auroc(scores, positive) == pytest.approx(sk.roc_auc_score(positive, scores))
+    assert gate_auroc(scores[~positive], scores[positive]) == pytest.approx(auroc(scores, positive))
+    assert np.isnan(auroc(scores, np.zeros(300, bool)))
 
 
 def _scored(labels: np.ndarray, probs: np.ndarray) -> ScoredImages:

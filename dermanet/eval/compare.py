@@ -19,28 +19,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from dermanet.classes import CLASS_INDEX, CLASS_NAMES
+from dermanet.classes import CLASS_NAMES
 from dermanet.data.images import image_id_from_filename
 from dermanet.eval.metrics import (
+    MELANOMA,
     balanced_accuracy,
     macro_auroc,
-    per_class_auroc,
+    melanoma_auroc,
     per_class_recall,
 )
 
 log = logging.getLogger(__name__)
 ALL_IMAGES = "all images"
-
-
-MELANOMA = CLASS_INDEX["MEL"]
-
-
-def melanoma_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
-    """MEL vs the rest: how well P(MEL) ranks melanomas above everything else. Only the MEL
-    column is ranked (melanomas as class 0, the rest as none): the bootstrap calls this
-    thousands of times, and ranking all eight columns cost 9x as much."""
-    is_melanoma = np.where(np.asarray(labels) == MELANOMA, 0, -1)
-    return float(per_class_auroc(probs[:, [MELANOMA]], is_melanoma)[0])
 
 
 def melanoma_recall(probs: np.ndarray, labels: np.ndarray) -> float:

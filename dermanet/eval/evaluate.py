@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import SPLITS
@@ -29,7 +29,12 @@ from dermanet.data.pipelines import NormalizedBatches, PipelineConfig, build_pip
 from dermanet.data.sources import DataLocation, split_rows
 from dermanet.eval.calibration import expected_calibration_error, fit_temperature
 from dermanet.eval.isic_scorer import isic_submission, official_score
-from dermanet.eval.metrics import classification_metrics, confusion_matrix, softmax
+from dermanet.eval.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    melanoma_auroc,
+    softmax,
+)
 from dermanet.eval.plots import confusion_matrix_figure, reliability_figure, roc_figure, save_figure
 from dermanet.eval.trust_eval import fit_trust, quality_ok, trust_report
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
@@ -228,7 +233,7 @@ def score(probs: np.ndarray, labels: np.ndarray, image_ids: list[str]) -> dict[s
         },
         "metrics": classification_metrics(probs, labels),
         "melanoma": {
-            "auc": float(roc_auc_score(is_mel, probs[:, mel])) if has_mel else float("nan"),
+            "auc": melanoma_auroc(probs, labels),
             "sensitivity_at_80_specificity": (
                 sensitivity_at_specificity(is_mel, probs[:, mel], 0.8) if has_mel else float("nan")
             ),

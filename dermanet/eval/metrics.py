@@ -12,7 +12,9 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn import metrics
 
-from dermanet.classes import CLASS_NAMES
+from dermanet.classes import CLASS_INDEX, CLASS_NAMES
+
+MELANOMA = CLASS_INDEX["MEL"]
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -39,22 +41,32 @@ def per_class_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) ->
     return np.where(support > 0, f1, np.nan)
 
 
-def per_class_auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """One-vs-rest AUROC per class; NaN where a class has no positives or no negatives.
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """The area under the ROC curve: P(a positive scores above a negative), ties counting a
+    half (the Mann-Whitney form, equal to scikit-learn's `roc_auc_score`: a test). NaN when
+    there are no positives or no negatives. The one AUROC of evaluation, training,
+    comparison and plots."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positive = np.asarray(positive, dtype=bool).ravel()
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum = rankdata(scores)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
-    The Mann-Whitney form (average ranks, so ties count a half), which equals scikit-learn's
-    `roc_auc_score` and ranks every class in one call.
-    """
+
+def per_class_auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One-vs-rest `auroc` per class; NaN where a class has no positives or no negatives."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    ranks = rankdata(probs, axis=0)
-    positive = labels[:, None] == np.arange(probs.shape[1])[None, :]
-    n_pos = positive.sum(axis=0).astype(float)
-    n_neg = len(labels) - n_pos
-    rank_sum = np.where(positive, ranks, 0.0).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auroc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return np.where((n_pos > 0) & (n_neg > 0), auroc, np.nan)
+    return np.array([auroc(probs[:, k], labels == k) for k in range(probs.shape[1])])
+
+
+def melanoma_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """MEL vs the rest: how well P(MEL) ranks melanomas above everything else (the evaluation
+    report's melanoma AUC and jobs/compare.py's melanoma_auroc)."""
+    return auroc(np.asarray(probs)[:, MELANOMA], np.asarray(labels) == MELANOMA)
 
 
 def defined_mean(per_class: np.ndarray) -> float:

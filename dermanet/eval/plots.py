@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from dermanet.classes import CLASS_NAMES
+from dermanet.eval.metrics import auroc
 
 if TYPE_CHECKING:
     from dermanet.eval.compare import Difference
@@ -50,15 +51,13 @@ def roc_figure(
     probs: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...] = CLASS_NAMES
 ) -> Figure:
     """One-vs-rest ROC curve per class, AUC in the legend."""
-    from sklearn.metrics import roc_auc_score
-
     fig, ax = plt.subplots(figsize=(6.5, 6))
     for k, name in enumerate(class_names):
         positives = labels == k
         if not 0 < positives.sum() < len(labels):
             continue
         fpr, tpr, _ = roc_curve(positives, probs[:, k])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positives, probs[:, k]):.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auroc(probs[:, k], positives):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
