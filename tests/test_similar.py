@@ -183,7 +183,7 @@ def test_build_index_refuses_the_test_split_and_bad_input(
     code = job.main(["--model", "nope", *data])
     assert code == 2 and "unknown model id 'nope'" in capsys.readouterr().err
     code = job.main(["--model", "default", "--model-dir", str(model_registry)])
-    assert code == 2 and "give --shards, or --csv with --images" in capsys.readouterr().err
+    assert code == 2 and "give either --shards or --csv (with --images)" in capsys.readouterr().err
 
 
 # --- POST /v1/similar through the real Serve ---------------------------------------------------

@@ -20,6 +20,7 @@ from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import SPLITS, CatalogueError, label_indices
 from dermanet.data.readers import read_catalogue
 from dermanet.data.splits import DEFAULT_FRACTIONS, assign_splits
+from dermanet.settings import option
 
 log = logging.getLogger(__name__)
 DESCRIBING_COLUMNS = ("image", "origin")  # what split_rows reads from shards besides references
@@ -38,6 +39,40 @@ class DataLocation:
 
     def describe(self) -> str:
         return f"shards {self.shards}" if self.shards else f"catalogue {self.csv}"
+
+
+@dataclass
+class DataSourceSettings:
+    """Where a job's images come from, declared once: prepared shards, or a catalogue CSV +
+    image folder. Mixed into the settings of every job that reads a split (training,
+    evaluation, the similar-cases index), so their flags, rules and messages are the same."""
+
+    shards: str | None = option(
+        None, "prepared shards (jobs/prepare_data.py output; path or URI)", group="data"
+    )
+    csv: str | None = option(
+        None, "catalogue CSV instead of shards (any supported format)", group="data"
+    )
+    images: str | None = option(None, "image folder for --csv", group="data")
+    drop_missing: bool = option(False, "drop --csv rows without an image file", group="data")
+    split_seed: int = option(0, "seed of the split when --csv has no split column", group="data")
+
+    def check_source(self) -> None:
+        """Exactly one source: --shards, or --csv with --images."""
+        if (self.shards is None) == (self.csv is None):
+            raise ValueError("give either --shards or --csv (with --images), not both or neither")
+        if self.csv is not None and self.images is None:
+            raise ValueError("--csv needs --images (the image folder)")
+
+    @property
+    def location(self) -> DataLocation:
+        return DataLocation(
+            shards=self.shards,
+            csv=self.csv,
+            images=self.images,
+            drop_missing=self.drop_missing,
+            split_seed=self.split_seed,
+        )
 
 
 def load_catalogue(

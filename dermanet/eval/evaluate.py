@@ -26,7 +26,7 @@ from sklearn.metrics import roc_curve
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import SPLITS
 from dermanet.data.pipelines import NormalizedBatches, PipelineConfig, build_pipeline
-from dermanet.data.sources import DataLocation, split_rows
+from dermanet.data.sources import DataSourceSettings, split_rows
 from dermanet.eval.calibration import expected_calibration_error, fit_temperature
 from dermanet.eval.isic_scorer import isic_submission, official_score
 from dermanet.eval.metrics import (
@@ -46,15 +46,12 @@ from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, OOD_METHODS
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EvaluateSettings:
+@dataclass
+class EvaluateSettings(DataSourceSettings):
     """Everything jobs/evaluate.py accepts (its flags are generated from these fields)."""
 
     checkpoint: str = option(None, "DermaNet checkpoint (.pt) to evaluate", group="model")
     output: str = option(None, "folder for the report and predictions", group="output")
-    shards: str | None = option(None, "prepared shards (jobs/prepare_data.py output)", group="data")
-    csv: str | None = option(None, "catalogue CSV instead of shards (any format)", group="data")
-    images: str | None = option(None, "image folder for --csv", group="data")
     split: list[str] = option(
         help="split(s) to score; 'all' scores every row (external sets)",
         group="data",
@@ -67,7 +64,6 @@ class EvaluateSettings:
         metavar="ORIGIN",
         default_factory=list,
     )
-    split_seed: int = option(0, "split seed when --csv has no split column", group="data")
     tta: str | None = option(
         None,
         "test-time views to score: none, flips (4 views), dihedral (8), multicrop (flips + 5 "
@@ -127,8 +123,7 @@ class EvaluateSettings:
         check_settings(self)
         if not self.checkpoint or not self.output:
             raise ValueError("give --checkpoint and --output")
-        if (self.shards is None) == (self.csv is None) or (self.csv and not self.images):
-            raise ValueError("give --shards, or --csv with --images")
+        self.check_source()
         if self.export and not self.export.endswith(".pt"):
             raise ValueError("--export needs a .pt file name (the model registry lists *.pt)")
         if self.half and not self.export:
@@ -145,12 +140,6 @@ class EvaluateSettings:
     def split_name(self) -> str:
         """'test', 'train+val', 'all': how metric keys and titles name what was scored."""
         return "all" if "all" in self.split else "+".join(self.split)
-
-    @property
-    def location(self) -> DataLocation:
-        return DataLocation(
-            shards=self.shards, csv=self.csv, images=self.images, split_seed=self.split_seed
-        )
 
 
 @dataclass

@@ -30,7 +30,13 @@ from dermanet.data.catalogue import SPLITS
 from dermanet.data.images import ImageDecodeError, encode_jpeg, shrink_image
 from dermanet.data.pipelines import encoded_image
 from dermanet.data.shards import shard_dir
-from dermanet.data.sources import DataLocation, catalogue_rows, load_catalogue, split_rows
+from dermanet.data.sources import (
+    DataLocation,
+    DataSourceSettings,
+    catalogue_rows,
+    load_catalogue,
+    split_rows,
+)
 from dermanet.inference.batch import (
     SERVER_MAX_PIXELS,
     ModelSource,
@@ -55,17 +61,12 @@ INDEX_SPLITS = ("train", "train+val")  # never test: retrieval is measured on it
 THUMBNAIL_QUALITY = 80
 
 
-@dataclass(frozen=True)
-class IndexSettings:
+@dataclass
+class IndexSettings(DataSourceSettings):
     """Everything jobs/build_index.py accepts (its flags are generated from these fields)."""
 
     model: str | None = model_option("a checkpoint file (.pt)")
     model_dir: str | None = model_dir_option()
-    shards: str | None = option(None, "prepared Parquet shards (jobs/prepare_data.py)",
-                                group="data")  # fmt: skip
-    csv: str | None = option(None, "catalogue CSV (any supported format)", group="data")
-    images: str | None = option(None, "image folder of --csv", group="data")
-    split_seed: int = option(0, "split seed when --csv has no split column", group="data")
     split: str = option(
         "train",
         "which images become confirmed cases; never test (retrieval is measured on it)",
@@ -90,8 +91,7 @@ class IndexSettings:
 
     def validate(self) -> None:
         check_settings(self)
-        if (self.shards is None) == (self.csv is None) or (self.csv and not self.images):
-            raise ValueError("give --shards, or --csv with --images")
+        self.check_source()
         if self.output and not self.output.endswith(".index.parquet"):
             raise ValueError(f"--output must end in .index.parquet, got {self.output!r}")
         if self.model and is_uri(self.model):
@@ -99,12 +99,6 @@ class IndexSettings:
                 "--model must be a local file or registry id: the index records the SHA-256 "
                 "of the exact file and is stored beside it; copy the model here first"
             )
-
-    @property
-    def location(self) -> DataLocation:
-        return DataLocation(
-            shards=self.shards, csv=self.csv, images=self.images, split_seed=self.split_seed
-        )
 
     @property
     def splits(self) -> list[str]:

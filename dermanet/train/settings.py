@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from dermanet.data.catalogue import SPLITS
+from dermanet.data.sources import DataSourceSettings
 from dermanet.models import DEFAULT_CONFIG_PATH
 from dermanet.settings import HIDDEN, check_settings, option
 from dermanet.storage import is_uri
@@ -145,18 +146,9 @@ class RunSettings:
 
 
 @dataclass
-class TrainSettings(RunSettings):
+class TrainSettings(RunSettings, DataSourceSettings):
     """jobs/train.py: supervised fine-tuning. Data: `shards`, or `csv` + `images`."""
 
-    shards: str | None = option(
-        None, "prepared shards (jobs/prepare_data.py output; path or URI)", group="data"
-    )
-    csv: str | None = option(
-        None, "catalogue CSV instead of shards (any supported format)", group="data"
-    )
-    images: str | None = option(None, "image folder for --csv", group="data")
-    drop_missing: bool = option(False, "drop --csv rows without an image file", group="data")
-    split_seed: int = option(0, "seed of the split when --csv has no split column", group="data")
     pretrain_ckpt: str | None = option(
         None, "BYOL backbone.pt to start from (reports matched/missing keys)", group="model"
     )
@@ -261,10 +253,7 @@ class TrainSettings(RunSettings):
         super().validate()
         if self.ema_decay >= 1:
             raise ValueError("invalid settings, need: 0 <= --ema-decay < 1")
-        if (self.shards is None) == (self.csv is None):
-            raise ValueError("give either --shards or --csv (with --images), not both or neither")
-        if self.csv is not None and self.images is None:
-            raise ValueError("--csv needs --images (the image folder)")
+        self.check_source()
         if self.init_checkpoint and self.pretrain_ckpt:
             raise ValueError(
                 "give --init-checkpoint (a whole classifier) or --pretrain-ckpt (a BYOL "

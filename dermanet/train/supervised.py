@@ -22,7 +22,7 @@ from ray.train import CheckpointConfig
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.catalogue import CatalogueError
 from dermanet.data.pipelines import sampling_repeats
-from dermanet.data.sources import DataLocation, require_origins, split_rows
+from dermanet.data.sources import require_origins, split_rows
 from dermanet.data.splits import class_weights_from_counts
 from dermanet.inference.checkpoint import (
     CheckpointError,
@@ -48,16 +48,6 @@ from dermanet.train.reporting import MODEL_FILE
 from dermanet.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
-
-
-def data_location(settings: TrainSettings) -> DataLocation:
-    return DataLocation(
-        shards=settings.shards,
-        csv=settings.csv,
-        images=settings.images,
-        drop_missing=settings.drop_missing,
-        split_seed=settings.split_seed,
-    )
 
 
 @dataclass
@@ -106,7 +96,7 @@ class SupervisedJob(TrainingJob):
         s = self.settings
         if s.init_checkpoint:
             check_warm_start(s.init_checkpoint, self.model_config(), s)
-        location = data_location(s)
+        location = s.location
         rows = {
             split: split_rows(location, split, exclude_origins=s.exclude_origins)
             for split in ("train", "val")
