@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dermanet.classes import CLASS_NAMES
@@ -76,7 +76,7 @@ class Answer:
     risk fields, the gate's verdict, the conformal prediction set and the model version.
 
     An image the gate refuses keeps its probabilities (`probabilities_trusted` false) but
-    claims no risk: traffic light "unknown", risk and bars None (`refused`).
+    claims no risk: traffic light "unknown", risk and bars None (`without_risk`).
     """
 
     probabilities: dict[str, float]
@@ -87,7 +87,7 @@ class Answer:
     malignant: float | None
     benign: float | None
     gate: dict[str, Any] = field(default_factory=accept_all)  # GATE_FIELDS (+ "checks")
-    prediction_set: list[str] | None = None
+    prediction_set: tuple[str, ...] | None = None
     set_coverage: float | None = None
     model: ModelVersion | None = None
 
@@ -95,9 +95,9 @@ class Answer:
     def accepted(self) -> bool:
         return bool(self.gate.get("accepted", True))
 
-    def refused(self) -> Answer:
+    def without_risk(self) -> Answer:
         """The answer the gate gives for a refused image: no risk level, bars or light."""
-        return Answer(**{**self.__dict__, **dict.fromkeys(RISK_FIELDS), "traffic_light": "unknown"})
+        return replace(self, **(dict.fromkeys(RISK_FIELDS) | {"traffic_light": "unknown"}))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of one `/v1/classify` result (without the request's own fields)."""
@@ -114,9 +114,9 @@ class Answer:
         }
 
     @classmethod
-    def from_dict(cls, body: Mapping[str, Any]) -> Answer:
-        """Parse `to_dict`'s JSON; an answer without a gate was accepted, null or non-finite
-        numbers become None, a missing light is "unknown"."""
+    def from_dict(cls, body: Mapping[str, Any], **extra: Any) -> Any:
+        """Parse `to_dict`'s JSON (`extra`: a subclass's own fields); an answer without a gate
+        was accepted, null or non-finite numbers become None, a missing light is "unknown"."""
         gate = accept_all() | dict(body.get("gate") or {})
         gate["reasons"] = [str(reason) for reason in gate.get("reasons") or ()]
         for key in ("ood_score", "ood_threshold"):
@@ -131,9 +131,10 @@ class Answer:
             malignant=finite_number(body.get("malignant")),
             benign=finite_number(body.get("benign")),
             gate=gate,
-            prediction_set=None if members is None else [str(m) for m in members],
+            prediction_set=None if members is None else tuple(str(m) for m in members),
             set_coverage=finite_number(body.get("set_coverage")),
             model=ModelVersion.from_dict(body.get("model")),
+            **extra,
         )
 
     def to_row(self) -> dict[str, Any]:

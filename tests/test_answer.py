@@ -15,8 +15,8 @@ def answer(accepted: bool = True) -> Answer:
     probabilities = dict.fromkeys(CLASS_NAMES, 0.02) | {"MEL": 0.86}
     gate = {"accepted": accepted, "reasons": [] if accepted else ["blurred"],
             "ood_score": 0.8, "ood_threshold": 1.5}  # fmt: skip
-    result = Answer(probabilities, "MEL", 0.86, 1.29, "red", 1.0, 0.0, gate, ["MEL"], 0.9, VERSION)
-    return result if accepted else result.refused()
+    result = Answer(probabilities, "MEL", 0.86, 1.29, "red", 1.0, 0.0, gate, ("MEL",), 0.9, VERSION)
+    return result if accepted else result.without_risk()
 
 
 def test_json_round_trip_and_a_refused_image_claims_no_risk() -> None:

@@ -59,12 +59,8 @@ def roc_figure(
         fpr, tpr, _ = roc_curve(positives, probs[:, k])
         ax.plot(fpr, tpr, label=f"{name} (AUC {auroc(probs[:, k], positives):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title("ROC curves (one vs rest)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finished(fig, ax, "1 - specificity", "sensitivity", "ROC curves (one vs rest)",
+                     "lower right")  # fmt: skip
 
 
 def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], bins: int = 15) -> Figure:
@@ -86,10 +82,16 @@ def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], bins: i
                 ys.append(correct[members].mean())
         ax.plot(xs, ys, marker="o", label=label)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    ax.set_xlabel("confidence (top-class probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Reliability of the served probabilities")
-    ax.legend(loc="upper left", fontsize=8)
+    return _finished(fig, ax, "confidence (top-class probability)", "accuracy",
+                     "Reliability of the served probabilities", "upper left")  # fmt: skip
+
+
+def _finished(fig: Figure, ax, xlabel: str, ylabel: str, title: str, legend: str) -> Figure:
+    """Labels, title and a small legend on the axes of a one-panel curve figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend, fontsize=8)
     fig.tight_layout()
     return fig
 

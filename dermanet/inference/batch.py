@@ -437,19 +437,9 @@ def build_dataset(
     # every worker of the pool gets input (a worker receives whole blocks).
     source = dataset_from_frame(rows, rows_per_block=settings.batch_size)
     source.context.execution_options.preserve_order = True  # rows come out in listing order
+    prepare_kwargs = {"max_pixels": settings.max_image_pixels}
     return prepare_and_score(
-        source,
-        decode_rows,
-        {"max_pixels": settings.max_image_pixels},
-        model,
-        schema,
-        workers=min(settings.num_workers, math.ceil(len(rows) / settings.batch_size)),
-        batch_size=settings.batch_size,
-        cpus_per_worker=settings.cpus_per_worker,
-        decode_cpus=settings.decode_cpus,
-        use_gpu=settings.use_gpu,
-        backend=settings.backend,
-        threads_per_worker=settings.threads_per_worker,
+        source, decode_rows, prepare_kwargs, model, schema, settings, len(rows)
     )
 
 
@@ -459,21 +449,17 @@ def prepare_and_score(
     prepare_kwargs: dict[str, Any],
     model: ModelSource,
     schema: pa.Schema,
+    run: PredictSettings,
+    rows: int,
     *,
-    workers: int,
-    batch_size: int,
-    cpus_per_worker: float,
-    decode_cpus: float,
-    use_gpu: bool = False,
-    backend: str = "auto",
     views: str | None = None,
-    threads_per_worker: int = 0,
 ) -> ray.data.Dataset:
     """`prepare` (called with the model's `Preprocessing` and `prepare_kwargs`) in CPU tasks
-    of `decode_cpus`, then a pool of `workers` `PredictWorker` actors taking `batch_size`
-    rows: the stages of batch inference and of the similar-cases index. `views` overrides
-    the checkpoint's served test-time views (None keeps them); `threads_per_worker` the
-    model's thread count (0: the worker's CPUs)."""
+    of `run.decode_cpus`, then a pool of `PredictWorker` actors (`run.num_workers`, fewer
+    when `rows` fill fewer batches) taking `run.batch_size` rows: the stages of batch
+    inference and of the similar-cases index. `views` overrides the checkpoint's served
+    test-time views (None keeps them)."""
+    workers = min(run.num_workers, max(1, math.ceil(rows / run.batch_size)))
     # Ray Data's per-operator CPU reservation would hold decode to ~1 task beside the workers on
     # a small machine (see dermanet.data.pipelines); the actor pool is sized by flags anyway.
     source.context.op_resource_reservation_enabled = False
@@ -484,7 +470,7 @@ def prepare_and_score(
         fn_kwargs={"preprocessing": Preprocessing.for_checkpoint(model.loaded), **prepare_kwargs},
         batch_size=DECODE_BATCH,
         batch_format="pandas",
-        num_cpus=decode_cpus,
+        num_cpus=run.decode_cpus,
         # Ray Data fuses a task map into the next actor map when their remote args match,
         # which would decode inside the model workers, one image after the other. Stating
         # Ray's default for CPU tasks (worker processes reused without limit) keeps decoding
@@ -499,16 +485,16 @@ def prepare_and_score(
             "mtime": model.mtime,
             "risk": RiskPolicy.from_env().to_dict(),
             "schema": schema,
-            "use_gpu": use_gpu,
-            "backend": backend,
+            "use_gpu": run.use_gpu,
+            "backend": run.backend,
             "views": views,
-            "threads": threads_per_worker,
+            "threads": run.threads_per_worker,
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
-        batch_size=batch_size,
+        batch_size=run.batch_size,
         batch_format="pyarrow",
-        num_cpus=cpus_per_worker,
-        num_gpus=1 if use_gpu else None,
+        num_cpus=run.cpus_per_worker,
+        num_gpus=1 if run.use_gpu else None,
     )
 
 

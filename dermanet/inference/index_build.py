@@ -15,7 +15,6 @@ This module needs Ray (like `dermanet.inference.batch`); import it explicitly.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +104,7 @@ class IndexSettings(DataSourceSettings):
         return self.split.split("+")
 
     def predict_settings(self) -> PredictSettings:
-        """The batch-inference run settings these stand for (resource checks)."""
+        """The batch-inference run settings these stand for (resource checks, the pipeline)."""
         return PredictSettings(
             input=self.shards or self.csv or "",
             output="index.parquet",
@@ -115,6 +114,7 @@ class IndexSettings(DataSourceSettings):
             num_workers=self.num_workers,
             cpus_per_worker=self.cpus_per_worker,
             decode_cpus=self.decode_cpus,
+            backend="torch",
         )
 
 
@@ -236,19 +236,10 @@ def embed_split(
     schema = output_schema([], feature_dim)
     schema = schema.append(pa.field("index", pa.int64())).append(pa.field("thumbnail", pa.binary()))
     source = rows.dataset.repartition(target_num_rows_per_block=settings.batch_size)
-    scored = prepare_and_score(
-        source,
-        decode_batch,
-        {"max_pixels": SERVER_MAX_PIXELS, "thumbnail_px": settings.thumbnails},
-        model,
-        schema,
-        workers=min(settings.num_workers, max(1, math.ceil(len(rows) / settings.batch_size))),
-        batch_size=settings.batch_size,
-        cpus_per_worker=settings.cpus_per_worker,
-        decode_cpus=settings.decode_cpus,
-        backend="torch",
-        views=None if answers else "none",
-    )
+    prepare_kwargs = {"max_pixels": SERVER_MAX_PIXELS, "thumbnail_px": settings.thumbnails}
+    run = settings.predict_settings()
+    scored = prepare_and_score(source, decode_batch, prepare_kwargs, model, schema, run,
+                               len(rows), views=None if answers else "none")  # fmt: skip
     wanted = ["index", "embedding", "thumbnail", "error", *(f"prob_{c}" for c in CLASS_NAMES)]
     parts = [
         batch.select(wanted)

@@ -69,18 +69,18 @@ class Prediction:
 
     def answer(self) -> Answer:
         """The answer schema shared by the HTTP API, batch inference and the dashboard; a
-        refused image claims no risk (`Answer.refused`)."""
+        refused image claims no risk (`Answer.without_risk`)."""
         answer = Answer(
             probabilities=dict(self.probabilities),
             top_class=self.top_class,
             top_probability=self.top_probability,
             **self.risk.to_dict(),
             gate=dict(self.gate),
-            prediction_set=self.prediction_set,
+            prediction_set=None if self.prediction_set is None else tuple(self.prediction_set),
             set_coverage=self.set_coverage,
             model=self.model,
         )
-        return answer if self.accepted else answer.refused()
+        return answer if self.accepted else answer.without_risk()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of one `/v1/classify` result (`Answer.to_dict`)."""
@@ -264,10 +264,6 @@ class Predictor:
     @property
     def backend(self) -> str:
         return self.engine.name
-
-    @property
-    def quality(self) -> QualityThresholds:
-        return self.preprocessing.quality
 
     @property
     def decode_side(self) -> int:

@@ -67,14 +67,17 @@ def _load_error(model_id: str, exc: Exception) -> dict[str, Any]:
 class _RegistryBacked:
     """Shared constructor (registry, risk policy, pixel limit), model loading and health."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve runs async constructors
         self,
         model_dir: str,
         risk: dict[str, Any],
         max_image_pixels: int,
         default_model: str | None = None,
-        backend: str = "torch",
+        backend: str = "auto",
+        **options: Any,
     ):
+        """`options` are the deployment's own (`configure`); the default model is loaded
+        (`model_for`) before the replica takes traffic."""
         self.registry = ModelRegistry(model_dir, default_model)
         self.backend = backend  # the model call (Predictor backend); CAMs are always torch's
         self.risk = RiskPolicy.from_mapping(risk)
@@ -82,6 +85,15 @@ class _RegistryBacked:
         self.threads = use_assigned_cpus()
         # what this replica has loaded; entries vanish when multiplexing evicts the model
         self.loaded: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        self.configure(**options)
+        await self._preload_default(self.model_for)
+
+    def configure(self) -> None:
+        """Set up what the deployment adds to the shared state (nothing by default)."""
+
+    async def model_for(self, model_id: str) -> Any:
+        """The loaded model object this deployment answers with (multiplexed per id)."""
+        raise NotImplementedError
 
     def _predictor(self, model_id: str) -> Predictor:
         started = time.perf_counter()
@@ -130,17 +142,8 @@ class _RegistryBacked:
 class Classifier(_RegistryBacked):
     """Classifies uploaded images in batches (`@serve.batch`), one model per sub-batch."""
 
-    async def __init__(  # type: ignore[misc]  # Serve runs async constructors
-        self,
-        model_dir: str,
-        risk: dict[str, Any],
-        max_image_pixels: int,
-        default_model: str | None = None,
-        backend: str = "auto",
-    ):
-        super().__init__(model_dir, risk, max_image_pixels, default_model, backend)
+    def configure(self) -> None:
         self.indexes = IndexCache(MAX_MODELS_PER_REPLICA)  # similar cases, once per model
-        await self._preload_default(self.get_predictor)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch size and wait come from user_config, so the Serve config can change them live."""
@@ -152,6 +155,8 @@ class Classifier(_RegistryBacked):
         predictor = await asyncio.to_thread(self._predictor, model_id)
         self.loaded[model_id] = predictor
         return predictor
+
+    model_for = get_predictor
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def classify(self, uploads: list[bytes]) -> list[dict[str, Any]]:
@@ -238,18 +243,8 @@ class Classifier(_RegistryBacked):
 class GradCam(_RegistryBacked):
     """Renders Grad-CAM explanations (on torch one at a time per model: CAM hooks)."""
 
-    async def __init__(  # type: ignore[misc]  # Serve runs async constructors
-        self,
-        model_dir: str,
-        risk: dict[str, Any],
-        max_image_pixels: int,
-        max_side: int,
-        default_model: str | None = None,
-        backend: str = "torch",
-    ):
-        super().__init__(model_dir, risk, max_image_pixels, default_model, backend)
-        self.max_side = int(max_side)
-        await self._preload_default(self.get_explainer)
+    def configure(self, max_side: int) -> None:  # type: ignore[override]
+        self.max_side = int(max_side)  # the rendered image's longer side, px
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_explainer(self, model_id: str) -> GradCamExplainer:
@@ -257,6 +252,8 @@ class GradCam(_RegistryBacked):
         explainer = GradCamExplainer(predictor, max_side=self.max_side)
         self.loaded[model_id] = explainer
         return explainer
+
+    model_for = get_explainer
 
     def _smoke_test(self, model: Any) -> None:
         """A whole tiny explanation (forward, backward, render) under the explainer's lock."""

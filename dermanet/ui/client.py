@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -110,66 +110,49 @@ class ModelListing:
 
 
 @dataclass(frozen=True)
-class Classification:
-    """One image's answer from `POST /v1/classify`, exactly as the server computed it.
+class Classification(Answer):
+    """One image's answer from `POST /v1/classify`, exactly as the server computed it: the
+    answer schema (`dermanet.answer.Answer`) plus the request's model id and file name.
 
-    When the server's gate refused the image (`accepted` False: not a dermoscopic image, or
-    unlike the model's training images), it claims no risk: `risk`, `malignant` and `benign`
-    are None, the traffic light is "unknown" and the probabilities are kept but not trusted.
+    When the server's gate refused the image (`refused`: not a dermoscopic image, or unlike
+    the model's training images), it claims no risk: `risk`, `malignant` and `benign` are
+    None, the traffic light is "unknown" and the probabilities are kept but not trusted.
     `prediction_set` lists the plausible classes (most probable first) that contain the true
     one with probability `set_coverage`; None when the model has no conformal statistics.
     """
 
-    model_id: str
-    filename: str
-    probabilities: dict[str, float]
-    top_class: str
-    top_probability: float
-    risk: float | None
-    traffic_light: str
-    malignant: float | None
-    benign: float | None
-    accepted: bool = True
-    reasons: tuple[str, ...] = ()
-    ood_score: float | None = None
-    ood_threshold: float | None = None
-    prediction_set: tuple[str, ...] | None = None
-    set_coverage: float | None = None
-    probabilities_trusted: bool = True
-    model: ModelVersion | None = None  # the exact checkpoint file that answered
+    model_id: str = ""
+    filename: str = ""
 
     @property
     def refused(self) -> bool:
         return not self.accepted
 
+    @property
+    def probabilities_trusted(self) -> bool:
+        return self.accepted
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(self.gate["reasons"])
+
+    @property
+    def ood_score(self) -> float | None:
+        return self.gate["ood_score"]
+
+    @property
+    def ood_threshold(self) -> float | None:
+        return self.gate["ood_threshold"]
+
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Classification:
-        """Parse one result (`dermanet.answer.Answer`, plus the request's model id and file
-        name); a server from before the gate (no `gate` field) accepted all."""
-        answer = Answer.from_dict(body)
-        members = answer.prediction_set
-        return cls(
-            model_id=str(body["model_id"]),
-            filename=str(body.get("filename", "")),
-            probabilities=answer.probabilities,
-            top_class=answer.top_class,
-            top_probability=answer.top_probability,
-            risk=answer.risk,
-            traffic_light=answer.traffic_light,
-            malignant=answer.malignant,
-            benign=answer.benign,
-            accepted=answer.accepted,
-            reasons=tuple(answer.gate["reasons"]),
-            ood_score=answer.gate["ood_score"],
-            ood_threshold=answer.gate["ood_threshold"],
-            prediction_set=None if members is None else tuple(members),
-            set_coverage=answer.set_coverage,
-            probabilities_trusted=bool(body.get("probabilities_trusted", answer.accepted)),
-            model=answer.model,
+        """Parse one result; a server from before the gate (no `gate` field) accepted all."""
+        return cls.from_dict(
+            body, model_id=str(body["model_id"]), filename=str(body.get("filename", ""))
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return super().to_dict() | {"model_id": self.model_id, "filename": self.filename}
 
 
 @dataclass(frozen=True)
