@@ -1,5 +1,5 @@
 """What the inference benchmarks share: test uploads, a repeat-and-take-the-median timer, the
-pre-change ("before") preprocessing path as a baseline, the machine line for the docs, and a
+plain ("before") preprocessing path as a baseline, the machine line for the docs, and a
 refusal to measure a machine that is already busy."""
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def latencies_ms(call: Callable[[], object], count: int, warmup: int = 3) -> lis
 
 
 def before_tensor(predictor: Predictor, datas: list[bytes]) -> torch.Tensor:
-    """The preprocessing before issue 16 (the baseline): full-size decode, albumentations'
+    """The baseline preprocessing: full-size decode, albumentations'
     eval transform and normalisation per image, then stacking."""
     return before_tensor_from_images(predictor, [decode_image(d) for d in datas])
 

@@ -10,8 +10,8 @@ threads, same images):
    baseline), torch channels-last, torch.compile (inductor; the reason is printed when it
    cannot run here) and ONNX Runtime, at batch 1 and 16;
 2. the whole in-process Predictor (JPEG bytes → answers with the gate and prediction set):
-   the path before issue 16 (full-size decode, albumentations per image, torch eager; the
-   baseline) against today's path on torch and on ONNX Runtime;
+   the baseline path (full-size decode, albumentations per image, torch eager) against the
+   served path on torch and on ONNX Runtime;
 3. where one image's time goes in 2. (decode, preprocessing, model, trust: quality checks,
    OOD score and prediction set), ms per image at batch 16;
 4. latency of one upload: classify (torch, ONNX Runtime) against Grad-CAM today and before
@@ -187,7 +187,7 @@ def gradcam_table(checkpoint, data: bytes, args) -> list[str]:
     """p50 / p90 latency of one upload (bytes → answer): classify on torch and on ONNX Runtime,
     Grad-CAM today on torch (one forward + short backward, rendered PNG) and on ONNX Runtime
     as Serve runs it (classify's call with the feature map, the gradient through the head
-    alone in torch), and before issue 16, one view; then classify and Grad-CAM with the
+    alone in torch), and the baseline explanation, one view; then classify and Grad-CAM with the
     checkpoint's served views if it has some, on torch alone (all views in its one forward)
     and as Serve runs it. Ratios against torch's one-view classify and against classify as
     served (ONNX Runtime, the served views)."""
@@ -231,7 +231,7 @@ def gradcam_table(checkpoint, data: bytes, args) -> list[str]:
 
 
 def gradcam_before(explainer: GradCamExplainer, image: np.ndarray) -> bytes:
-    """The explanation before issue 16: a separate classify pass, then pytorch-grad-cam's
+    """The baseline explanation: a separate classify pass, then pytorch-grad-cam's
     GradCAM (its own forward and a backward through the whole network), the CAM upsampled to
     the input and resized again to the display, PNG at zlib's default level."""
     from pytorch_grad_cam import GradCAM

@@ -7,7 +7,7 @@ Starts its own local Ray + Serve (never touching another cluster) on the `weight
 and sends real derm-sample JPEGs (the ISIC-archive ones, 341x256) to /v1/classify from
 closed-loop clients that, like the dashboard, wait the advised Retry-After (plus up to 25 %
 jitter) after a 503. Two configurations in the same run:
-  before: one Classifier replica (1 CPU), no queue bound (how the app served until issue 17);
+  before: one Classifier replica (1 CPU), no queue bound (the baseline without fault handling);
   after:  the defaults: 2 replicas x 0.5 CPU, 32 queued per caller, 503 + Retry-After beyond.
 For each: goodput (200s per second), p50/p99 latency of the accepted requests and the shed
 count at each client level; then, with 8 clients, one Classifier replica is SIGKILLed and the

@@ -11,7 +11,7 @@ Rows, all with the same model, image size and global batch:
 - jobs/train.py layouts (Ray Train + Ray Data, validation included): 2 workers x 1 thread,
   1 worker x 2 threads. "train img/s" counts training batches only (dermanet.train.throughput);
   "end to end" divides the epoch's training images by its whole wall time, validation and
-  data start-up included - what the issue's aim (>= 0.8x the ceiling) is about.
+  data start-up included - what the target (>= 0.8x the ceiling) is about.
 Medians over epochs (the first epoch is dropped when there are 3 or more). Prints a table.
 """
 

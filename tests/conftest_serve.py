@@ -186,7 +186,7 @@ def encode_image(pixels: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
 
 @pytest.fixture(scope="session")
 def not_dermoscopy() -> dict[str, bytes]:
-    """Pictures that are not dermoscopy, as uploaded by mistake (issue #14): a screenshot of
+    """Pictures that are not dermoscopy, as uploaded by mistake: a screenshot of
     the dashboard itself (docs/images/dashboard.png, made by the browser test), a photo that
     ships with scikit-learn, a blank image and a 24 px image of a SYNTHETIC lesion."""
     from sklearn.datasets import load_sample_images
@@ -234,7 +234,7 @@ def serve_url(model_registry: Path) -> Iterator[str]:
 def similar_index(
     tmp_path_factory: pytest.TempPathFactory, model_registry: Path, synthetic_dir: Path, ray_local
 ) -> SimpleNamespace:
-    """`default`'s similar-cases index in the session registry (issue 19), built by
+    """`default`'s similar-cases index in the session registry, built by
     jobs/build_index.py on Ray Data from the TRAIN split of a copy of the SYNTHETIC set in
     which one training image is truncated (left out, never fatal); 32 px thumbnails.
 

@@ -1,4 +1,4 @@
-"""Similar confirmed cases (issue 19): the index, its build job and POST /v1/similar.
+"""Similar confirmed cases: the index, its build job and POST /v1/similar.
 
 The index format and search are checked without Ray; the build runs jobs/build_index.py on
 Ray Data over a SYNTHETIC catalogue (one training image truncated on purpose), and the

@@ -1,4 +1,4 @@
-"""The trust layer through the real Serve API (issue #14): pictures that are not dermoscopy are
+"""The trust layer through the real Serve API: pictures that are not dermoscopy are
 refused (grey light, no risk, reasons), real test-split images are accepted and their
 prediction sets cover the truth at the stated rate, `/v1/models` says what each model's gate
 and sets are, and trust statistics that JSON cannot carry or that do not fit never give a 500.
@@ -254,5 +254,5 @@ def test_real_test_images_are_accepted_and_sets_cover_the_truth(
     # split conformal at 90 %: 320 test images give a standard error of about 0.017
     assert 0.85 <= covered <= 0.95, (covered, sizes)
     assert {a["set_coverage"] for a in answers} == {0.9}
-    for kind, words in REFUSED_FOR.items():  # the issue's screenshot came back "High risk"
+    for kind, words in REFUSED_FOR.items():  # a screenshot must never read "High risk"
         assert_refused(classify(client, not_dermoscopy[kind], derm_model), words)

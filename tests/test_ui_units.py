@@ -382,7 +382,7 @@ def test_case_report_html_and_pdf(tmp_path) -> None:
     assert name.startswith("dermanet-report-img_src_x_onerror_alert_1-") and name.endswith(".pdf")
 
 
-# --- similar confirmed cases (issue 19) ---------------------------------------------------------
+# --- similar confirmed cases ----------------------------------------------------------------------
 SIMILAR_LABELS = ("MEL", "NV", "NV", "BKL", "MEL", "NV", "BCC", "NV")
 
 

@@ -4,7 +4,7 @@ Two `jobs/evaluate.py` reports of one split differ by a few points of balanced a
 few hundred images of one source that is often resampling noise. A paired bootstrap draws the
 images with replacement (the same draw for both models) and reads the spread of the
 difference: an interval that excludes 0 is a difference the images support. Choosing a model
-by validation, per source, is how DermaNet prefers what holds across sources (issue #20).
+by validation, per source, is how DermaNet prefers what holds across sources.
 """
 
 from __future__ import annotations
