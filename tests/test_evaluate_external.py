@@ -9,6 +9,7 @@ must be scorable as it is. SYNTHETIC images; a tiny untrained model is enough to
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -88,6 +89,9 @@ def test_external_set_without_two_classes(ray_local, external_set, tmp_path) -> 
     assert 0.0 <= report["official"]["balanced_accuracy"] <= 1.0
     assert {c: report["class_counts"][c] for c in ABSENT} == {"SCC": 0, "VASC": 0}
     assert report["temperature"] == 1.0  # nothing held out to calibrate on: left as it is
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()  # the report names the file
+    assert report["model"]["id"] == "tiny" and report["model"]["sha256"] == sha
+    assert sha in (out / "report.md").read_text()
 
     per_origin = report["per_origin"]
     counts = catalogue["origin"].value_counts().to_dict()
