@@ -67,9 +67,10 @@ def _pg_dump(url, target: Path) -> Path:
     for flag, value in (("--host", url.host), ("--port", url.port), ("--username", url.username)):
         if value:
             command.append(f"{flag}={value}")
-    host = url.query.get("host")  # a socket folder given as ?host=/path
-    if host and not url.host:
-        command.append(f"--host={host}")
+    for flag, name, given in (("--host", "host", url.host), ("--port", "port", url.port)):
+        value = url.query.get(name)  # a socket folder and its port given as ?host=/path&port=N
+        if value and not given:
+            command.append(f"{flag}={value}")
     command.append(str(url.database))
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
