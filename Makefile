@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv test lint format clean demo browser
+.PHONY: venv test lint format clean demo browser postgres
 
 $(STAMP): pyproject.toml
 	$(PY) -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(VENV)
@@ -30,7 +30,12 @@ demo: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } || echo "chromium not installed: the browser test will skip"
 
-test: lint browser
+# Debian's PostgreSQL server for the database tests, which start a private one in a temp folder
+# (they skip with the reason when it is absent; SQLite needs nothing).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql; } || echo "postgresql not installed: the PostgreSQL database tests will skip"
+
+test: lint browser postgres
 	$(PY) -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 clean:

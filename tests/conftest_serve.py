@@ -209,12 +209,38 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_url(model_registry: Path) -> Iterator[str]:
-    """One private Ray + Serve per test session (port: $DERMANET_SERVE_PORT or a free one)."""
+def serve_account(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The test server's data folder and SQLite database (upgraded), with an admin account:
+    `key` and `headers` (`Authorization: Bearer KEY`) for requests to /v1 routes."""
+    from dermanet.accounts import add_account
+    from dermanet.db import make_engine, session_factory, upgrade
+
+    folder = tmp_path_factory.mktemp("serve-data")
+    url = f"sqlite:///{folder / 'dermanet.db'}"
+    upgrade(make_engine(url))
+    with session_factory(url).begin() as session:
+        _, key = add_account(session, "test-admin", "admin")
+    return SimpleNamespace(
+        key=key, headers={"Authorization": f"Bearer {key}"}, database_url=url, data_dir=folder
+    )
+
+
+@pytest.fixture(scope="session")
+def serve_headers(serve_account: SimpleNamespace) -> dict[str, str]:
+    """The test admin's `Authorization` header, for requests to the session's server."""
+    return dict(serve_account.headers)
+
+
+@pytest.fixture(scope="session")
+def serve_url(model_registry: Path, serve_account: SimpleNamespace) -> Iterator[str]:
+    """One private Ray + Serve per test session (port: $DERMANET_SERVE_PORT or a free one),
+    on the `serve_account` database."""
     from dermanet.serving import ServeSettings
     from dermanet.serving.runner import start_local, stop_local
 
     settings = ServeSettings(
+        database_url=serve_account.database_url,
+        data_dir=str(serve_account.data_dir),
         model_dir=str(model_registry),
         max_body_bytes=2 * 1024 * 1024,
         max_image_pixels=4_000_000,

@@ -41,8 +41,8 @@ def lesion_jpeg(seed: int, side: int = 120) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def client(serve_url: str):
-    with httpx.Client(base_url=serve_url, timeout=120) as c:
+def client(serve_url: str, serve_headers: dict[str, str]):
+    with httpx.Client(base_url=serve_url, headers=serve_headers, timeout=120) as c:
         yield c
 
 

@@ -66,19 +66,25 @@ def jpeg(seed: int, side: int = 120) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def faults(serve_url: str, tmp_path_factory: pytest.TempPathFactory):
-    """The faults app on its own registry: `default` (64 px) and `second` (48 px)."""
+def faults(serve_url: str, serve_account: SimpleNamespace, tmp_path_factory):
+    """The faults app on its own registry: `default` (64 px) and `second` (48 px), and the
+    session server's database and key (`headers`)."""
     registry = tmp_path_factory.mktemp("faults-registry")
     torch.manual_seed(2)
     save_checkpoint(registry / "default.pt", create_model(TINY), img_size=64)
     save_checkpoint(registry / "second.pt", create_model(TINY), img_size=48)
-    settings = ServeSettings(model_dir=str(registry), **SETTINGS)
+    settings = ServeSettings(
+        model_dir=str(registry),
+        database_url=serve_account.database_url,
+        data_dir=str(serve_account.data_dir),
+        **SETTINGS,
+    )
     serve.run(build_app(settings), name=APP, route_prefix=f"/{APP}")
     url = f"{serve_url}/{APP}"
     try:
         wait_ready(url, timeout_s=180)
         wait_for_running("Classifier", 2, app=APP)
-        yield SimpleNamespace(url=url, registry=registry)
+        yield SimpleNamespace(url=url, registry=registry, headers=serve_account.headers)
     finally:
         serve.delete(APP)
 
@@ -94,7 +100,7 @@ class Outcome:
 
 
 async def _load(
-    url: str,
+    target: SimpleNamespace,
     path: str,
     clients: int,
     stop: threading.Event | None,
@@ -104,7 +110,9 @@ async def _load(
     """`clients` closed-loop clients, each sending up to `per_client` requests (or until
     `stop`); a 503 is not waited on, so the queue stays under pressure. Appends as they end."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=target.url, headers=target.headers, timeout=60, limits=limits
+    ) as client:
 
         async def one_client(index: int) -> None:
             for i in range(per_client):
@@ -132,19 +140,19 @@ async def _load(
     return outcomes
 
 
-def load(url, path="/v1/classify", clients=8, per_client=10, stop=None) -> list[Outcome]:
-    return asyncio.run(_load(url, path, clients, stop, per_client, []))
+def load(target, path="/v1/classify", clients=8, per_client=10, stop=None) -> list[Outcome]:
+    return asyncio.run(_load(target, path, clients, stop, per_client, []))
 
 
 class Background:
     """Load in a thread until stopped (at most `per_client` requests per client)."""
 
-    def __init__(self, url: str, clients: int, per_client: int = 400):
+    def __init__(self, target: SimpleNamespace, clients: int, per_client: int = 400):
         self.stop = threading.Event()
         self.outcomes: list[Outcome] = []
         self.thread = threading.Thread(
             target=lambda: asyncio.run(
-                _load(url, "/v1/classify", clients, self.stop, per_client, self.outcomes)
+                _load(target, "/v1/classify", clients, self.stop, per_client, self.outcomes)
             ),
             daemon=True,
         )
@@ -160,6 +168,22 @@ class Background:
         assert not self.thread.is_alive(), "load did not stop"
 
 
+class _SignedIn(httpx.HTTPTransport):
+    """Adds the test account's key to every request of a client built without one."""
+
+    def __init__(self, headers: dict[str, str]):
+        super().__init__()
+        self.auth = headers
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.headers.update(self.auth)
+        return super().handle_request(request)
+
+
+def signed_in(target: SimpleNamespace) -> httpx.BaseTransport:
+    return _SignedIn(target.headers)
+
+
 def longest_silence(outcomes: list[Outcome], start: float, end: float) -> float:
     """The longest stretch in [start, end] with no 200 completing."""
     marks = sorted([start, end, *(o.done_at for o in outcomes if o.status == 200)])
@@ -169,7 +193,7 @@ def longest_silence(outcomes: list[Outcome], start: float, end: float) -> float:
 
 # --- 1. load shedding ----------------------------------------------------------------------------
 def test_overload_answers_only_200_or_a_quick_503_with_retry_after(faults) -> None:
-    outcomes = load(faults.url, clients=48, per_client=6)
+    outcomes = load(faults, clients=48, per_client=6)
     statuses = {o.status for o in outcomes}
     assert statuses <= {200, 503}, [
         (o.status, o.error, o.body) for o in outcomes if o.status not in (200, 503)
@@ -185,7 +209,7 @@ def test_overload_answers_only_200_or_a_quick_503_with_retry_after(faults) -> No
 
 
 def test_dashboard_client_retries_after_the_advice_then_says_busy(faults) -> None:
-    with Background(faults.url, clients=40) as bg:
+    with Background(faults, clients=40) as bg:
         deadline = time.monotonic() + 60
         while not any(o.status == 503 for o in list(bg.outcomes)):  # the queue is full now
             assert time.monotonic() < deadline, "40 clients never filled the queue"
@@ -193,7 +217,7 @@ def test_dashboard_client_retries_after_the_advice_then_says_busy(faults) -> Non
         refusal = None
         while refusal is None and time.monotonic() < deadline + 60:
             try:  # with no budget, the first 503 is final: a clear message
-                with ServeClient(faults.url, busy_budget_s=0) as once:
+                with ServeClient(faults.url, busy_budget_s=0, transport=signed_in(faults)) as once:
                     once.classify([("a.jpg", jpeg(len(bg.outcomes) % 16))])
             except ServeBusy as exc:
                 refusal = exc
@@ -206,7 +230,9 @@ def test_dashboard_client_retries_after_the_advice_then_says_busy(faults) -> Non
             sleeps.append(seconds)
             time.sleep(seconds)
 
-        with ServeClient(faults.url, busy_budget_s=60, sleep=sleep) as client:
+        with ServeClient(
+            faults.url, busy_budget_s=60, sleep=sleep, transport=signed_in(faults)
+        ) as client:
             results = client.classify([("b.jpg", jpeg(99))])
     assert results[0].model_id == "default"
     assert all(1.0 <= s <= 1.25 for s in sleeps), sleeps  # Retry-After: 1, plus jitter
@@ -216,7 +242,7 @@ def test_dashboard_client_retries_after_the_advice_then_says_busy(faults) -> Non
 def test_killing_a_classifier_replica_under_load_loses_no_request(faults) -> None:
     before = replica_names("Classifier", app=APP)
     assert len(before) == 2, before
-    with Background(faults.url, clients=6) as bg:
+    with Background(faults, clients=6) as bg:
         time.sleep(2.0)
         killed_at = time.monotonic()
         kill_replica(before[0])
@@ -234,19 +260,27 @@ def test_killing_a_classifier_replica_under_load_loses_no_request(faults) -> Non
 
 def test_killing_the_gradcam_replica_leaves_classify_alone(faults) -> None:
     (name,) = replica_names("GradCam", app=APP)
-    with Background(faults.url, clients=4) as bg:
+    with Background(faults, clients=4) as bg:
         time.sleep(1.0)
         killed_at = time.monotonic()
         kill_replica(name)
         cam = httpx.post(
-            f"{faults.url}/v1/gradcam", files={"file": ("a.jpg", jpeg(5))}, timeout=120
+            f"{faults.url}/v1/gradcam",
+            files={"file": ("a.jpg", jpeg(5))},
+            headers=faults.headers,
+            timeout=120,
         )
         assert cam.status_code in (200, 503), cam.text  # retried once, never a 500
         time.sleep(1.0)
     assert {o.status for o in bg.outcomes} == {200}
     assert longest_silence(bg.outcomes, killed_at, bg.outcomes[-1].done_at) < 5.0
     wait_for_replacement("GradCam", name, 1, app=APP)
-    cam = httpx.post(f"{faults.url}/v1/gradcam", files={"file": ("a.jpg", jpeg(5))}, timeout=120)
+    cam = httpx.post(
+        f"{faults.url}/v1/gradcam",
+        files={"file": ("a.jpg", jpeg(5))},
+        headers=faults.headers,
+        timeout=120,
+    )
     assert cam.status_code == 200 and cam.headers["content-type"] == "image/png"
 
 
@@ -264,7 +298,7 @@ def test_bad_model_files_are_listed_unusable_and_the_others_serve(faults) -> Non
     (registry / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a checkpoint" * 40)
     _misfit_checkpoint(registry / "second.pt", registry / "misfit.pt")
     try:
-        with httpx.Client(base_url=faults.url, timeout=60) as client:
+        with httpx.Client(base_url=faults.url, headers=faults.headers, timeout=60) as client:
             models = {m["id"]: m for m in client.get("/v1/models").json()["models"]}
             assert set(models) == {"corrupt", "default", "misfit", "second"}
             assert models["default"]["usable"] and models["second"]["usable"]
@@ -291,7 +325,7 @@ def test_bad_model_files_are_listed_unusable_and_the_others_serve(faults) -> Non
 
 def test_live_and_ready_split(faults) -> None:
     registry: Path = faults.registry
-    with httpx.Client(base_url=faults.url, timeout=60) as client:
+    with httpx.Client(base_url=faults.url, headers=faults.headers, timeout=60) as client:
         ready = client.get("/healthz/ready")
         assert ready.status_code == 200, ready.text
         body = ready.json()

@@ -189,7 +189,9 @@ def test_build_index_refuses_the_test_split_and_bad_input(
 # --- POST /v1/similar through the real Serve ---------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.timeout(600)  # may start the session's Serve
-def test_similar_endpoint_finds_the_image_itself(serve_url: str, similar_index) -> None:
+def test_similar_endpoint_finds_the_image_itself(
+    serve_url: str, serve_headers: dict[str, str], similar_index
+) -> None:
     index = SimilarityIndex(similar_index.path)
     image = index.images[7]
     path = similar_index.catalogue.set_index("image").loc[image, "path"]
@@ -197,6 +199,7 @@ def test_similar_endpoint_finds_the_image_itself(serve_url: str, similar_index) 
         f"{serve_url}/v1/similar",
         files={"file": ("lesion.jpg", Path(path).read_bytes())},
         params={"k": 5},
+        headers=serve_headers,
         timeout=120,
     )
     assert response.status_code == 200, response.text
@@ -219,6 +222,7 @@ def test_similar_endpoint_finds_the_image_itself(serve_url: str, similar_index) 
         f"{serve_url}/v1/similar",
         files={"file": ("lesion.jpg", Path(path).read_bytes())},
         data={"model": "default"},
+        headers=serve_headers,
         timeout=120,
     ).json()
     assert form["k"] == 8 and form["neighbours"][0]["image"] == image
@@ -226,14 +230,22 @@ def test_similar_endpoint_finds_the_image_itself(serve_url: str, similar_index) 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_similar_endpoint_errors(serve_url: str, similar_index, model_registry: Path) -> None:
+def test_similar_endpoint_errors(
+    serve_url: str, serve_headers: dict[str, str], similar_index, model_registry: Path
+) -> None:
     lesion = Path(
         similar_index.catalogue.loc[similar_index.catalogue["split"] == "test", "path"].iloc[0]
     ).read_bytes()
 
     def post(data: bytes | None = lesion, **params) -> httpx.Response:
         files = {"file": ("x.jpg", data)} if data is not None else None
-        return httpx.post(f"{serve_url}/v1/similar", files=files, params=params, timeout=120)
+        return httpx.post(
+            f"{serve_url}/v1/similar",
+            files=files,
+            params=params,
+            headers=serve_headers,
+            timeout=120,
+        )
 
     # a model without an index: 404 with the command that builds one
     missing = post(model="tiny-random")
@@ -258,12 +270,18 @@ def test_similar_endpoint_errors(serve_url: str, similar_index, model_registry: 
     for data, params in ((b"not an image", {}), (lesion, {"model": "nope"}), (b"", {})):
         ours = post(data, **params)
         theirs = httpx.post(
-            f"{serve_url}/v1/classify", files={"file": ("x.jpg", data)}, params=params, timeout=60
+            f"{serve_url}/v1/classify",
+            files={"file": ("x.jpg", data)},
+            params=params,
+            headers=serve_headers,
+            timeout=60,
         )
         assert ours.status_code == theirs.status_code and 400 <= ours.status_code < 500
         assert ours.json()["detail"] == theirs.json()["detail"]
     for k in ("0", str(MAX_K + 1), "three", "2.5"):
         bad = post(k=k)
         assert bad.status_code == 422 and "k must be" in bad.json()["detail"]
-    no_file = httpx.post(f"{serve_url}/v1/similar", data={"x": "1"}, timeout=60)
+    no_file = httpx.post(
+        f"{serve_url}/v1/similar", data={"x": "1"}, headers=serve_headers, timeout=60
+    )
     assert 400 <= no_file.status_code < 500 and "detail" in no_file.json()

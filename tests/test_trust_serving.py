@@ -41,8 +41,8 @@ REFUSED_FOR = {
 
 
 @pytest.fixture(scope="module")
-def client(serve_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=serve_url, timeout=120) as c:
+def client(serve_url: str, serve_headers: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=serve_url, headers=serve_headers, timeout=120) as c:
         yield c
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from dermanet.db import check_current, data_dir, database_url, engine_for
 from dermanet.inference.registry import ModelRegistry
 from dermanet.serving.deployments import Classifier, GradCam
 from dermanet.serving.ingress import Ingress
@@ -21,7 +22,13 @@ def build_app(settings: ServeSettings | None = None) -> Application:
     registry = ModelRegistry(settings.model_dir, settings.default_model)
     choice = registry.default()
     log.info("DermaNet serving %s; default model %r (%s)", registry.root, *_choice(choice))
-    settings = ServeSettings.from_mapping({"model_dir": str(registry.root)}, base=settings)
+    folder = data_dir(settings.data_dir)
+    url = database_url(settings.database_url, folder)
+    check_current(engine_for(url))  # an old or empty database: fail now, with the command
+    settings = ServeSettings.from_mapping(
+        {"model_dir": str(registry.root), "database_url": url, "data_dir": str(folder)},
+        base=settings,
+    )
     common = {
         "model_dir": str(registry.root),
         "risk": settings.risk.to_dict(),

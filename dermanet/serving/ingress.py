@@ -36,6 +36,7 @@ from dermanet.inference.registry import (
     UnknownModelError,
 )
 from dermanet.inference.similar import MAX_K
+from dermanet.serving import cases_context, cases_routes
 from dermanet.serving.health import LoadChecks
 from dermanet.serving.settings import ServeSettings
 from dermanet.serving.trust_view import json_safe
@@ -99,6 +100,7 @@ api = FastAPI(
     description="Dermoscopic skin-lesion classification and Grad-CAM. " + NOTICE,
 )
 api.add_middleware(BodyLimitMiddleware, default=ServeSettings().max_body_bytes)
+cases_routes.install(api)  # keys on every /v1 route; cases, diagnoses, audit, /v1/me
 
 
 @api.exception_handler(ApiError)
@@ -210,6 +212,11 @@ class Ingress:
         self.explainer = explainer
         self.load_checks = LoadChecks()
         api.state.max_body_bytes = self.settings.max_body_bytes
+        cases_context.configure(
+            self.settings.database_url,
+            self.settings.data_dir,
+            lambda request: self.classify(request, model=None),
+        )
         choice = self.registry.default()
         log.info("registry %s; default %r (%s)", self.registry.root, choice.model_id, choice.reason)
 
@@ -326,6 +333,7 @@ class Ingress:
             }
             for outcome, upload in zip(outcomes, uploads, strict=True)
         ]
+        await cases_routes.audit_classify(request, uploads, results)
         # each result carries the gate, the prediction set and its coverage as computed; JSON
         # has no NaN/infinity, so a non-finite number (e.g. a stored threshold) becomes null
         if not several:

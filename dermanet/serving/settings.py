@@ -38,6 +38,10 @@ class ServeSettings:
     retry_after_s: float = 1.0  # the Retry-After advised with a 503 (whole seconds on the wire)
     ready_timeout_s: float = 5.0  # /healthz/ready waits this long for a classifier probe
     risk: RiskPolicy = field(default_factory=RiskPolicy)
+    # Cases, accounts and audit (None: $DERMANET_DATABASE_URL / $DERMANET_DATA_DIR, else an
+    # SQLite file and the images in ./data):
+    database_url: str | None = None
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.risk, Mapping):
