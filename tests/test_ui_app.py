@@ -66,7 +66,7 @@ def test_dashboard_workflow(ui_env: Path, ui_images: list[Path], serve_url: str)
         assert any(f"dn-light-{light}" in card for light in ("green", "yellow", "red"))
     assert at.subheader[0].value == "lesion three.png"  # the last upload is selected
 
-    # selection by clicking a card, then the bars and the expander carry the server's numbers
+    # selection by clicking a card, then the risk score and the expander carry the server's numbers
     state = at.session_state["dn"]
     target = next(i for i in state.predictions if i[0] != state.selected)[0]
     run(at.button(key=f"view-{target}").click())
@@ -74,9 +74,10 @@ def test_dashboard_workflow(ui_env: Path, ui_images: list[Path], serve_url: str)
     name = next(i.original_name for i in _store(ui_env) if i.image_id == target)
     assert at.subheader[0].value == name
     expected = server_answer(serve_url, (ui_env / _stored_name(ui_env, target)).read_bytes())
-    bars = markdown(at, 'class="dn-bars"')[0]
-    assert f"{expected['benign'] * 100:.1f}%" in bars
-    assert f"{expected['malignant'] * 100:.1f}%" in bars
+    score = markdown(at, 'class="dn-risk"')[0]  # a score on the policy's scale, no percentage
+    assert f'data-risk="{expected["risk"]:.4f}"' in score
+    assert f"Risk score <b>{expected['risk']:.2f}</b>" in score
+    assert "on 0–1.5; green &lt; 0.15, red ≥ 0.6" in score and "%;" in score
     big = markdown(at, "dn-light-big")[0]
     assert f"dn-light-{expected['traffic_light']}" in big and f"score {expected['risk']:.2f}" in big
     assert at.expander[0].label == "Probabilities of all classes"
@@ -117,7 +118,7 @@ def test_dashboard_workflow(ui_env: Path, ui_images: list[Path], serve_url: str)
     other = server_answer(
         serve_url, (ui_env / _stored_name(ui_env, target)).read_bytes(), "tiny-random"
     )
-    assert f"{other['benign'] * 100:.1f}%" in markdown(at, 'class="dn-bars"')[0]
+    assert f'data-risk="{other["risk"]:.4f}"' in markdown(at, 'class="dn-risk"')[0]
     assert any(c.startswith("Grad-CAM · MEL (") for c in captions(at))
     assert "tiny-random" in next(c.value for c in at.caption if c.value.startswith("Model"))
 
@@ -165,7 +166,7 @@ def test_refused_upload_and_plausible_classes(
     message = markdown(at, "dn-refusal")[0]
     assert "This does not look like a dermoscopic image" in message
     assert "looks like a screen, document or graphic" in message
-    assert not markdown(at, 'data-bar="benign"') and markdown(at, "not assessed")
+    assert markdown(at, 'data-risk="not-assessed"') and not markdown(at, "dn-risk-marker")
     assert at.expander[0].label.endswith("(unreliable: the image was refused)")
     assert not markdown(at, "Plausible classes")
 
@@ -178,7 +179,7 @@ def test_refused_upload_and_plausible_classes(
     plausible = f"Plausible classes (90 % set): {', '.join(expected['prediction_set'])}"
     assert markdown(at, plausible)
     assert f"dn-light-{expected['traffic_light']}" in markdown(at, "dn-light-big")[0]
-    assert not markdown(at, "dn-refusal") and markdown(at, 'data-bar="benign"')
+    assert not markdown(at, "dn-refusal") and markdown(at, 'class="dn-risk-marker"')
 
 
 def test_similar_confirmed_cases_under_the_prediction(

@@ -29,13 +29,15 @@ from dermanet.ui.report import CaseReport, render_html, render_pdf, report_filen
 from dermanet.ui.storage import UploadRejected, UploadStore, display_name
 from dermanet.ui.views import (
     VOTE_COLUMN,
+    RiskScale,
     card_light_html,
     knn_vote_text,
     model_trust_lines,
     probabilities_title,
     probability_rows,
     refusal_html,
-    risk_bars_html,
+    risk_score_html,
+    risk_score_text,
     set_text,
     similar_cases_html,
     top_class_html,
@@ -66,6 +68,9 @@ def answer(light: str = "red", model: str = "default", name: str = "a.jpg") -> d
         "malignant": 1.0,
         "benign": 0.0,
     }
+
+
+POLICY = {"weights": {"MEL": 1.5, "BCC": 1.3, "SCC": 1.0}, "green_below": 0.15, "yellow_below": 0.6}
 
 
 def trusted_answer(name: str = "a.jpg") -> dict:
@@ -247,10 +252,27 @@ def test_views_use_the_servers_numbers() -> None:
     result = Classification.from_json(answer("yellow"))
     light = traffic_light_html(result.traffic_light, result.risk)
     assert "dn-light-yellow" in light and "1.35" in light and "Intermediate" in light
-    bars = risk_bars_html(result)
-    assert 'data-bar="benign"' in bars and "width:100.0%" in bars and "0.0%" in bars
     rows = probability_rows(result)
     assert next(r["Class"] for r in rows) == "MEL" and len(rows) == len(CLASS_NAMES)
+
+
+def test_risk_is_a_score_on_the_policys_scale_never_a_probability() -> None:
+    """The server's risk 1.16 (1.5·P(MEL) + ...; clipped to 100 % "malignant") reads as a
+    score on 0-1.5 with the light thresholds, the marker at 1.16 / 1.5 of the track."""
+    result = Classification.from_json(answer() | {"risk": 1.16})
+    scale = RiskScale.from_policy(POLICY)
+    assert scale == RiskScale(top=1.5, green_below=0.15, yellow_below=0.6)
+    assert risk_score_text(result, scale) == "Risk score 1.16 on 0–1.5; green < 0.15, red ≥ 0.6"
+    score = risk_score_html(result, scale)
+    assert 'data-risk="1.1600"' in score and "left:77.33%" in score
+    assert [float(w) for w in re.findall(r"width:([\d.]+)%", score)] == [10.0, 30.0, 60.0]
+    assert "100.0%" not in score and "alignant" not in score
+    assert RiskScale.from_policy({}) is None and RiskScale.from_policy(None) is None
+    assert risk_score_text(result) == "Risk score 1.16" and "dn-risk-marker" not in (
+        risk_score_html(result)
+    )
+    above = Classification.from_json(answer() | {"risk": 2.0})  # clipped to the track's end
+    assert "left:100.00%" in risk_score_html(above, scale)
 
 
 def test_client_parses_the_trust_fields() -> None:
@@ -276,8 +298,8 @@ def test_views_of_a_refused_image() -> None:
     assert "This does not look like a dermoscopic image" in message
     assert "one flat colour covers 85%" in message and "OOD score 71.5" in message
     assert "<b>)" not in message and "&lt;b&gt;" in message  # reasons are escaped
-    bars = risk_bars_html(result)
-    assert "not assessed" in bars and 'data-bar="benign"' not in bars
+    score = risk_score_html(result, RiskScale.from_policy(POLICY))
+    assert 'data-risk="not-assessed"' in score and "dn-risk-marker" not in score
     top = top_class_html(result)
     assert "unreliable" in top and "Plausible" not in top and set_text(result) == ""
     assert probabilities_title(result) == (
@@ -294,7 +316,7 @@ def test_views_of_an_accepted_image_show_the_plausible_classes() -> None:
     top = top_class_html(result)
     assert "Most likely: <b>Melanoma</b>" in top and 'data-set="MEL,NV,BKL"' in top
     assert "Plausible classes (90 % set): MEL, NV, BKL" in top
-    assert refusal_html(result) == "" and 'data-bar="malignant"' in risk_bars_html(result)
+    assert refusal_html(result) == "" and 'data-risk="1.3500"' in risk_score_html(result)
     assert probabilities_title(result) == "Probabilities of all classes"
     assert set_text(Classification.from_json(answer())) == ""  # no sets: no line
     lines = model_trust_lines(
@@ -341,18 +363,21 @@ def test_case_report_says_what_the_dashboard_says(kind: str) -> None:
         image=image_bytes("PNG", size=(120, 90)),
         image_mime="image/png",
         result=Classification.from_json(body),
+        risk_policy=POLICY,
     )
     page = render_html(report)
     text = pdf_text(render_pdf(report))
     if kind == "refused":
         assert "dn-light-unknown" in page and "This does not look like a dermoscopic" in page
-        assert "not assessed" in page and 'data-bar="benign"' not in page
+        assert 'data-risk="not-assessed"' in page and 'class="dn-risk-marker"' not in page
         assert "(unreliable: the image was refused)" in page and "Plausible" not in page
         assert "This does not look like a dermoscopic image" in text and "Not assessed" in text
-        assert "not assessed" in text and "unreliable" in text and "risk " not in text
+        assert "not assessed" in text and "unreliable" in text and "(risk score" not in text
     else:
         assert "Plausible classes (90 % set): MEL, NV, BKL" in page and "dn-light-red" in page
-        assert "Plausible classes (90 % set): MEL, NV, BKL" in text and "(risk 1.35)" in text
+        assert "Plausible classes (90 % set): MEL, NV, BKL" in text
+        assert "(risk score 1.35)" in text and "Risk score 1.35 on 0-1.5" in text
+        assert "100.0%" not in text and "100.0%" not in page  # no risk as a probability
         assert "not assessed" not in text
 
 
@@ -523,7 +548,7 @@ def test_case_report_shows_the_similar_cases() -> None:
 
 # --- the PDF as drawn: rectangle fills under the table's text -----------------------------------
 WHITE = (1.0, 1.0, 1.0)
-MALIGNANT_ORANGE = (194 / 255, 65 / 255, 12 / 255)  # the malignant bar's fill
+RED_ZONE = (0xD6 / 255, 0x3A / 255, 0x3A / 255)  # the risk track's red zone
 TOKEN = re.compile(rb"\((?:\\.|[^\\)])*\)|[-+]?(?:\d+\.?\d*|\.\d+)|[A-Za-z'\"*]+|\S")
 
 
@@ -595,26 +620,27 @@ def pdf_drawing(pdf: bytes) -> Drawn:
 
 @pytest.mark.parametrize("with_cases", [False, True])
 def test_pdf_probability_table_is_not_painted_in_the_bar_colour(with_cases: bool) -> None:
-    """The PDF once drew every cell of "Probabilities of all classes" in the malignant bar's
-    orange: fpdf2's table takes the fill colour in force as its cells' background, and the
-    bars left it set. The table's body must lie on white, its heading on light grey."""
+    """The PDF once drew every cell of "Probabilities of all classes" in a bar's colour:
+    fpdf2's table takes the fill colour in force as its cells' background, and the bar drawn
+    above left it set. The table's body must lie on white, its heading on light grey."""
     report = CaseReport(
         image_name="a.jpg",
         image=image_bytes(size=(120, 90)),
         image_mime="image/jpeg",
-        result=Classification.from_json(answer()),  # malignant 100 %: a full orange bar
+        result=Classification.from_json(answer()),  # risk 1.35: the marker in the red zone
+        risk_policy=POLICY,
         similar=SimilarCases.from_json(similar_answer()) if with_cases else None,
     )
     drawn = pdf_drawing(render_pdf(report))
-    orange = [f for f in drawn.fills if np.allclose(f[1], MALIGNANT_ORANGE, atol=2e-3)]
-    assert orange, "the malignant bar is no longer drawn: this test would check nothing"
+    red = [f for f in drawn.fills if np.allclose(f[1], RED_ZONE, atol=2e-3)]
+    assert red, "the risk track is no longer drawn: this test would check nothing"
     cells = ["Melanoma", "Actinic keratosis", "86.00%", "2.00%", "yes"]
     cells += ["62.00%", "18.00%"] if with_cases else []
     for text in cells:
         backgrounds = drawn.background(text)
         assert backgrounds, f"{text!r} is not drawn in the PDF"
         for colour in backgrounds:
-            assert not np.allclose(colour, MALIGNANT_ORANGE, atol=0.02), f"{text!r} on orange"
+            assert not np.allclose(colour, RED_ZONE, atol=0.02), f"{text!r} on red"
             assert np.allclose(colour, WHITE), f"{text!r} lies on {colour}, not white"
     (heading,) = drawn.background("Probability")
     assert np.allclose(heading, (243 / 255, 244 / 255, 246 / 255), atol=2e-3)

@@ -30,6 +30,7 @@ from dermanet.ui.views import (
     MODE_LABELS,
     SIMILAR_TITLE,
     VOTE_COLUMN,
+    RiskScale,
     card_light_html,
     class_label,
     knn_vote_text,
@@ -40,7 +41,7 @@ from dermanet.ui.views import (
     probabilities_title,
     probability_rows,
     refusal_html,
-    risk_bars_html,
+    risk_score_html,
     server_problem,
     similar_cases_html,
     top_class_html,
@@ -125,8 +126,9 @@ def about_page() -> None:
             f"The server computes `risk = {terms}`. Traffic light: "
             f"{traffic_light_html('green')} below {policy['green_below']}, "
             f"{traffic_light_html('yellow')} below {policy['yellow_below']}, "
-            f"{traffic_light_html('red')} otherwise. The *malignant* bar is the risk clipped "
-            "to [0, 1]; *benign* is 1 − malignant.",
+            f"{traffic_light_html('red')} otherwise. The risk is a score, not a probability: "
+            "it runs from 0 to the largest weight (the probabilities sum to 1), and the "
+            "dashboard shows it on that scale with a marker.",
             unsafe_allow_html=True,
         )
     else:
@@ -271,7 +273,8 @@ with panel:
         if result.refused:  # in place of a risk level: why the gate refused the image
             st.markdown(refusal_html(result), unsafe_allow_html=True)
         st.markdown(top_class_html(result), unsafe_allow_html=True)  # with the plausible set
-        st.markdown(risk_bars_html(result), unsafe_allow_html=True)
+        scale = RiskScale.from_policy(listing.risk_policy)
+        st.markdown(risk_score_html(result, scale), unsafe_allow_html=True)
         with st.expander(probabilities_title(result)):
             st.dataframe(
                 probability_rows(result, similar),  # with the nearest cases' vote beside it
