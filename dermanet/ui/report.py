@@ -92,7 +92,7 @@ class CaseReport:
 
 
 def build_case_report(
-    serve_url: str,
+    client: ServeClient,
     store: UploadStore,
     image: StoredImage,
     result: Classification,
@@ -103,9 +103,8 @@ def build_case_report(
     """The report of what the dashboard shows: its Grad-CAM render if one is on screen, else
     the server's overlay for the predicted class (one request), and the similar cases shown."""
     data = store.read(image.image_id)
-    if gradcam is None:
-        with ServeClient(serve_url) as client:
-            gradcam = client.gradcam(image.original_name, data, model=result.model_id)
+    if gradcam is None:  # the signed-in user's client: Grad-CAM needs their key too
+        gradcam = client.gradcam(image.original_name, data, model=result.model_id)
     return CaseReport(
         image_name=image.original_name,
         image=data,
