@@ -15,9 +15,20 @@ import pytest
 from PIL import Image
 
 from dermanet.classes import CLASS_NAMES
+from dermanet.ui.casebook import (
+    Account,
+    CaseDetail,
+    CaseList,
+    SignInFailed,
+    audit_rows,
+    check_account,
+    sign_in_problem,
+    when,
+)
 from dermanet.ui.cases import case_thumbnails, folder_thumbnail
 from dermanet.ui.client import (
     Classification,
+    NotSignedIn,
     ServeClient,
     ServeError,
     ServeUnavailable,
@@ -644,3 +655,145 @@ def test_pdf_probability_table_is_not_painted_in_the_bar_colour(with_cases: bool
             assert np.allclose(colour, WHITE), f"{text!r} lies on {colour}, not white"
     (heading,) = drawn.background("Probability")
     assert np.allclose(heading, (243 / 255, 244 / 255, 246 / 255), atol=2e-3)
+
+
+# --- accounts and cases: the client's requests and the records it parses ------------------------
+def case_answer(risk: float | None = 0.42, light: str = "yellow") -> dict:
+    """A stored classify answer as the server keeps it: the model version inside, no
+    `model_id` (the answer schema that names the model as {"id", "sha256", "created"})."""
+    body = answer(light) | {"risk": risk, "traffic_light": light}
+    del body["model_id"]
+    return body | {"model": {"id": "default", "sha256": "3f2a9c1b0d4e5f60", "created": "x"}}
+
+
+def case_body() -> dict:
+    image = {
+        "sha256": "ab" * 32,
+        "uploaded_at": "2026-03-04T10:00:00Z",
+        "uploaded_by": "alice",
+        "filename": "visit.jpg",
+    }
+    refused = refused_answer() | {"model": {"id": "default", "sha256": "3f2a9c1b0d4e5f60"}}
+    green = case_answer(0.1, "green")
+    return {
+        "case_id": "c1",
+        "patient": "P-0012",
+        "lesion": "L1",
+        "site": "left forearm",
+        "created_at": "2026-01-01T09:00:00+00:00",
+        "created_by": "alice",
+        "image_count": 3,
+        "last_taken_at": "2026-06-01",
+        "latest_risk": 0.7,
+        "latest_traffic_light": "red",
+        "diagnosis": "MEL",
+        "images": [
+            image | {"image_id": "i1", "taken_at": "2026-01-02", "answer": green},
+            image | {"image_id": "i2", "taken_at": "2026-03-04T10:00:00", "answer": refused},
+            image | {"image_id": "i3", "taken_at": "2026-06-01", "answer": case_answer(0.7, "red")},
+        ],
+        "diagnoses": [
+            {"diagnosis_id": "d1", "label": "MEL", "method": "histopathology", "note": "'; --",
+             "by": "bob", "at": "2026-06-10T08:30:00Z"}
+        ],
+    }  # fmt: skip
+
+
+def test_client_sends_the_key_and_speaks_the_cases_api() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.headers.get("authorization") != "Bearer s3cret":
+            return httpx.Response(401, json={"detail": "unknown or revoked key"})
+        if request.url.path == "/v1/me":
+            return httpx.Response(200, json={"name": "alice", "role": "clinician"})
+        if request.method == "POST" and request.url.path.endswith("/images"):
+            return httpx.Response(201, json=case_answer() | {"image_id": "i9", "case_id": "c 1"})
+        return httpx.Response(200, json={"cases": [], "total": 0, "events": []})
+
+    client = ServeClient("127.0.0.1:9", transport=httpx.MockTransport(handler), api_key="s3cret")
+    assert client.me() == {"name": "alice", "role": "clinician"}
+    client.cases("  p-00 ")
+    assert seen[-1].url.params["patient"] == "p-00" and seen[-1].url.params["limit"] == "50"
+    client.cases("")
+    assert "patient" not in seen[-1].url.params
+    client.create_case("P-1", "L1", "")
+    assert json.loads(seen[-1].content) == {"patient": "P-1", "lesion": "L1", "site": None}
+    added = client.add_image("c 1/..", "v.jpg", b"jpeg bytes", "2026-06-01")
+    assert added["image_id"] == "i9"
+    upload = seen[-1]
+    assert upload.url.raw_path == b"/v1/cases/c%201%2F../images"  # an id is one path segment
+    assert b'name="taken_at"' in upload.content and b"2026-06-01" in upload.content
+    assert b'filename="v.jpg"' in upload.content and b"jpeg bytes" in upload.content
+    client.add_diagnosis("c1", "MEL", "histopathology", "note")
+    assert json.loads(seen[-1].content)["method"] == "histopathology"
+    client.audit("7d")
+    assert seen[-1].url.path == "/v1/audit" and seen[-1].url.params["since"] == "7d"
+    client.delete_image("c1", "i1")
+    assert seen[-1].method == "DELETE" and seen[-1].url.path == "/v1/cases/c1/images/i1"
+    assert all(r.headers["authorization"] == "Bearer s3cret" for r in seen)
+
+    stranger = ServeClient("127.0.0.1:9", transport=httpx.MockTransport(handler), api_key="x")
+    with pytest.raises(NotSignedIn, match="revoked") as refused:
+        stranger.cases()
+    assert refused.value.status == 401
+
+
+def test_case_records_keep_the_stored_answers() -> None:
+    case = CaseDetail.from_json(case_body())
+    assert case.summary.title == "Patient P-0012 · lesion L1 (left forearm)"
+    assert [i.image_id for i in case.images] == ["i1", "i2", "i3"]
+    first = case.images[0]
+    assert first.answer.risk == 0.1 and first.answer.traffic_light == "green"
+    assert first.model_id == "default" and first.answer.model_id == "default"
+    assert first.model_text == "Model `default` · sha256 3f2a9c1b0d4e"
+    assert case.images[1].answer.refused and case.images[1].taken_at.tzinfo is not None
+    rows = case.risk_rows()  # the refused visit has no score: not on the chart
+    assert [(r["Risk score"], r["Light"]) for r in rows] == [(0.1, "green"), (0.7, "red")]
+    (diagnosis,) = case.diagnoses
+    assert diagnosis.text() == "MEL (Melanoma), histopathology, by bob on 2026-06-10 08:30"
+    assert diagnosis.note == "'; --"
+    listed = CaseList.from_json({"cases": [case_body()], "total": 7})
+    assert listed.total == 7 and listed.cases[0].latest_risk == 0.7
+    assert listed.cases[0].diagnosis == "MEL" and when(None) == "–"
+    (row,) = audit_rows(
+        {"events": [{"at": "2026-06-01T12:00:00Z", "account": "root", "action": "classify",
+                     "case_id": "c1", "image_id": "i1", "image_sha256": "ab" * 32,
+                     "model": {"id": "default", "sha256": "3f2a9c1b0d4e5f60"}, "detail": None}]}
+    )  # fmt: skip
+    assert row["Model"] == "default (3f2a9c1b0d4e)" and row["Image sha256"] == "ab" * 6
+    assert row["At (UTC)"] == "2026-06-01 12:00" and row["Detail"] == ""
+
+
+def test_sign_in_checks_the_name_against_the_keys_account() -> None:
+    account = check_account(" alice ", {"name": "alice", "role": "clinician"})
+    assert account == Account("alice", "clinician") and not account.is_admin
+    assert account.may_delete("alice") and not account.may_delete("bob")
+    assert Account("root", "admin").may_delete("bob")
+    with pytest.raises(SignInFailed, match="do not match"):  # someone else's key
+        check_account("alice", {"name": "bob", "role": "admin"})
+    assert "revoked" in sign_in_problem(NotSignedIn("x", status=401))
+
+
+def test_uploads_are_kept_per_account(tmp_path) -> None:
+    store = UploadStore(tmp_path / "up")
+    alice, bob = store.for_account("alice"), store.for_account("../bob")
+    kept = alice.save("a.jpg", image_bytes())
+    assert [i.image_id for i in alice.list()] == [kept.image_id] and bob.list() == []
+    assert bob.root.parent == store.root and bob.root.name.startswith("bob-")
+    assert store.for_account("alice").root == alice.root != store.for_account("Alice").root
+
+
+def test_a_refused_key_is_not_remembered_as_an_images_error(tmp_path) -> None:
+    """A 401 while classifying signs the page out; it is no verdict on the image."""
+    store = UploadStore(tmp_path / "up")
+    state = DashboardState()
+    outcome = state.add_uploads(store, [("f1", "a.jpg", image_bytes())])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"detail": "unknown or revoked key"})
+
+    with pytest.raises(NotSignedIn):
+        state.classify_missing(mock_client(handler), store, store.list(), "default")
+    assert state.error(outcome.stored[0].image_id, "default") is None
