@@ -1,7 +1,8 @@
 """Fixtures for the dashboard tests (registered with `pytest_plugins`, after conftest_serve).
 
-`dashboard_url` runs the real `streamlit run ui/app.py` against the session's Serve; images
-are SYNTHETIC, except the browser screenshot, which prefers a real derm-sample image.
+`dashboard_url` runs the real `streamlit run ui/app.py` against the session's Serve;
+`dashboard_keys` makes its accounts as an administrator does; images are SYNTHETIC, except the
+browser screenshot, which prefers a real derm-sample image.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dermanet.paths import PROJECT_ROOT, sample_dir
 APP = PROJECT_ROOT / "ui" / "app.py"
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 REAL_IMAGES = ("ISIC_0000000.jpg", "ISIC_0000013.jpg", "ISIC_0000002.jpg")
+UI_ACCOUNTS = {"ui-alice": "clinician", "ui-bob": "clinician", "ui-root": "admin"}
 
 
 def free_port() -> int:
@@ -48,6 +50,21 @@ def screenshot_images(ui_images: list[Path]) -> list[Path]:
     if all(path.is_file() for path in real):
         return real
     return ui_images[:3]
+
+
+@pytest.fixture(scope="session")
+def dashboard_keys(serve_url: str) -> dict[str, str]:
+    """Two clinicians and an admin on the session Serve's database, each made with
+    `python -m dermanet.accounts add NAME --role ROLE` (the key is its last line); their keys."""
+    keys = {}
+    for name, role in UI_ACCOUNTS.items():
+        command = [sys.executable, "-m", "dermanet.accounts", "add", name, "--role", role]
+        done = subprocess.run(
+            command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, f"{' '.join(command[1:])}: {done.stderr}"
+        keys[name] = done.stdout.strip().splitlines()[-1]
+    return keys
 
 
 @pytest.fixture()
