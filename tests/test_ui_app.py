@@ -258,7 +258,8 @@ def test_sign_in_with_the_servers_accounts(ui_env: Path, dashboard_keys: dict[st
     (Audit for admins only), the key nowhere but in the client; sign-out forgets it all."""
     at = run(AppTest.from_file(APP, default_timeout=120))
     assert [t.label for t in at.text_input] == ["Account name", "API key"]
-    assert at.text_input(key="signin_key").type == "password"
+    password = at.text_input(key="signin_key").proto
+    assert password.type == password.PASSWORD  # typed unseen
     at.text_input(key="signin_name").input("ui-alice")
     at.text_input(key="signin_key").input("dn_0123456789abcdef_" + "x" * 43)
     run(at.button[0].click())
