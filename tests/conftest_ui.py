@@ -1,7 +1,7 @@
 """Fixtures for the dashboard tests (registered with `pytest_plugins`, after conftest_serve).
 
 `dashboard_url` runs the real `streamlit run ui/app.py` against the session's Serve;
-`dashboard_keys` makes its accounts as an administrator does; images are SYNTHETIC, except the
+`dashboard_keys` adds its accounts to the Serve's database; images are SYNTHETIC, except the
 browser screenshot, which prefers a real derm-sample image.
 """
 
@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -53,18 +54,14 @@ def screenshot_images(ui_images: list[Path]) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def dashboard_keys(serve_url: str) -> dict[str, str]:
-    """Two clinicians and an admin on the session Serve's database, each made with
-    `python -m dermanet.accounts add NAME --role ROLE` (the key is its last line); their keys."""
-    keys = {}
-    for name, role in UI_ACCOUNTS.items():
-        command = [sys.executable, "-m", "dermanet.accounts", "add", name, "--role", role]
-        done = subprocess.run(
-            command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False
-        )
-        assert done.returncode == 0, f"{' '.join(command[1:])}: {done.stderr}"
-        keys[name] = done.stdout.strip().splitlines()[-1]
-    return keys
+def dashboard_keys(serve_account: SimpleNamespace) -> dict[str, str]:
+    """Two clinicians and an admin on the session Serve's database (as `python -m
+    dermanet.accounts add NAME --role ROLE` makes them); their keys by name."""
+    from dermanet.accounts import add_account
+    from dermanet.db import session_factory
+
+    with session_factory(serve_account.database_url).begin() as session:
+        return {name: add_account(session, name, role)[1] for name, role in UI_ACCOUNTS.items()}
 
 
 @pytest.fixture()
