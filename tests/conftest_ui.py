@@ -1,7 +1,8 @@
 """Fixtures for the dashboard tests (registered with `pytest_plugins`, after conftest_serve).
 
-`dashboard_url` runs the real `streamlit run ui/app.py` against the session's Serve; images
-are SYNTHETIC, except the browser screenshot, which prefers a real derm-sample image.
+`dashboard_url` runs the real `streamlit run ui/app.py` against the session's Serve;
+`dashboard_keys` adds its accounts to the Serve's database; images are SYNTHETIC, except the
+browser screenshot, which prefers a real derm-sample image.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from dermanet.paths import PROJECT_ROOT, sample_dir
 APP = PROJECT_ROOT / "ui" / "app.py"
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 REAL_IMAGES = ("ISIC_0000000.jpg", "ISIC_0000013.jpg", "ISIC_0000002.jpg")
+UI_ACCOUNTS = {"ui-alice": "clinician", "ui-bob": "clinician", "ui-root": "admin"}
 
 
 def free_port() -> int:
@@ -48,6 +51,17 @@ def screenshot_images(ui_images: list[Path]) -> list[Path]:
     if all(path.is_file() for path in real):
         return real
     return ui_images[:3]
+
+
+@pytest.fixture(scope="session")
+def dashboard_keys(serve_account: SimpleNamespace) -> dict[str, str]:
+    """Two clinicians and an admin on the session Serve's database (as `python -m
+    dermanet.accounts add NAME --role ROLE` makes them); their keys by name."""
+    from dermanet.accounts import add_account
+    from dermanet.db import session_factory
+
+    with session_factory(serve_account.database_url).begin() as session:
+        return {name: add_account(session, name, role)[1] for name, role in UI_ACCOUNTS.items()}
 
 
 @pytest.fixture()

@@ -15,9 +15,20 @@ import pytest
 from PIL import Image
 
 from dermanet.classes import CLASS_NAMES
+from dermanet.ui.casebook import (
+    Account,
+    CaseDetail,
+    CaseList,
+    SignInFailed,
+    audit_rows,
+    check_account,
+    sign_in_problem,
+    when,
+)
 from dermanet.ui.cases import case_thumbnails, folder_thumbnail
 from dermanet.ui.client import (
     Classification,
+    NotSignedIn,
     ServeClient,
     ServeError,
     ServeUnavailable,
@@ -29,13 +40,15 @@ from dermanet.ui.report import CaseReport, render_html, render_pdf, report_filen
 from dermanet.ui.storage import UploadRejected, UploadStore, display_name
 from dermanet.ui.views import (
     VOTE_COLUMN,
+    RiskScale,
     card_light_html,
     knn_vote_text,
     model_trust_lines,
     probabilities_title,
     probability_rows,
     refusal_html,
-    risk_bars_html,
+    risk_score_html,
+    risk_score_text,
     set_text,
     similar_cases_html,
     top_class_html,
@@ -66,6 +79,9 @@ def answer(light: str = "red", model: str = "default", name: str = "a.jpg") -> d
         "malignant": 1.0,
         "benign": 0.0,
     }
+
+
+POLICY = {"weights": {"MEL": 1.5, "BCC": 1.3, "SCC": 1.0}, "green_below": 0.15, "yellow_below": 0.6}
 
 
 def trusted_answer(name: str = "a.jpg") -> dict:
@@ -247,10 +263,27 @@ def test_views_use_the_servers_numbers() -> None:
     result = Classification.from_json(answer("yellow"))
     light = traffic_light_html(result.traffic_light, result.risk)
     assert "dn-light-yellow" in light and "1.35" in light and "Intermediate" in light
-    bars = risk_bars_html(result)
-    assert 'data-bar="benign"' in bars and "width:100.0%" in bars and "0.0%" in bars
     rows = probability_rows(result)
     assert next(r["Class"] for r in rows) == "MEL" and len(rows) == len(CLASS_NAMES)
+
+
+def test_risk_is_a_score_on_the_policys_scale_never_a_probability() -> None:
+    """The server's risk 1.16 (1.5·P(MEL) + ...; clipped to 100 % "malignant") reads as a
+    score on 0-1.5 with the light thresholds, the marker at 1.16 / 1.5 of the track."""
+    result = Classification.from_json(answer() | {"risk": 1.16})
+    scale = RiskScale.from_policy(POLICY)
+    assert scale == RiskScale(top=1.5, green_below=0.15, yellow_below=0.6)
+    assert risk_score_text(result, scale) == "Risk score 1.16 on 0–1.5; green < 0.15, red ≥ 0.6"
+    score = risk_score_html(result, scale)
+    assert 'data-risk="1.1600"' in score and "left:77.33%" in score
+    assert [float(w) for w in re.findall(r"width:([\d.]+)%", score)] == [10.0, 30.0, 60.0]
+    assert "100.0%" not in score and "alignant" not in score
+    assert RiskScale.from_policy({}) is None and RiskScale.from_policy(None) is None
+    assert risk_score_text(result) == "Risk score 1.16" and "dn-risk-marker" not in (
+        risk_score_html(result)
+    )
+    above = Classification.from_json(answer() | {"risk": 2.0})  # clipped to the track's end
+    assert "left:100.00%" in risk_score_html(above, scale)
 
 
 def test_client_parses_the_trust_fields() -> None:
@@ -279,8 +312,8 @@ def test_views_of_a_refused_image() -> None:
     assert "This does not look like a dermoscopic image" in message
     assert "one flat colour covers 85%" in message and "OOD score 71.5" in message
     assert "<b>)" not in message and "&lt;b&gt;" in message  # reasons are escaped
-    bars = risk_bars_html(result)
-    assert "not assessed" in bars and 'data-bar="benign"' not in bars
+    score = risk_score_html(result, RiskScale.from_policy(POLICY))
+    assert 'data-risk="not-assessed"' in score and "dn-risk-marker" not in score
     top = top_class_html(result)
     assert "unreliable" in top and "Plausible" not in top and set_text(result) == ""
     assert probabilities_title(result) == (
@@ -297,7 +330,7 @@ def test_views_of_an_accepted_image_show_the_plausible_classes() -> None:
     top = top_class_html(result)
     assert "Most likely: <b>Melanoma</b>" in top and 'data-set="MEL,NV,BKL"' in top
     assert "Plausible classes (90 % set): MEL, NV, BKL" in top
-    assert refusal_html(result) == "" and 'data-bar="malignant"' in risk_bars_html(result)
+    assert refusal_html(result) == "" and 'data-risk="1.3500"' in risk_score_html(result)
     assert probabilities_title(result) == "Probabilities of all classes"
     assert set_text(Classification.from_json(answer())) == ""  # no sets: no line
     lines = model_trust_lines(
@@ -344,18 +377,21 @@ def test_case_report_says_what_the_dashboard_says(kind: str) -> None:
         image=image_bytes("PNG", size=(120, 90)),
         image_mime="image/png",
         result=Classification.from_json(body),
+        risk_policy=POLICY,
     )
     page = render_html(report)
     text = pdf_text(render_pdf(report))
     if kind == "refused":
         assert "dn-light-unknown" in page and "This does not look like a dermoscopic" in page
-        assert "not assessed" in page and 'data-bar="benign"' not in page
+        assert 'data-risk="not-assessed"' in page and 'class="dn-risk-marker"' not in page
         assert "(unreliable: the image was refused)" in page and "Plausible" not in page
         assert "This does not look like a dermoscopic image" in text and "Not assessed" in text
-        assert "not assessed" in text and "unreliable" in text and "risk " not in text
+        assert "not assessed" in text and "unreliable" in text and "(risk score" not in text
     else:
         assert "Plausible classes (90 % set): MEL, NV, BKL" in page and "dn-light-red" in page
-        assert "Plausible classes (90 % set): MEL, NV, BKL" in text and "(risk 1.35)" in text
+        assert "Plausible classes (90 % set): MEL, NV, BKL" in text
+        assert "(risk score 1.35)" in text and "Risk score 1.35 on 0-1.5" in text
+        assert "100.0%" not in text and "100.0%" not in page  # no risk as a probability
         assert "not assessed" not in text
 
 
@@ -526,7 +562,7 @@ def test_case_report_shows_the_similar_cases() -> None:
 
 # --- the PDF as drawn: rectangle fills under the table's text -----------------------------------
 WHITE = (1.0, 1.0, 1.0)
-MALIGNANT_ORANGE = (194 / 255, 65 / 255, 12 / 255)  # the malignant bar's fill
+RED_ZONE = (0xD6 / 255, 0x3A / 255, 0x3A / 255)  # the risk track's red zone
 TOKEN = re.compile(rb"\((?:\\.|[^\\)])*\)|[-+]?(?:\d+\.?\d*|\.\d+)|[A-Za-z'\"*]+|\S")
 
 
@@ -598,26 +634,169 @@ def pdf_drawing(pdf: bytes) -> Drawn:
 
 @pytest.mark.parametrize("with_cases", [False, True])
 def test_pdf_probability_table_is_not_painted_in_the_bar_colour(with_cases: bool) -> None:
-    """The PDF once drew every cell of "Probabilities of all classes" in the malignant bar's
-    orange: fpdf2's table takes the fill colour in force as its cells' background, and the
-    bars left it set. The table's body must lie on white, its heading on light grey."""
+    """The PDF once drew every cell of "Probabilities of all classes" in a bar's colour:
+    fpdf2's table takes the fill colour in force as its cells' background, and the bar drawn
+    above left it set. The table's body must lie on white, its heading on light grey."""
     report = CaseReport(
         image_name="a.jpg",
         image=image_bytes(size=(120, 90)),
         image_mime="image/jpeg",
-        result=Classification.from_json(answer()),  # malignant 100 %: a full orange bar
+        result=Classification.from_json(answer()),  # risk 1.35: the marker in the red zone
+        risk_policy=POLICY,
         similar=SimilarCases.from_json(similar_answer()) if with_cases else None,
     )
     drawn = pdf_drawing(render_pdf(report))
-    orange = [f for f in drawn.fills if np.allclose(f[1], MALIGNANT_ORANGE, atol=2e-3)]
-    assert orange, "the malignant bar is no longer drawn: this test would check nothing"
+    red = [f for f in drawn.fills if np.allclose(f[1], RED_ZONE, atol=2e-3)]
+    assert red, "the risk track is no longer drawn: this test would check nothing"
     cells = ["Melanoma", "Actinic keratosis", "86.00%", "2.00%", "yes"]
     cells += ["62.00%", "18.00%"] if with_cases else []
     for text in cells:
         backgrounds = drawn.background(text)
         assert backgrounds, f"{text!r} is not drawn in the PDF"
         for colour in backgrounds:
-            assert not np.allclose(colour, MALIGNANT_ORANGE, atol=0.02), f"{text!r} on orange"
+            assert not np.allclose(colour, RED_ZONE, atol=0.02), f"{text!r} on red"
             assert np.allclose(colour, WHITE), f"{text!r} lies on {colour}, not white"
     (heading,) = drawn.background("Probability")
     assert np.allclose(heading, (243 / 255, 244 / 255, 246 / 255), atol=2e-3)
+
+
+# --- accounts and cases: the client's requests and the records it parses ------------------------
+def case_answer(risk: float | None = 0.42, light: str = "yellow") -> dict:
+    """A stored classify answer as the server keeps it: the model version inside, no
+    `model_id` (the answer schema that names the model as {"id", "sha256", "created"})."""
+    body = answer(light) | {"risk": risk, "traffic_light": light}
+    del body["model_id"]
+    return body | {"model": {"id": "default", "sha256": "3f2a9c1b0d4e5f60", "created": "x"}}
+
+
+def case_body() -> dict:
+    image = {
+        "sha256": "ab" * 32,
+        "uploaded_at": "2026-03-04T10:00:00Z",
+        "uploaded_by": "alice",
+        "filename": "visit.jpg",
+    }
+    refused = refused_answer() | {"model": {"id": "default", "sha256": "3f2a9c1b0d4e5f60"}}
+    green = case_answer(0.1, "green")
+    return {
+        "case_id": "c1",
+        "patient": "P-0012",
+        "lesion": "L1",
+        "site": "left forearm",
+        "created_at": "2026-01-01T09:00:00+00:00",
+        "created_by": "alice",
+        "image_count": 3,
+        "last_taken_at": "2026-06-01",
+        "latest_risk": 0.7,
+        "latest_traffic_light": "red",
+        "diagnosis": "MEL",
+        "images": [
+            image | {"image_id": "i1", "taken_at": "2026-01-02", "answer": green},
+            image | {"image_id": "i2", "taken_at": "2026-03-04T10:00:00", "answer": refused},
+            image | {"image_id": "i3", "taken_at": "2026-06-01", "answer": case_answer(0.7, "red")},
+        ],
+        "diagnoses": [
+            {"diagnosis_id": "d1", "label": "MEL", "method": "histopathology", "note": "'; --",
+             "by": "bob", "at": "2026-06-10T08:30:00Z"}
+        ],
+    }  # fmt: skip
+
+
+def test_client_sends_the_key_and_speaks_the_cases_api() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.headers.get("authorization") != "Bearer s3cret":
+            return httpx.Response(401, json={"detail": "unknown or revoked key"})
+        if request.url.path == "/v1/me":
+            return httpx.Response(200, json={"name": "alice", "role": "clinician"})
+        if request.method == "POST" and request.url.path.endswith("/images"):
+            return httpx.Response(201, json=case_answer() | {"image_id": "i9", "case_id": "c 1"})
+        return httpx.Response(200, json={"cases": [], "total": 0, "events": []})
+
+    client = ServeClient("127.0.0.1:9", transport=httpx.MockTransport(handler), api_key="s3cret")
+    assert client.me() == {"name": "alice", "role": "clinician"}
+    client.cases("  p-00 ")
+    assert seen[-1].url.params["patient"] == "p-00" and seen[-1].url.params["limit"] == "50"
+    client.cases("")
+    assert "patient" not in seen[-1].url.params
+    client.create_case("P-1", "L1", "")
+    assert json.loads(seen[-1].content) == {"patient": "P-1", "lesion": "L1", "site": None}
+    added = client.add_image("c 1/..", "v.jpg", b"jpeg bytes", "2026-06-01")
+    assert added["image_id"] == "i9"
+    upload = seen[-1]
+    assert upload.url.raw_path == b"/v1/cases/c%201%2F../images"  # an id is one path segment
+    assert b'name="taken_at"' in upload.content and b"2026-06-01" in upload.content
+    assert b'filename="v.jpg"' in upload.content and b"jpeg bytes" in upload.content
+    client.add_diagnosis("c1", "MEL", "histopathology", "note")
+    assert json.loads(seen[-1].content)["method"] == "histopathology"
+    client.audit("7d")
+    assert seen[-1].url.path == "/v1/audit" and seen[-1].url.params["since"] == "7d"
+    client.delete_image("c1", "i1")
+    assert seen[-1].method == "DELETE" and seen[-1].url.path == "/v1/cases/c1/images/i1"
+    assert all(r.headers["authorization"] == "Bearer s3cret" for r in seen)
+
+    stranger = ServeClient("127.0.0.1:9", transport=httpx.MockTransport(handler), api_key="x")
+    with pytest.raises(NotSignedIn, match="revoked") as refused:
+        stranger.cases()
+    assert refused.value.status == 401
+
+
+def test_case_records_keep_the_stored_answers() -> None:
+    case = CaseDetail.from_json(case_body())
+    assert case.summary.title == "Patient P-0012 · lesion L1 (left forearm)"
+    assert [i.image_id for i in case.images] == ["i1", "i2", "i3"]
+    first = case.images[0]
+    assert first.answer.risk == 0.1 and first.answer.traffic_light == "green"
+    assert first.model_id == "default" and first.answer.model_id == "default"
+    assert first.model_text == "Model `default` · sha256 3f2a9c1b0d4e"
+    assert case.images[1].answer.refused and case.images[1].taken_at.tzinfo is not None
+    rows = case.risk_rows()  # the refused visit has no score: not on the chart
+    assert [(r["Risk score"], r["Light"]) for r in rows] == [(0.1, "green"), (0.7, "red")]
+    (diagnosis,) = case.diagnoses
+    assert diagnosis.text() == "MEL (Melanoma), histopathology, by bob on 2026-06-10 08:30"
+    assert diagnosis.note == "'; --"
+    listed = CaseList.from_json({"cases": [case_body()], "total": 7})
+    assert listed.total == 7 and listed.cases[0].latest_risk == 0.7
+    assert listed.cases[0].diagnosis == "MEL" and when(None) == "–"
+    (row,) = audit_rows(
+        {"events": [{"at": "2026-06-01T12:00:00Z", "account": "root", "action": "classify",
+                     "case_id": "c1", "image_id": "i1", "image_sha256": "ab" * 32,
+                     "model": {"id": "default", "sha256": "3f2a9c1b0d4e5f60"}, "detail": None}]}
+    )  # fmt: skip
+    assert row["Model"] == "default (3f2a9c1b0d4e)" and row["Image sha256"] == "ab" * 6
+    assert row["At (UTC)"] == "2026-06-01 12:00" and row["Detail"] == ""
+
+
+def test_sign_in_checks_the_name_against_the_keys_account() -> None:
+    account = check_account(" alice ", {"name": "alice", "role": "clinician"})
+    assert account == Account("alice", "clinician") and not account.is_admin
+    assert account.may_delete("alice") and not account.may_delete("bob")
+    assert Account("root", "admin").may_delete("bob")
+    with pytest.raises(SignInFailed, match="do not match"):  # someone else's key
+        check_account("alice", {"name": "bob", "role": "admin"})
+    assert "revoked" in sign_in_problem(NotSignedIn("x", status=401))
+
+
+def test_uploads_are_kept_per_account(tmp_path) -> None:
+    store = UploadStore(tmp_path / "up")
+    alice, bob = store.for_account("alice"), store.for_account("../bob")
+    kept = alice.save("a.jpg", image_bytes())
+    assert [i.image_id for i in alice.list()] == [kept.image_id] and bob.list() == []
+    assert bob.root.parent == store.root and bob.root.name.startswith("bob-")
+    assert store.for_account("alice").root == alice.root != store.for_account("Alice").root
+
+
+def test_a_refused_key_is_not_remembered_as_an_images_error(tmp_path) -> None:
+    """A 401 while classifying signs the page out; it is no verdict on the image."""
+    store = UploadStore(tmp_path / "up")
+    state = DashboardState()
+    outcome = state.add_uploads(store, [("f1", "a.jpg", image_bytes())])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"detail": "unknown or revoked key"})
+
+    with pytest.raises(NotSignedIn):
+        state.classify_missing(mock_client(handler), store, store.list(), "default")
+    assert state.error(outcome.stored[0].image_id, "default") is None

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -75,6 +76,10 @@ class ServeBusy(ServeUnavailable):
         super().__init__(message)
         self.attempts = attempts
         self.waited_s = waited_s
+
+
+class NotSignedIn(ServeError):
+    """401: no key, or one the server does not know (wrong or revoked): sign in again."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,9 @@ class ServeClient:
         transport: httpx.BaseTransport | None = None,
         busy_budget_s: float = BUSY_BUDGET_S,
         sleep: Callable[[float], None] = time.sleep,
+        api_key: str | None = None,
     ):
+        """`api_key`: the account's key, sent as `Authorization: Bearer` on every request."""
         self.base_url = normalize_url(base_url) if base_url else default_serve_url()
         self.busy_budget_s = float(busy_budget_s)
         self._sleep = sleep
@@ -243,6 +250,7 @@ class ServeClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             transport=transport,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         )
 
     def close(self) -> None:
@@ -324,6 +332,63 @@ class ServeClient:
             model=_header_version(headers),
         )
 
+    # --- accounts, cases and audit (parsed by dermanet.ui.casebook) ----------------------------
+    def me(self) -> dict[str, Any]:
+        """`GET /v1/me`: the key's account, {"name", "role"}; NotSignedIn for a bad key."""
+        return self._json(self._request("GET", "/v1/me"))
+
+    def cases(self, patient: str = "", limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """`GET /v1/cases`: {"cases": [summary], "total"}, newest activity first; `patient`
+        is a case-insensitive substring of the pseudonym."""
+        params: dict[str, Any] = {"limit": int(limit), "offset": int(offset)}
+        if patient.strip():
+            params["patient"] = patient.strip()
+        return self._json(self._request("GET", "/v1/cases", params=params))
+
+    def create_case(self, patient: str, lesion: str, site: str | None = None) -> dict[str, Any]:
+        """`POST /v1/cases`; the same patient and lesion twice is a 409 naming the case."""
+        body = {"patient": patient, "lesion": lesion, "site": site or None}
+        return self._json(self._request("POST", "/v1/cases", json=body))
+
+    def case(self, case_id: str) -> dict[str, Any]:
+        """`GET /v1/cases/{id}`: the summary, its images in time order with their stored
+        answers, and its diagnoses; 404 when unknown or deleted."""
+        return self._json(self._request("GET", f"/v1/cases/{_segment(case_id)}"))
+
+    def delete_case(self, case_id: str) -> dict[str, Any]:
+        return self._json(self._request("DELETE", f"/v1/cases/{_segment(case_id)}"))
+
+    def add_image(
+        self, case_id: str, name: str, data: bytes, taken_at: str | None = None
+    ) -> dict[str, Any]:
+        """`POST /v1/cases/{id}/images`: stored, classified and audited; the answer plus
+        "image_id" and "case_id". `taken_at`: ISO 8601 date or datetime (default: now)."""
+        form = {"taken_at": taken_at} if taken_at else None
+        path = f"/v1/cases/{_segment(case_id)}/images"
+        return self._json(self._request("POST", path, files={"file": (name, data)}, data=form))
+
+    def image_file(self, case_id: str, image_id: str) -> bytes:
+        path = f"/v1/cases/{_segment(case_id)}/images/{_segment(image_id)}/file"
+        return self._request("GET", path).content
+
+    def delete_image(self, case_id: str, image_id: str) -> dict[str, Any]:
+        """Soft delete; only its uploader or an admin (403 otherwise, said by the server)."""
+        path = f"/v1/cases/{_segment(case_id)}/images/{_segment(image_id)}"
+        return self._json(self._request("DELETE", path))
+
+    def add_diagnosis(
+        self, case_id: str, label: str, method: str, note: str = ""
+    ) -> dict[str, Any]:
+        body = {"label": label, "method": method, "note": note}
+        path = f"/v1/cases/{_segment(case_id)}/diagnosis"
+        return self._json(self._request("POST", path, json=body))
+
+    def audit(self, since: str | None = None, limit: int = 200) -> dict[str, Any]:
+        """`GET /v1/audit` (admins only): {"events": [...]}, newest first; `since` is ISO
+        8601 or a span such as "24h" or "7d"."""
+        params: dict[str, Any] = {"limit": int(limit)} | ({"since": since} if since else {})
+        return self._json(self._request("GET", "/v1/audit", params=params))
+
     # --- plumbing ------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request; a 503 with Retry-After is retried after the advised delay (with a
@@ -348,6 +413,8 @@ class ServeClient:
                 )
             self._sleep(delay)
             waited += delay
+        if response.status_code == 401:
+            raise NotSignedIn(_detail(response), status=401)
         if response.status_code >= 400:
             raise ServeError(_detail(response), status=response.status_code)
         return response
@@ -385,6 +452,11 @@ def _header_version(headers: Mapping[str, str]) -> ModelVersion | None:
             "created": "x-dermanet-model-created"}  # fmt: skip
     found = {key: headers.get(name) for key, name in keys.items()}
     return ModelVersion.from_dict(found) if all(found.values()) else None
+
+
+def _segment(value: str) -> str:
+    """An id as one URL path segment (ids come from the server, but never trust a slash)."""
+    return quote(str(value), safe="")
 
 
 def _retry_after(response: httpx.Response) -> float | None:

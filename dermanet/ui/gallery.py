@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from dermanet.ui.client import (
     Classification,
     GradCamImage,
+    NotSignedIn,
     ServeClient,
     ServeError,
     SimilarCases,
@@ -23,6 +24,12 @@ from dermanet.ui.storage import StoredImage, UploadRejected, UploadStore
 
 # (image, model, target class or "" for the predicted one, mode, opacity)
 GradCamKey = tuple[str, str, str, str, float]
+
+
+def _page_level(exc: ServeError) -> bool:
+    """A failure of the whole page, not of one image: no answer (busy, unreachable) or the
+    key refused (401: the page signs out). Not remembered as the image's error."""
+    return exc.status is None or isinstance(exc, NotSignedIn)
 
 
 @dataclass
@@ -101,7 +108,7 @@ class DashboardState:
 
         A request that fails as a whole (e.g. one unreadable image among several) is retried
         image by image, so one bad file cannot hide the others' answers.
-        ServeUnavailable propagates: the page shows one clear message instead.
+        ServeUnavailable and NotSignedIn propagate: the page shows one clear message instead.
         """
         todo = [
             image
@@ -115,8 +122,8 @@ class DashboardState:
         try:
             answers = client.classify(payload, model=model_id)
         except ServeError as exc:
-            if exc.status is None or len(todo) == 1:
-                if exc.status is None:
+            if _page_level(exc) or len(todo) == 1:
+                if _page_level(exc):
                     raise
                 self.errors[(todo[0].image_id, model_id)] = str(exc)
                 return 1
@@ -126,7 +133,7 @@ class DashboardState:
                         [item], model=model_id
                     )[0]
                 except ServeError as single:
-                    if single.status is None:
+                    if _page_level(single):
                         raise
                     self.errors[(image.image_id, model_id)] = str(single)
             return len(todo)
@@ -150,7 +157,7 @@ class DashboardState:
         try:
             cases = client.similar(image.original_name, store.read(image.image_id), model_id, k)
         except ServeError as exc:
-            if exc.status is None:
+            if _page_level(exc):
                 raise
             self.similar_errors[key] = str(exc)
             return None

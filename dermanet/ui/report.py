@@ -1,9 +1,10 @@
 """Case reports: one image, its prediction, all probabilities, Grad-CAM, model id and date.
 
-The report says what the dashboard says: a refused image has a grey light and the reason in
-place of a risk level, no bars, and its probabilities marked as unreliable; an accepted one
-has its set of plausible classes beside the top class. With similar cases, the report shows
-them (thumbnail, diagnosis, distance) and their vote as a column beside the probabilities.
+The report says what the dashboard says: the risk score on its scale (never a percentage); a
+refused image has a grey light and the reason in place of a risk level, no score, and its
+probabilities marked as unreliable; an accepted one has its set of plausible classes beside
+the top class. With similar cases, the report shows them (thumbnail, diagnosis, distance) and
+their vote as a column beside the probabilities.
 
 `render_html` writes one self-contained HTML file (images inline as data URIs); `render_pdf`
 writes a one-page PDF with fpdf2 (pure Python). Both carry the research-tool notice.
@@ -39,12 +40,14 @@ from dermanet.ui.views import (
     NOTICE,
     SIMILAR_TITLE,
     VOTE_COLUMN,
+    RiskScale,
     knn_vote_text,
     probabilities_title,
     probability_rows,
     refusal_html,
     refusal_text,
-    risk_bars_html,
+    risk_score_html,
+    risk_score_text,
     set_text,
     similar_cases_html,
     similar_caveat,
@@ -89,7 +92,7 @@ class CaseReport:
 
 
 def build_case_report(
-    serve_url: str,
+    client: ServeClient,
     store: UploadStore,
     image: StoredImage,
     result: Classification,
@@ -100,9 +103,8 @@ def build_case_report(
     """The report of what the dashboard shows: its Grad-CAM render if one is on screen, else
     the server's overlay for the predicted class (one request), and the similar cases shown."""
     data = store.read(image.image_id)
-    if gradcam is None:
-        with ServeClient(serve_url) as client:
-            gradcam = client.gradcam(image.original_name, data, model=result.model_id)
+    if gradcam is None:  # the signed-in user's client: Grad-CAM needs their key too
+        gradcam = client.gradcam(image.original_name, data, model=result.model_id)
     return CaseReport(
         image_name=image.original_name,
         image=data,
@@ -208,7 +210,7 @@ td.num {{text-align:right; font-variant-numeric:tabular-nums;}}
 <p>{traffic_light_html(r.traffic_light, r.risk, big=True)}</p>
 {refusal_html(r)}
 {top_class_html(r)}
-{risk_bars_html(r)}
+{risk_score_html(r, RiskScale.from_policy(report.risk_policy))}
 <p class="dn-muted">{esc(policy)}</p>
 <h2>{esc(probabilities_title(r))}</h2>
 <table class="probs"><tr><th>Class</th><th>Name</th><th>Malignant</th><th>Probability</th>\
@@ -223,6 +225,7 @@ td.num {{text-align:right; font-variant-numeric:tabular-nums;}}
 def _latin1(text: str) -> str:
     """fpdf2's core fonts are Latin-1: replace what they cannot show."""
     text = str(text).replace("·", "x").replace("—", "-").replace("…", "...").replace("⚠", "!")
+    text = text.replace("–", "-").replace("≥", ">=")
     return text.encode("latin-1", "replace").decode("latin-1")
 
 
@@ -292,7 +295,7 @@ def render_pdf(report: CaseReport) -> bytes:
     pdf.set_x(pdf.l_margin + 7)
     pdf.set_font("Helvetica", "B", 12)
     label = LIGHT_LABELS.get(r.traffic_light, r.traffic_light)
-    label += f" (risk {r.risk:.2f})" if r.risk is not None else ""
+    label += f" (risk score {r.risk:.2f})" if r.risk is not None else ""
     pdf.cell(width - 7, 6, _latin1(label), new_x="LMARGIN", new_y="NEXT")
     if r.refused:
         pdf.set_font("Helvetica", "B", 10)
@@ -301,7 +304,7 @@ def render_pdf(report: CaseReport) -> bytes:
     pdf.cell(width, 6, _latin1(top_class_text(r)), new_x="LMARGIN", new_y="NEXT")
     if set_text(r):
         pdf.cell(width, 6, _latin1(set_text(r)), new_x="LMARGIN", new_y="NEXT")
-    _pdf_bars(pdf, r, width)
+    _pdf_risk(pdf, r, RiskScale.from_policy(report.risk_policy), width)
     policy = _policy_text(report.risk_policy)
     if policy:
         pdf.set_font("Helvetica", "I", 8)
@@ -340,30 +343,23 @@ def render_pdf(report: CaseReport) -> bytes:
     return bytes(pdf.output())
 
 
-def _pdf_bars(pdf: Any, r: Classification, width: float) -> None:
-    """The benign and malignant bars; a refused image has no risk assessment."""
-    if r.benign is None or r.malignant is None:
-        pdf.set_font("Helvetica", "I", 10)
-        line = "Benign / malignant: not assessed (the image was refused)"
-        pdf.cell(width, 6, line, new_x="LMARGIN", new_y="NEXT")
+def _pdf_risk(pdf: Any, r: Classification, scale: RiskScale | None, width: float) -> None:
+    """The risk score on its scale: the line of text and a track coloured by the light zones
+    with a marker at the score; a refused image has no risk assessment."""
+    pdf.set_font("Helvetica", "I" if r.risk is None else "", 10)
+    pdf.cell(width, 6, _latin1(risk_score_text(r, scale)), new_x="LMARGIN", new_y="NEXT")
+    if r.risk is None or scale is None:
         return
-    pdf.set_font("Helvetica", "", 10)
-    for bar, value, colour in (
-        ("Benign", r.benign, (47, 143, 106)),
-        ("Malignant", r.malignant, (194, 65, 12)),
-    ):
-        y = pdf.get_y() + 1
-        pdf.set_xy(pdf.l_margin, y)
-        pdf.cell(24, 5, bar)
-        track = width - 24 - 18
-        with pdf.local_context(fill_color=(238, 240, 243)):
-            pdf.rect(pdf.l_margin + 24, y, track, 5, style="F")
-        fill = max(0.0, min(1.0, value)) * track
-        if fill > 0:
-            with pdf.local_context(fill_color=colour):
-                pdf.rect(pdf.l_margin + 24, y, fill, 5, style="F")
-        pdf.set_xy(pdf.l_margin + 24 + track, y)
-        pdf.cell(18, 5, f"{value:.1%}", align="R", new_x="LMARGIN", new_y="NEXT")
+    y, track = pdf.get_y() + 1.5, width * 0.6
+    edges = (0.0, scale.green_below, scale.yellow_below, scale.top)
+    for light, lo, hi in zip(("green", "yellow", "red"), edges[:-1], edges[1:], strict=True):
+        with pdf.local_context(fill_color=_hex_rgb(LIGHT_COLOURS[light])):
+            pdf.rect(pdf.l_margin + lo / scale.top * track, y, (hi - lo) / scale.top * track, 3,
+                     style="F")  # fmt: skip
+    at = pdf.l_margin + max(0.0, min(1.0, r.risk / scale.top)) * track
+    with pdf.local_context(fill_color=(17, 24, 39)):
+        pdf.rect(at - 0.5, y - 1.2, 1.0, 5.4, style="F")
+    pdf.set_xy(pdf.l_margin, y + 5.5)
 
 
 def _pdf_similar(

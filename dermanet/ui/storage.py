@@ -86,6 +86,13 @@ class UploadStore:
     def __repr__(self) -> str:
         return f"UploadStore({str(self.root)!r}, max_bytes={self.max_bytes})"
 
+    def for_account(self, name: str) -> UploadStore:
+        """This store's folder for one account (`<root>/<safe name>-<hash>`): the single-image
+        page of one user never lists another user's uploads."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:40] or "account"
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+        return UploadStore(self.root / f"{safe}-{digest}", self.max_bytes, self.max_pixels)
+
     # --- writing -------------------------------------------------------------------------------
     def save(self, name: str, data: bytes) -> StoredImage:
         """Check and keep one upload; the same bytes again return the image already kept."""

@@ -1,9 +1,10 @@
-"""HTML pieces of the dashboard (traffic light, benign/malignant bars, tables) and its CSS.
+"""HTML pieces of the dashboard (traffic light, risk score on its scale, tables) and its CSS.
 
 Pure functions of the server's answer, escaped, so the page and the case report agree and
-tests can read them. Nothing here computes risk: the numbers are the server's. An image the
-server's gate refused gets a grey light and the reason instead of a risk level, no bars, and its
-probabilities marked as unreliable; an accepted one shows its set of plausible classes. The
+tests can read them. Nothing here computes risk: the numbers are the server's. The risk is a
+score on the scale of the server's policy (e.g. 0-1.5), never shown as a probability. An
+image the server's gate refused gets a grey light and the reason instead of a risk level, no
+score, and its probabilities marked as unreliable; an accepted one shows its plausible classes. The
 similar confirmed cases (`/v1/similar`) are a strip of thumbnails with diagnosis and distance,
 and their vote is a column beside the model's probabilities.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from dermanet.classes import CLASS_DESCRIPTIONS, CLASS_NAMES, is_malignant
@@ -45,15 +47,14 @@ CSS = """
 .dn-light-unknown {color:#374151; background:#eceef1;}
 .dn-light-big {font-size:1.15rem; padding:.35rem .9rem;}
 .dn-light-big .dn-dot {width:1.2rem; height:1.2rem;}
-.dn-bars {margin:.4rem 0 .6rem 0;}
-.dn-bar-row {display:grid; grid-template-columns:6.5rem 1fr 3.6rem; align-items:center;
-  gap:.6rem; margin:.45rem 0;}
-.dn-bar-label {font-weight:600; color:#374151;}
-.dn-bar-track {background:#eef0f3; border-radius:6px; height:1.35rem; overflow:hidden;}
-.dn-bar-fill {height:100%; border-radius:6px;}
-.dn-bar-benign {background:#2f8f6a;}
-.dn-bar-malignant {background:#c2410c;}
-.dn-bar-value {text-align:right; font-variant-numeric:tabular-nums; font-weight:600;}
+.dn-risk {margin:.5rem 0 .7rem 0;}
+.dn-risk-line {font-variant-numeric:tabular-nums; margin-bottom:.3rem;}
+.dn-risk-track {position:relative; display:flex; height:.7rem; border-radius:4px;
+  overflow:visible; opacity:.85;}
+.dn-zone {height:100%;}
+.dn-zone:first-child {border-radius:4px 0 0 4px;} .dn-zone:last-child {border-radius:0 4px 4px 0;}
+.dn-risk-marker {position:absolute; top:-.3rem; width:.25rem; height:1.3rem; margin-left:-.125rem;
+  background:#111827; border-radius:2px; box-shadow:0 0 0 2px #fff;}
 .dn-top {font-size:1.05rem; margin:.2rem 0 .1rem 0;}
 .dn-muted {color:#6b7280; font-size:.85rem;}
 .dn-card-name {font-size:.82rem; color:#374151; overflow:hidden; text-overflow:ellipsis;
@@ -137,27 +138,70 @@ def card_light_html(result: Classification | None) -> str:
     )
 
 
-def risk_bars_html(result: Classification) -> str:
-    """The two bars of the original dashboard: benign and malignant (server values); for an
-    image without a risk assessment (refused by the gate) a "not assessed" line instead."""
-    if result.malignant is None or result.benign is None:
-        return (
-            '<div class="dn-bars dn-not-assessed" data-bar="not-assessed">Benign / malignant: '
-            "not assessed (the image was refused)</div>"
+@dataclass(frozen=True)
+class RiskScale:
+    """The scale a risk score is read on, from the server's policy (`/v1/models`).
+
+    The score is a weighted sum of class probabilities, not a probability: it runs from 0 to
+    the largest class weight (the probabilities sum to 1), e.g. 0-1.5 for 1.5·P(MEL) +
+    1.3·P(BCC) + 1.0·P(SCC); green below `green_below`, red from `yellow_below` on.
+    """
+
+    top: float
+    green_below: float
+    yellow_below: float
+
+    @classmethod
+    def from_policy(cls, policy: Mapping[str, Any] | None) -> RiskScale | None:
+        """None when the server sent no usable policy (the score is then shown bare)."""
+        policy = policy or {}
+        try:
+            top = max(float(w) for w in (policy.get("weights") or {}).values())
+            green, yellow = float(policy["green_below"]), float(policy["yellow_below"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return cls(max(top, yellow), green, yellow) if top > 0 else None
+
+    def text(self) -> str:
+        """on 0–1.5; green < 0.15, red ≥ 0.6"""
+        return f"on 0–{self.top:g}; green < {self.green_below:g}, red ≥ {self.yellow_below:g}"
+
+
+NOT_ASSESSED = "Risk score: not assessed (the image was refused)"
+
+
+def risk_score_text(result: Classification, scale: RiskScale | None = None) -> str:
+    """Risk score 1.16 on 0–1.5; green < 0.15, red ≥ 0.6 (the server's score, never a
+    percentage); for a refused image, that it was not assessed."""
+    if result.risk is None:
+        return NOT_ASSESSED
+    return f"Risk score {result.risk:.2f}" + (f" {scale.text()}" if scale else "")
+
+
+def risk_score_html(result: Classification, scale: RiskScale | None = None) -> str:
+    """The score on its scale: a track coloured by the traffic-light zones with a marker at
+    the score; a "not assessed" line for an image the gate refused."""
+    if result.risk is None:
+        return f'<div class="dn-risk dn-not-assessed" data-risk="not-assessed">{NOT_ASSESSED}</div>'
+    line = (
+        f'<div class="dn-risk-line">Risk score <b>{result.risk:.2f}</b>'
+        + (f' <span class="dn-muted">{html.escape(scale.text())}</span>' if scale else "")
+        + "</div>"
+    )
+    track = ""
+    if scale is not None:
+        edges = (0.0, scale.green_below, scale.yellow_below, scale.top)
+        zones = "".join(
+            f'<div class="dn-zone" style="width:{(hi - lo) / scale.top * 100:.2f}%;'
+            f'background:{LIGHT_COLOURS[light]}"></div>'
+            for light, lo, hi in zip(("green", "yellow", "red"), edges[:-1], edges[1:], strict=True)
         )
-    rows = []
-    for name, value, css in (
-        ("Benign", result.benign, "dn-bar-benign"),
-        ("Malignant", result.malignant, "dn-bar-malignant"),
-    ):
-        pct = max(0.0, min(1.0, float(value))) * 100
-        rows.append(
-            f'<div class="dn-bar-row" data-bar="{name.lower()}">'
-            f'<span class="dn-bar-label">{name}</span>'
-            f'<div class="dn-bar-track"><div class="dn-bar-fill {css}" style="width:{pct:.1f}%">'
-            f'</div></div><span class="dn-bar-value">{pct:.1f}%</span></div>'
+        at = max(0.0, min(1.0, result.risk / scale.top)) * 100
+        track = (
+            f'<div class="dn-risk-track">{zones}'
+            f'<div class="dn-risk-marker" style="left:{at:.2f}%"></div></div>'
         )
-    return '<div class="dn-bars">' + "".join(rows) + "</div>"
+    return f'<div class="dn-risk" data-risk="{result.risk:.4f}">{line}{track}</div>'
 
 
 def _top_lead(result: Classification) -> str:
