@@ -33,9 +33,11 @@ from dermanet.inference.similar import (
     IndexMismatchError,
     IndexMissingError,
     IndexUnreadableError,
+    file_sha256,
 )
 from dermanet.runtime import use_assigned_cpus
 from dermanet.serving.health import ModelCheckError, smoke_test
+from dermanet.serving.metrics import service_metrics
 
 log = logging.getLogger("ray.serve")
 
@@ -151,6 +153,8 @@ class Classifier(_RegistryBacked):
     async def get_predictor(self, model_id: str) -> Predictor:
         predictor = await asyncio.to_thread(self._predictor, model_id)
         self.loaded[model_id] = predictor
+        sha256 = await asyncio.to_thread(file_sha256, self.registry.get(model_id).path)
+        service_metrics().model(model_id, sha256)
         return predictor
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -161,7 +165,9 @@ class Classifier(_RegistryBacked):
             predictor = await self.get_predictor(model_id)
         except LOAD_ERRORS as exc:
             return [_load_error(model_id, exc)] * len(uploads)
-        return await asyncio.to_thread(self._classify, predictor, uploads)
+        results = await asyncio.to_thread(self._classify, predictor, uploads)
+        service_metrics().answers(item["prediction"] for item in results if item.get("ok"))
+        return results
 
     async def probe(self) -> dict[str, Any]:
         """Readiness: the requested model is loaded on this replica and answers a tiny input."""

@@ -37,6 +37,7 @@ from dermanet.inference.registry import (
 )
 from dermanet.inference.similar import MAX_K
 from dermanet.serving.health import LoadChecks
+from dermanet.serving.metrics import RequestMetricsMiddleware
 from dermanet.serving.settings import ServeSettings
 from dermanet.serving.trust_view import json_safe
 from dermanet.serving.uploads import (
@@ -99,6 +100,7 @@ api = FastAPI(
     description="Dermoscopic skin-lesion classification and Grad-CAM. " + NOTICE,
 )
 api.add_middleware(BodyLimitMiddleware, default=ServeSettings().max_body_bytes)
+api.add_middleware(RequestMetricsMiddleware)  # outermost: counts the 413s above too
 
 
 @api.exception_handler(ApiError)
