@@ -6,7 +6,8 @@
 Starts its own local Ray + Serve (never touching another cluster) on the `weights/` registry
 and sends real derm-sample JPEGs (the ISIC-archive ones, 341x256) to /v1/classify from
 closed-loop clients that, like the dashboard, wait the advised Retry-After (plus up to 25 %
-jitter) after a 503. Two configurations in the same run:
+jitter) after a 503 (`--resend at-once`: clients that resend at once instead, which
+shedding must survive cheaply). Two configurations in the same run:
   before: one Classifier replica (1 CPU), no queue bound (how the app served until issue 17);
   after:  the defaults: 2 replicas x 0.5 CPU, 32 queued per caller, 503 + Retry-After beyond.
 For each: goodput (200s per second), p50/p99 latency of the accepted requests and the shed
@@ -86,8 +87,12 @@ class Span:
     end: float
 
 
-async def closed_loop(url: str, images: list[bytes], clients: int, span: Span, window: Window):
-    """`clients` clients send back to back until `span.end`; completions inside `span` count."""
+async def closed_loop(
+    url: str, images: list[bytes], clients: int, span: Span, window: Window, resend: str = "advised"
+):
+    """`clients` clients send back to back until `span.end`; completions inside `span` count.
+    After a 503 they wait the advised Retry-After (`resend="advised"`) or resend at once
+    (`"at-once"`: misbehaving clients, which shedding must survive cheaply)."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
 
@@ -110,18 +115,21 @@ async def closed_loop(url: str, images: list[bytes], clients: int, span: Span, w
                 elif status == "503" and response is not None and "retry-after" in response.headers:
                     if counted:
                         window.shed_latencies.append(done - sent)
-                    advised = float(response.headers["retry-after"])
-                    await asyncio.sleep(max(advised, 0.5) * rng.uniform(1.0, 1.25))
+                    if resend == "advised":
+                        advised = float(response.headers["retry-after"])
+                        await asyncio.sleep(max(advised, 0.5) * rng.uniform(1.0, 1.25))
                 elif counted:
                     window.other[status] = window.other.get(status, 0) + 1
 
         await asyncio.gather(*(one_client(i) for i in range(clients)))
 
 
-def measure(url: str, images: list[bytes], clients: int, seconds: float, warmup: float) -> Window:
+def measure(
+    url: str, images: list[bytes], clients: int, seconds: float, warmup: float, resend: str
+) -> Window:
     window = Window(seconds)
     start = time.monotonic() + warmup
-    asyncio.run(closed_loop(url, images, clients, Span(start, start + seconds), window))
+    asyncio.run(closed_loop(url, images, clients, Span(start, start + seconds), window, resend))
     return window
 
 
@@ -172,6 +180,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--num-cpus", type=float, default=2, help="logical CPUs for Ray")
     parser.add_argument(
+        "--resend",
+        choices=("advised", "at-once"),
+        default="advised",
+        help="after a 503: wait the advised Retry-After, or resend at once (misbehaving clients)",
+    )
+    parser.add_argument(
         "--allow-busy", action="store_true", help="measure even if the machine is already busy"
     )
     args = parser.parse_args()
@@ -189,7 +203,7 @@ def main() -> None:
         try:
             url = start_local(settings, port=args.port, num_cpus=args.num_cpus, temp_dir=scratch)
             for clients in args.clients:
-                window = measure(url, images, clients, args.seconds, args.warmup)
+                window = measure(url, images, clients, args.seconds, args.warmup, args.resend)
                 rows.append((name, clients, window))
                 print(
                     f"{name} c={clients}: {window.goodput:.1f}/s, p99 {window.pct(99):.2f} s, "
