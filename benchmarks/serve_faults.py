@@ -58,6 +58,7 @@ class Window:
     shed_latencies: list[float] = field(default_factory=list)
     other: dict[str, int] = field(default_factory=dict)
     ok_times: list[float] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds by process role
 
     @property
     def goodput(self) -> float:
@@ -69,6 +70,40 @@ class Window:
     @property
     def failed(self) -> int:
         return sum(self.other.values())
+
+
+ROLES = (("ProxyActor", "proxy"), (":Ingress", "ingress"), (":Classifier", "classifier"),
+         ("raylet", "ray"), ("gcs_server", "ray"))  # fmt: skip
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds so far of this process ("client": the load generator) and of every process
+    it started (the private Ray: proxy, ingress, classifier replicas, Ray's own), read from
+    /proc: where the cores go under overload."""
+    parents, used, names = {}, {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            names[entry.name] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[entry.name] = fields[1]
+        used[entry.name] = (int(fields[11]) + int(fields[12])) / TICKS
+    me = str(os.getpid())
+    totals = {"client": used.get(me, 0.0)}
+    for pid in used:
+        chain, ancestor = set(), parents.get(pid)
+        while ancestor and ancestor not in chain and ancestor != me:
+            chain.add(ancestor)
+            ancestor = parents.get(ancestor)
+        if ancestor == me and pid != me:
+            role = next((r for key, r in ROLES if key in names[pid]), "other")
+            totals[role] = totals.get(role, 0.0) + used[pid]
+    return totals
 
 
 def real_jpegs(count: int) -> list[bytes]:
@@ -129,7 +164,15 @@ def measure(
 ) -> Window:
     window = Window(seconds)
     start = time.monotonic() + warmup
+    before: dict[str, float] = {}
+
+    def mark() -> None:  # CPU use at the start of the measured window
+        before.update(cpu_by_role())
+
+    threading.Timer(warmup, mark).start()
     asyncio.run(closed_loop(url, images, clients, Span(start, start + seconds), window, resend))
+    after = cpu_by_role()
+    window.cpu_s = {role: after[role] - before.get(role, 0.0) for role in after}
     return window
 
 
@@ -207,7 +250,8 @@ def main() -> None:
                 rows.append((name, clients, window))
                 print(
                     f"{name} c={clients}: {window.goodput:.1f}/s, p99 {window.pct(99):.2f} s, "
-                    f"shed {len(window.shed_latencies)}, failed {window.failed}",
+                    f"shed {len(window.shed_latencies)}, failed {window.failed}; CPU s/s "
+                    + ", ".join(f"{k} {v / args.seconds:.2f}" for k, v in window.cpu_s.items()),
                     flush=True,
                 )
             if not args.no_kill:
