@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.serve_faults                     # ~6 min on 2 cores
     .venv/bin/python -m benchmarks.serve_faults --seconds 5 --clients 8 32 --configs after  # try
+    .venv/bin/python -m benchmarks.serve_faults --configs after --no-kill --clients 32 128 \\
+        --resend advised at-once      # overload with both kinds of client
 
 Starts its own local Ray + Serve (never touching another cluster) on the `weights/` registry
 and sends real derm-sample JPEGs (the ISIC-archive ones, 341x256) to /v1/classify from
@@ -25,6 +27,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -224,9 +227,11 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=float, default=2, help="logical CPUs for Ray")
     parser.add_argument(
         "--resend",
+        nargs="+",
         choices=("advised", "at-once"),
-        default="advised",
-        help="after a 503: wait the advised Retry-After, or resend at once (misbehaving clients)",
+        default=["advised"],
+        help="after a 503: wait the advised Retry-After, or resend at once (misbehaving "
+        "clients); both: each level measured with each kind of client",
     )
     parser.add_argument(
         "--allow-busy", action="store_true", help="measure even if the machine is already busy"
@@ -245,11 +250,12 @@ def main() -> None:
         scratch = Path(tempfile.mkdtemp(prefix="drn-faults-", dir="/tmp"))
         try:
             url = start_local(settings, port=args.port, num_cpus=args.num_cpus, temp_dir=scratch)
-            for clients in args.clients:
-                window = measure(url, images, clients, args.seconds, args.warmup, args.resend)
-                rows.append((name, clients, window))
+            for resend, clients in itertools.product(args.resend, args.clients):
+                window = measure(url, images, clients, args.seconds, args.warmup, resend)
+                label = name if args.resend == ["advised"] else f"{name}, resend {resend}"
+                rows.append((label, clients, window))
                 print(
-                    f"{name} c={clients}: {window.goodput:.1f}/s, p99 {window.pct(99):.2f} s, "
+                    f"{label} c={clients}: {window.goodput:.1f}/s, p99 {window.pct(99):.2f} s, "
                     f"shed {len(window.shed_latencies)}, failed {window.failed}; CPU s/s "
                     + ", ".join(f"{k} {v / args.seconds:.2f}" for k, v in window.cpu_s.items()),
                     flush=True,
@@ -286,13 +292,20 @@ def main() -> None:
             f"| {len(w.shed_latencies)} | {shed99:.2f} | {w.failed} |"
         )
     print()
-    for name in args.configs:
-        by_clients = {c: w for n, c, w in rows if n == name}
-        if 32 in by_clients and 128 in by_clients:
-            ratio = by_clients[128].goodput / by_clients[32].goodput
-            print(f"{name}: goodput at 128 clients / at 32 = {ratio:.2f}")
+    for name in dict.fromkeys(n for n, _, _ in rows):  # --clients 32 128 32 128 ...: repeats
+        low = [w.goodput for n, c, w in rows if n == name and c == 32]
+        high = [w.goodput for n, c, w in rows if n == name and c == 128]
+        if low and high:
+            ratios = [h / lo for h, lo in zip(high, low, strict=False)]
+            print(
+                f"{name}: goodput at 128 clients / at 32 = "
+                f"{statistics.median(high) / statistics.median(low):.2f} (medians of "
+                f"{len(high)} and {len(low)}; paired runs: "
+                + ", ".join(f"{r:.2f}" for r in ratios)
+                + ")"
+            )
     if "after" in args.configs:
-        best = max((w.goodput for n, _, w in rows if n == "after"), default=float("nan"))
+        best = max((w.goodput for n, _, w in rows if n.startswith("after")), default=float("nan"))
         print(
             f"after: an accepted request has at most {capacity} ahead of it "
             f"(2 replicas x {defaults.classifier_max_ongoing} ongoing + "

@@ -6,7 +6,8 @@ validation's, predicted class mix against the training prior, per model version.
         --reference val-scores.parquet --since 7d --output /tmp/drift
 
 --answers: a jobs/predict.py output table (Parquet or CSV; a `time` column, when present,
-places each answer in time and --since filters on it). --reference: the same job's output on
+places each answer in time and --since filters on it); or --database: the case database's
+stored answers (each with its time and model file). --reference: the same job's output on
 the validation images of the served model (with their `label` column: the class prior).
 Writes report.md and PNGs to --output; with too few answers it says so in the report.
 """
@@ -17,7 +18,13 @@ import argparse
 import sys
 
 from dermanet.cli import HelpFormatter, run_job, setup_logging
-from dermanet.monitoring.drift import MIN_ANSWERS, drift_report, parse_since, read_answers
+from dermanet.monitoring.drift import (
+    MIN_ANSWERS,
+    drift_report,
+    parse_since,
+    read_answers,
+    read_case_answers,
+)
 from dermanet.monitoring.report import write_report
 
 
@@ -26,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=lines[0], epilog="\n".join(lines[1:]), formatter_class=HelpFormatter
     )
-    p.add_argument("--answers", required=True, help="the answers: a jobs/predict.py table")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--answers", help="the answers: a jobs/predict.py table")
+    source.add_argument(
+        "--database", help="the answers stored with cases: the case database's SQLAlchemy URL"
+    )
     p.add_argument("--reference", help="jobs/predict.py's table of the validation images")
     p.add_argument("--since", default="7d", help="window: e.g. 30m, 12h, 7d, 2w")
     p.add_argument("--output", required=True, help="folder for report.md and its PNGs")
@@ -43,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     def work():
         since = parse_since(args.since)
         reference = read_answers(args.reference) if args.reference else None
-        report = drift_report(read_answers(args.answers), reference, since, None, args.min_answers)
-        return report, write_report(report, args.output, args.answers)
+        answers = read_answers(args.answers) if args.answers else read_case_answers(args.database)
+        report = drift_report(answers, reference, since, None, args.min_answers)
+        return report, write_report(report, args.output, args.answers or "the case database")
 
     code, outcome = run_job(work)
     if outcome is not None:

@@ -5,6 +5,7 @@ reference, one drifted (OOD scores shifted, every accepted answer MEL), and too 
 from __future__ import annotations
 
 import importlib.util
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -124,3 +125,35 @@ def test_bad_input_is_one_line(tables, tmp_path: Path, capsys, argv, message):
     assert load_job().main(base + argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_answers_stored_with_cases(tables, tmp_path: Path):
+    """The case database's `answers` table (rows as the case routes store them: the classify
+    answer as JSON, model id and file SHA-256, time): grouped by the file's SHA-256."""
+    import sqlalchemy
+
+    url = f"sqlite:///{tmp_path / 'cases.db'}"
+    engine = sqlalchemy.create_engine(url)
+    stored = rows(40, "default", 0.0, PRIOR, 5, 3)
+    with engine.begin() as db:
+        db.execute(sqlalchemy.text(
+            "CREATE TABLE answers (id INTEGER PRIMARY KEY, image_id INTEGER, model_id VARCHAR,"
+            " model_sha256 VARCHAR, answer JSON, gate_accepted BOOLEAN, created_at DATETIME)"
+        ))  # fmt: skip
+        for i, row in enumerate(stored):
+            gate = {k.removeprefix("gate_"): row[k] for k in row if k.startswith("gate_")}
+            answer = {"top_class": row["top_class"], "gate": gate, "model_id": "default"}
+            db.execute(
+                sqlalchemy.text(
+                    "INSERT INTO answers (image_id, model_id, model_sha256, answer, "
+                    "gate_accepted, created_at) VALUES (:i, 'default', :sha, :answer, :ok, :at)"
+                ),
+                {"i": i, "sha": "ab" * 32, "answer": json.dumps(answer),
+                 "ok": gate["accepted"], "at": row["time"].replace("T", " ")[:26]},
+            )  # fmt: skip
+    out = tmp_path / "cases-report"
+    argv = ["--database", url, "--reference", str(tables["reference"]), "--output", str(out)]
+    assert load_job().main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert f"## Model `{'ab' * 32}`" in report and "\n\n40 answers, 4 refused" in report
+    assert "| blank | 4 |" in report and "carry no time" not in report

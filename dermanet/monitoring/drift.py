@@ -1,8 +1,8 @@
 """Drift report of stored answers: are the images and the answers still like validation's?
 
-Answers come from a batch-inference table (jobs/predict.py's output, one row per image) or any
-table with the same columns; each row is one classified image. Per model version (the file's
-SHA-256 when rows carry it, else the registry id) the report gives:
+Answers come from a batch-inference table (jobs/predict.py's output, one row per image) or the
+case database's stored answers (`read_case_answers`); each row is one classified image. Per
+model version (the file's SHA-256 when rows carry it, else the registry id) the report gives:
 
 - the gate's refusal rate over time by reason kind (a quality check's name or "ood");
 - the OOD score distribution against a reference's (validation's, scored the same way:
@@ -74,26 +74,58 @@ def read_answers(location: str | Path) -> pd.DataFrame:
     if "error" in table:
         table = table[table["error"].isna()]
     time_column = next((c for c in TIME_COLUMNS if c in table), None)
-    times = (
-        pd.to_datetime(table[time_column], utc=True, errors="coerce")
-        if time_column
-        else pd.Series(pd.NaT, index=table.index, dtype="datetime64[ns, UTC]")
-    )
+    times = table[time_column] if time_column else pd.Series(pd.NaT, index=table.index)
     accepted = table["gate_accepted"].astype(str).str.lower().isin(["true", "1"])
+    return _answers(
+        times.to_numpy(),
+        table[model_column].astype(str).to_numpy(),
+        accepted.to_numpy(),
+        [_reasons(r) for r in table["gate_reasons"]],
+        pd.to_numeric(table["gate_ood_score"], errors="coerce").to_numpy(),
+        table["top_class"].astype(str).to_numpy(),
+        table["label"].astype(str).to_numpy() if "label" in table else None,
+    )
+
+
+def _answers(times, models, accepted, reasons, ood, top_class, labels) -> pd.DataFrame:
+    """The answers frame every reader returns (`kind`: the first refusal reason's kind)."""
     kinds = [
-        None if ok else (reason_kinds(_reasons(r)) or ["other"])[0]
-        for ok, r in zip(accepted, table["gate_reasons"], strict=True)
+        None if ok else (reason_kinds(r) or ["other"])[0]
+        for ok, r in zip(accepted, reasons, strict=True)
     ]
     return pd.DataFrame(
         {
-            "time": times.to_numpy(),
-            "model": table[model_column].astype(str).to_numpy(),
-            "accepted": accepted.to_numpy(),
+            "time": pd.to_datetime(pd.Series(times), utc=True, errors="coerce").to_numpy(),
+            "model": models,
+            "accepted": np.asarray(accepted, dtype=bool),
             "kind": kinds,
-            "ood_score": pd.to_numeric(table["gate_ood_score"], errors="coerce").to_numpy(),
-            "top_class": table["top_class"].astype(str).to_numpy(),
-            "label": table["label"].astype(str).to_numpy() if "label" in table else None,
+            "ood_score": pd.to_numeric(pd.Series(ood, dtype=object), errors="coerce").to_numpy(),
+            "top_class": top_class,
+            "label": labels,
         }
+    )
+
+
+def read_case_answers(url: str) -> pd.DataFrame:
+    """The answers stored with cases (the `answers` table of the case database at SQLAlchemy
+    `url`: each row the classify answer as served, its model id and file SHA-256, its time)."""
+    import sqlalchemy
+
+    query = "SELECT model_id, model_sha256, answer, created_at FROM answers"
+    with sqlalchemy.create_engine(url).connect() as connection:
+        rows = connection.execute(sqlalchemy.text(query)).mappings().all()
+    answers = [
+        r["answer"] if isinstance(r["answer"], dict) else json.loads(r["answer"]) for r in rows
+    ]
+    gates = [a.get("gate") or {} for a in answers]
+    return _answers(
+        [r["created_at"] for r in rows],
+        [r["model_sha256"] or r["model_id"] for r in rows],
+        [bool(g.get("accepted", True)) for g in gates],
+        [g.get("reasons") or [] for g in gates],
+        [g.get("ood_score") for g in gates],
+        [str(a.get("top_class")) for a in answers],
+        None,
     )
 
 
