@@ -130,8 +130,7 @@ def test_bad_input_is_one_line(tables, tmp_path: Path, capsys, argv, message):
 def test_answers_stored_with_cases(tables, tmp_path: Path):
     """The case database's `answers` table (rows as the case routes store them: the classify
     answer as JSON, model id and file SHA-256, time): grouped by the file's SHA-256."""
-    import sqlalchemy
-
+    sqlalchemy = pytest.importorskip("sqlalchemy", reason="the case database needs SQLAlchemy")
     url = f"sqlite:///{tmp_path / 'cases.db'}"
     engine = sqlalchemy.create_engine(url)
     stored = rows(40, "default", 0.0, PRIOR, 5, 3)
