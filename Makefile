@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv test lint format clean demo browser postgres
+.PHONY: venv test lint format clean demo browser postgres prometheus
 
 $(STAMP): pyproject.toml
 	$(PY) -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(VENV)
@@ -35,7 +35,11 @@ browser:
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql; } || echo "postgresql not installed: the PostgreSQL database tests will skip"
 
-test: lint browser postgres
+# Debian's Prometheus for `promtool check rules` on the alert rules (the test skips when absent).
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } || echo "prometheus not installed: the alert-rules test will skip"
+
+test: lint browser postgres prometheus
 	$(PY) -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 clean:

@@ -2,11 +2,14 @@
 
     .venv/bin/python -m benchmarks.serve_faults                     # ~6 min on 2 cores
     .venv/bin/python -m benchmarks.serve_faults --seconds 5 --clients 8 32 --configs after  # try
+    .venv/bin/python -m benchmarks.serve_faults --configs after --no-kill --clients 32 128 \\
+        --resend advised at-once      # overload with both kinds of client
 
 Starts its own local Ray + Serve (never touching another cluster) on the `weights/` registry
 and sends real derm-sample JPEGs (the ISIC-archive ones, 341x256) to /v1/classify from
 closed-loop clients that, like the dashboard, wait the advised Retry-After (plus up to 25 %
-jitter) after a 503. Two configurations in the same run:
+jitter) after a 503 (`--resend at-once`: clients that resend at once instead, which
+shedding must survive cheaply). Two configurations in the same run:
   before: one Classifier replica (1 CPU), no queue bound (the baseline without fault handling);
   after:  the defaults: 2 replicas x 0.5 CPU, 32 queued per caller, 503 + Retry-After beyond.
 For each: goodput (200s per second), p50/p99 latency of the accepted requests and the shed
@@ -24,6 +27,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -57,6 +61,7 @@ class Window:
     shed_latencies: list[float] = field(default_factory=list)
     other: dict[str, int] = field(default_factory=dict)
     ok_times: list[float] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds by process role
 
     @property
     def goodput(self) -> float:
@@ -68,6 +73,40 @@ class Window:
     @property
     def failed(self) -> int:
         return sum(self.other.values())
+
+
+ROLES = (("ProxyActor", "proxy"), (":Ingress", "ingress"), (":Classifier", "classifier"),
+         ("raylet", "ray"), ("gcs_server", "ray"))  # fmt: skip
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds so far of this process ("client": the load generator) and of every process
+    it started (the private Ray: proxy, ingress, classifier replicas, Ray's own), read from
+    /proc: where the cores go under overload."""
+    parents, used, names = {}, {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            names[entry.name] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[entry.name] = fields[1]
+        used[entry.name] = (int(fields[11]) + int(fields[12])) / TICKS
+    me = str(os.getpid())
+    totals = {"client": used.get(me, 0.0)}
+    for pid in used:
+        chain, ancestor = set(), parents.get(pid)
+        while ancestor and ancestor not in chain and ancestor != me:
+            chain.add(ancestor)
+            ancestor = parents.get(ancestor)
+        if ancestor == me and pid != me:
+            role = next((r for key, r in ROLES if key in names[pid]), "other")
+            totals[role] = totals.get(role, 0.0) + used[pid]
+    return totals
 
 
 def real_jpegs(count: int) -> list[bytes]:
@@ -86,8 +125,12 @@ class Span:
     end: float
 
 
-async def closed_loop(url: str, images: list[bytes], clients: int, span: Span, window: Window):
-    """`clients` clients send back to back until `span.end`; completions inside `span` count."""
+async def closed_loop(
+    url: str, images: list[bytes], clients: int, span: Span, window: Window, resend: str = "advised"
+):
+    """`clients` clients send back to back until `span.end`; completions inside `span` count.
+    After a 503 they wait the advised Retry-After (`resend="advised"`) or resend at once
+    (`"at-once"`: misbehaving clients, which shedding must survive cheaply)."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
 
@@ -110,18 +153,29 @@ async def closed_loop(url: str, images: list[bytes], clients: int, span: Span, w
                 elif status == "503" and response is not None and "retry-after" in response.headers:
                     if counted:
                         window.shed_latencies.append(done - sent)
-                    advised = float(response.headers["retry-after"])
-                    await asyncio.sleep(max(advised, 0.5) * rng.uniform(1.0, 1.25))
+                    if resend == "advised":
+                        advised = float(response.headers["retry-after"])
+                        await asyncio.sleep(max(advised, 0.5) * rng.uniform(1.0, 1.25))
                 elif counted:
                     window.other[status] = window.other.get(status, 0) + 1
 
         await asyncio.gather(*(one_client(i) for i in range(clients)))
 
 
-def measure(url: str, images: list[bytes], clients: int, seconds: float, warmup: float) -> Window:
+def measure(
+    url: str, images: list[bytes], clients: int, seconds: float, warmup: float, resend: str
+) -> Window:
     window = Window(seconds)
     start = time.monotonic() + warmup
-    asyncio.run(closed_loop(url, images, clients, Span(start, start + seconds), window))
+    before: dict[str, float] = {}
+
+    def mark() -> None:  # CPU use at the start of the measured window
+        before.update(cpu_by_role())
+
+    threading.Timer(warmup, mark).start()
+    asyncio.run(closed_loop(url, images, clients, Span(start, start + seconds), window, resend))
+    after = cpu_by_role()
+    window.cpu_s = {role: after[role] - before.get(role, 0.0) for role in after}
     return window
 
 
@@ -172,6 +226,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--num-cpus", type=float, default=2, help="logical CPUs for Ray")
     parser.add_argument(
+        "--resend",
+        nargs="+",
+        choices=("advised", "at-once"),
+        default=["advised"],
+        help="after a 503: wait the advised Retry-After, or resend at once (misbehaving "
+        "clients); both: each level measured with each kind of client",
+    )
+    parser.add_argument(
         "--allow-busy", action="store_true", help="measure even if the machine is already busy"
     )
     args = parser.parse_args()
@@ -188,12 +250,14 @@ def main() -> None:
         scratch = Path(tempfile.mkdtemp(prefix="drn-faults-", dir="/tmp"))
         try:
             url = start_local(settings, port=args.port, num_cpus=args.num_cpus, temp_dir=scratch)
-            for clients in args.clients:
-                window = measure(url, images, clients, args.seconds, args.warmup)
-                rows.append((name, clients, window))
+            for resend, clients in itertools.product(args.resend, args.clients):
+                window = measure(url, images, clients, args.seconds, args.warmup, resend)
+                label = name if args.resend == ["advised"] else f"{name}, resend {resend}"
+                rows.append((label, clients, window))
                 print(
-                    f"{name} c={clients}: {window.goodput:.1f}/s, p99 {window.pct(99):.2f} s, "
-                    f"shed {len(window.shed_latencies)}, failed {window.failed}",
+                    f"{label} c={clients}: {window.goodput:.1f}/s, p99 {window.pct(99):.2f} s, "
+                    f"shed {len(window.shed_latencies)}, failed {window.failed}; CPU s/s "
+                    + ", ".join(f"{k} {v / args.seconds:.2f}" for k, v in window.cpu_s.items()),
                     flush=True,
                 )
             if not args.no_kill:
@@ -228,13 +292,20 @@ def main() -> None:
             f"| {len(w.shed_latencies)} | {shed99:.2f} | {w.failed} |"
         )
     print()
-    for name in args.configs:
-        by_clients = {c: w for n, c, w in rows if n == name}
-        if 32 in by_clients and 128 in by_clients:
-            ratio = by_clients[128].goodput / by_clients[32].goodput
-            print(f"{name}: goodput at 128 clients / at 32 = {ratio:.2f}")
+    for name in dict.fromkeys(n for n, _, _ in rows):  # --clients 32 128 32 128 ...: repeats
+        low = [w.goodput for n, c, w in rows if n == name and c == 32]
+        high = [w.goodput for n, c, w in rows if n == name and c == 128]
+        if low and high:
+            ratios = [h / lo for h, lo in zip(high, low, strict=False)]
+            print(
+                f"{name}: goodput at 128 clients / at 32 = "
+                f"{statistics.median(high) / statistics.median(low):.2f} (medians of "
+                f"{len(high)} and {len(low)}; paired runs: "
+                + ", ".join(f"{r:.2f}" for r in ratios)
+                + ")"
+            )
     if "after" in args.configs:
-        best = max((w.goodput for n, _, w in rows if n == "after"), default=float("nan"))
+        best = max((w.goodput for n, _, w in rows if n.startswith("after")), default=float("nan"))
         print(
             f"after: an accepted request has at most {capacity} ahead of it "
             f"(2 replicas x {defaults.classifier_max_ongoing} ongoing + "

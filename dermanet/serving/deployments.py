@@ -33,9 +33,11 @@ from dermanet.inference.similar import (
     IndexMismatchError,
     IndexMissingError,
     IndexUnreadableError,
+    file_sha256,
 )
 from dermanet.runtime import use_assigned_cpus
 from dermanet.serving.health import ModelCheckError, smoke_test
+from dermanet.serving.metrics import service_metrics
 
 log = logging.getLogger("ray.serve")
 
@@ -154,6 +156,8 @@ class Classifier(_RegistryBacked):
     async def get_predictor(self, model_id: str) -> Predictor:
         predictor = await asyncio.to_thread(self._predictor, model_id)
         self.loaded[model_id] = predictor
+        sha256 = await asyncio.to_thread(file_sha256, self.registry.get(model_id).path)
+        service_metrics().model(model_id, sha256)
         return predictor
 
     model_for = get_predictor
@@ -166,7 +170,9 @@ class Classifier(_RegistryBacked):
             predictor = await self.get_predictor(model_id)
         except LOAD_ERRORS as exc:
             return [_load_error(model_id, exc)] * len(uploads)
-        return await asyncio.to_thread(self._classify, predictor, uploads)
+        results = await asyncio.to_thread(self._classify, predictor, uploads)
+        service_metrics().answers(item["prediction"] for item in results if item.get("ok"))
+        return results
 
     async def probe(self) -> dict[str, Any]:
         """Readiness: the requested model is loaded on this replica and answers a tiny input."""

@@ -38,6 +38,7 @@ from dermanet.inference.registry import (
 from dermanet.inference.similar import MAX_K
 from dermanet.serving import cases_context, cases_routes
 from dermanet.serving.health import LoadChecks
+from dermanet.serving.metrics import RequestMetricsMiddleware
 from dermanet.serving.settings import ServeSettings
 from dermanet.serving.trust_view import json_safe
 from dermanet.serving.uploads import (
@@ -101,6 +102,7 @@ api = FastAPI(
 )
 api.add_middleware(BodyLimitMiddleware, default=ServeSettings().max_body_bytes)
 cases_routes.install(api)  # keys on every /v1 route; cases, diagnoses, audit, /v1/me
+api.add_middleware(RequestMetricsMiddleware)  # outermost: counts the 413s above too
 
 
 @api.exception_handler(ApiError)

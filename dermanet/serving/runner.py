@@ -6,6 +6,7 @@ Ray instance (never someone else's cluster) and a readiness wait.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -30,6 +31,24 @@ def free_port(host: str = DEFAULT_HOST) -> int:
         return int(sock.getsockname()[1])
 
 
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray Serve's switch: HAProxy instead of its proxy
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+def haproxy_free_ports() -> dict[str, str]:
+    """In HAProxy mode, free stats and metrics ports for this Serve unless the environment
+    sets them: HAProxy binds both on every interface (8404 and 9101 by default), so a second
+    HAProxy-mode Serve on the host (the demo beside a test) would fail to start. Set before
+    Ray starts (its processes read them then); returns what was set."""
+    if os.environ.get(HAPROXY_ENV) != "1":
+        return {}
+    chosen = {
+        name: str(free_port("0.0.0.0")) for name in HAPROXY_PORT_ENVS if name not in os.environ
+    }
+    os.environ.update(chosen)
+    return chosen
+
+
 def start_local(
     settings: ServeSettings | None = None,
     host: str = DEFAULT_HOST,
@@ -41,6 +60,7 @@ def start_local(
     """Start a private local Ray, Serve on host:port and the app; return the base URL."""
     if not ray.is_initialized():
         serve_fast_path_default()
+        haproxy_free_ports()
         ray.init(
             address="local",
             num_cpus=num_cpus,

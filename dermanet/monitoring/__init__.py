@@ -1,0 +1,1 @@
+"""Watching the served model: refusal reasons as a small vocabulary and drift reports."""
