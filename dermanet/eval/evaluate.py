@@ -104,8 +104,8 @@ class EvaluateSettings:
     )
     ood_fpr: float = option(
         DEFAULT_OOD_FPR,
-        "the --export's gate: share of val images its OOD threshold refuses (higher "
-        "refuses more of everything, dermoscopy included)",
+        "the --export's gate: share of EACH class's val images its OOD threshold may refuse "
+        "(higher refuses more of everything, dermoscopy included)",
         group="output",
         minimum=0,
         maximum=0.5,
