@@ -24,6 +24,7 @@ from dermanet.trust import (
     gate_scores,
     ood_report,
     ood_scores,
+    refusal_report,
     stats_nbytes,
 )
 from dermanet.trust.quality import QualityReport
@@ -60,8 +61,10 @@ def data():
 
 @pytest.mark.parametrize("method", OOD_METHODS)
 def test_scores_rank_separated_clusters(data, method: str) -> None:
-    (trf, _, trl), (vf, vl, _), (tf, tl, _), (of, ol, _) = data
-    stats = fit_ood_detector(trf, trl, vf, vl, method=method, target_fpr=0.05, knn_k=10)
+    (trf, _, trl), (vf, vl, vy), (tf, tl, _), (of, ol, _) = data
+    stats = fit_ood_detector(
+        trf, trl, vf, vl, method=method, target_fpr=0.05, knn_k=10, val_labels=vy
+    )
     assert stats["method"] == method and stats["val_rejection_rate"] <= 0.05
     test_scores, out_scores = ood_scores(stats, tf, tl), ood_scores(stats, of, ol)
     report = ood_report(test_scores, out_scores, stats["threshold"])
@@ -75,8 +78,8 @@ def test_scores_rank_separated_clusters(data, method: str) -> None:
 
 @pytest.mark.parametrize("method", OOD_METHODS)
 def test_stats_survive_weights_only_load(data, method: str) -> None:
-    (trf, _, trl), (vf, vl, _), (tf, tl, _), _ = data
-    stats = fit_ood_detector(trf, trl, vf, vl, method=method, knn_k=10)
+    (trf, _, trl), (vf, vl, vy), (tf, tl, _), _ = data
+    stats = fit_ood_detector(trf, trl, vf, vl, method=method, knn_k=10, val_labels=vy)
     buffer = io.BytesIO()
     torch.save({"trust": {"ood": stats}}, buffer)
     buffer.seek(0)
@@ -89,15 +92,58 @@ def test_stats_survive_weights_only_load(data, method: str) -> None:
 def test_threshold_meets_the_target_false_rejection(data) -> None:
     (trf, _, trl), (vf, vl, _), _, _ = data
     for fpr in (0.01, 0.05, 0.2):
-        stats = fit_ood_detector(trf, trl, vf, vl, target_fpr=fpr)
+        stats = fit_ood_detector(trf, trl, vf, vl, method="mahalanobis_log", target_fpr=fpr)
         val_scores = ood_scores(stats, vf, vl)
         assert (val_scores > stats["threshold"]).mean() <= fpr
         assert (val_scores >= stats["threshold"]).mean() > fpr - 0.01  # not needlessly loose
 
 
+def test_threshold_meets_the_target_for_every_class(data) -> None:
+    """With val labels, no class's val images are refused more than the target, and the
+    worst class sits at it (one threshold, the largest of the per-class ones)."""
+    (trf, _, trl), (vf, vl, vy), _, _ = data
+    for fpr in (0.03, 0.1):
+        stats = fit_ood_detector(trf, trl, vf, vl, target_fpr=fpr, val_labels=vy)
+        refused = ood_scores(stats, vf, vl) > stats["threshold"]
+        per_class = [refused[vy == c].mean() for c in range(CLASSES)]
+        assert max(per_class) <= fpr
+        assert max((ood_scores(stats, vf, vl) >= stats["threshold"])[vy == c].mean()
+                   for c in range(CLASSES)) > fpr - 0.02  # fmt: skip
+
+
+def rare_far_class(seed: int, n: int, rare_share: float) -> tuple[np.ndarray, ...]:
+    """Three common classes close together and one rare class far from them (the vascular
+    lesions of ISIC: 1 % of the images, unlike the bulk)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(7).normal(0, 0.4, (CLASSES, DIM))
+    centres[3] += 2.0 * np.random.default_rng(8).normal(0, 1.0, DIM)  # far from the bulk
+    shares = np.r_[np.full(3, (1 - rare_share) / 3), rare_share]
+    labels = rng.choice(CLASSES, size=n, p=shares)
+    features = np.exp(centres[labels] + rng.normal(0, 0.3, (n, DIM)))
+    logits = 3 * np.eye(CLASSES)[labels] + rng.normal(0, 1, (n, CLASSES))
+    return features, logits, labels
+
+
+def test_a_rare_class_far_from_the_bulk_is_not_refused() -> None:
+    """The default scores "far from every class", each on its own scale: a rare class far
+    from the common ones keeps its refusals near the target, while a pooled k-NN score
+    (mostly common-class neighbours) refuses most of it."""
+    trf, _, trl = rare_far_class(0, 4000, 0.01)
+    vf, vl, vy = rare_far_class(1, 3000, 0.01)
+    tf, tl, ty = rare_far_class(2, 6000, 0.01)
+    of, ol, _ = clusters(300, 3, shift=1.5)
+    rare = ty == 3
+    stats = fit_ood_detector(trf, trl, vf, vl, target_fpr=0.03, val_labels=vy)
+    refused = ood_scores(stats, tf, tl) > stats["threshold"]
+    assert refused[rare].mean() < 0.15 and refused[~rare].mean() < 0.06
+    assert (ood_scores(stats, of, ol) > stats["threshold"]).mean() > 0.9
+    pooled = fit_ood_detector(trf, trl, vf, vl, method="knn", target_fpr=0.03, knn_k=50)
+    assert (ood_scores(pooled, tf, tl) > pooled["threshold"])[rare].mean() > 0.5
+
+
 def test_non_finite_inputs_are_out_of_distribution(data) -> None:
-    (trf, _, trl), (vf, vl, _), _, _ = data
-    stats = fit_ood_detector(trf, trl, vf, vl)
+    (trf, _, trl), (vf, vl, vy), _, _ = data
+    stats = fit_ood_detector(trf, trl, vf, vl, val_labels=vy)
     features, logits = vf[:3].copy(), vl[:3].copy()
     features[1, 0] = np.nan
     logits[2, 1] = np.inf
@@ -107,14 +153,16 @@ def test_non_finite_inputs_are_out_of_distribution(data) -> None:
 
 
 def test_clear_errors(data) -> None:
-    (trf, _, trl), (vf, vl, _), _, _ = data
+    (trf, _, trl), (vf, vl, vy), _, _ = data
+    with pytest.raises(ValueError, match="needs val_labels"):
+        fit_ood_detector(trf, trl, vf, vl)
     with pytest.raises(ValueError, match="unknown OOD method"):
         fit_ood_detector(trf, trl, vf, vl, method="magic")
     with pytest.raises(ValueError, match="dimensions"):
         fit_ood_detector(trf, trl, vf[:, :5], vl)
     with pytest.raises(ValueError, match="NaN"):
-        fit_ood_detector(np.full_like(trf, np.nan), trl, vf, vl)
-    stats = fit_ood_detector(trf, trl, vf, vl)
+        fit_ood_detector(np.full_like(trf, np.nan), trl, vf, vl, val_labels=vy)
+    stats = fit_ood_detector(trf, trl, vf, vl, val_labels=vy)
     with pytest.raises(ValueError, match="dimensions"):
         ood_scores(stats, vf[:, :5], vl)
     with pytest.raises(ValueError, match="refit"):
@@ -176,3 +224,19 @@ def test_extract_features_matches_the_predictor(tmp_path: Path) -> None:
     torch.save(trust, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True)["conformal"] == trust["conformal"]
+
+
+def test_refusal_report_per_class_and_source() -> None:
+    """Refusals per class and source; coverage and set size only over accepted images."""
+    refused = np.array([True, False, False, True, False])
+    labels = np.array([0, 0, 1, 1, 1])
+    sets = [[0], [1], [1, 0], [1], [0]]
+    report = refusal_report(refused, labels, ["A", "B", "C"], sets, ["x", "x", "y", "y", "y"])
+    a, b, c = (report["per_class"][k] for k in "ABC")
+    assert a == {"n": 2, "refused": 0.5, "coverage": 0.0, "mean_size": 1.0}
+    assert b == {"n": 3, "refused": pytest.approx(1 / 3), "coverage": 0.5, "mean_size": 1.5}
+    assert c["n"] == 0 and np.isnan(c["refused"])
+    assert report["per_source"]["x"]["refused"] == 0.5
+    assert report["per_source"]["y"]["coverage"] == 0.5
+    with pytest.raises(ValueError, match="labels"):
+        refusal_report(refused[:2], labels, ["A", "B"])

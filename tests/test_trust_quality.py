@@ -107,6 +107,18 @@ def test_other_checks() -> None:
     assert "low_contrast" in assess_quality(low).failed
 
 
+def test_greyscale_pictures_are_refused_and_faint_colour_passes() -> None:
+    """Dermoscopy is in colour (derm-sample's least colourful image: chroma 6); scans, X-ray
+    or MRI slices and black-and-white photos are not, however skin-like their texture."""
+    grey = cv2.cvtColor(cv2.cvtColor(lesion(), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    report = assess_quality(grey)
+    assert report.failed == ["greyscale"], report
+    assert "no colour" in report.reasons[0] and "at least 3" in report.reasons[0]
+    faint = grey.astype(np.int16)
+    faint[..., 0] += 8  # a faint warm cast: chroma 8, as pale as real dermoscopy gets
+    assert assess_quality(np.clip(faint, 0, 255).astype(np.uint8)).ok
+
+
 def test_every_check_has_a_reason_with_value_and_limit() -> None:
     report = assess_quality(np.zeros((20, 200, 3), np.uint8))
     assert report.failed == ["too_small", "aspect_ratio"]

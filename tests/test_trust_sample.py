@@ -1,6 +1,7 @@
 """The trust layer on the real derm-sample and the shipped default model (skipped without them):
 real dermoscopy passes the quality checks, the gate refuses non-dermoscopic pictures while
-accepting nearly all test images, and prediction sets cover the truth at the stated rate."""
+accepting nearly all test images of EVERY class and dermatoscope artefacts (round vignettes,
+hair, rulers, ink, gel bubbles), and prediction sets cover the truth at the stated rate."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.splits import assign_splits
-from dermanet.eval.trust_eval import read_ood_manifest
+from dermanet.eval.trust_eval import read_ood_manifest, vignette_image
 from dermanet.inference import Predictor, load_checkpoint
 from dermanet.inference.features import extract_features, iter_images
 from dermanet.trust import (
@@ -31,6 +32,7 @@ from tools.ood_set import CHROMIUM, build_ood_set
 
 pytestmark = pytest.mark.sample
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "default.pt"
+ARTEFACTS = Path(__file__).resolve().parents[1] / "benchmarks" / "dermatoscope_artefacts.csv"
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +80,14 @@ def model_outputs(splits, derm_sample: Path, tmp_path_factory: pytest.TempPathFa
         "test": [assess_quality(im).ok for im in iter_images(chosen["test"]["path"])],
         "ood": [assess_quality(im).ok for im in iter_images(manifest["file"])],
     }
-    return loaded, out, labels, quality, manifest
+    return loaded, out, labels, quality, manifest, predictor, chosen
 
 
 def test_gate_refuses_non_dermoscopic_pictures_and_accepts_test_images(model_outputs) -> None:
-    _, out, labels, quality, manifest = model_outputs
-    stats = fit_ood_detector(out["train"][0], labels["train"], *out["val"])
+    _, out, labels, quality, manifest, _, _ = model_outputs
+    stats = fit_ood_detector(
+        out["train"][0], labels["train"], *out["val"], val_labels=labels["val"]
+    )
     test_scores = gate_scores(quality["test"], ood_scores(stats, *out["test"]))
     ood = gate_scores(quality["ood"], ood_scores(stats, *out["ood"]))
     report = ood_report(test_scores, ood, stats["threshold"], manifest["kind"])
@@ -93,12 +97,58 @@ def test_gate_refuses_non_dermoscopic_pictures_and_accepts_test_images(model_out
 
 
 def test_prediction_sets_cover_the_truth_at_the_stated_rate(model_outputs) -> None:
-    loaded, out, labels, _, _ = model_outputs
+    loaded, out, labels, _, _, _, _ = model_outputs
     val_probs = calibrated_probabilities(out["val"][1], loaded.temperature)
     test_probs = calibrated_probabilities(out["test"][1], loaded.temperature)
     for method in ("mondrian", "lac"):
-        stats = fit_conformal(val_probs, labels["val"], coverage=0.9, method=method)
+        stats = fit_conformal(val_probs, labels["val"], coverage=0.9, method=method, delta=None)
         report = set_report(prediction_sets(test_probs, stats), labels["test"], CLASS_NAMES)
         assert 0.85 <= report["coverage"] <= 0.95, (method, report)
         assert report["mean_size"] < 6, (method, report)
     assert np.isfinite(test_probs).all()
+
+
+def test_shipped_gate_refuses_no_class_much_and_its_sets_cover_every_class(model_outputs) -> None:
+    """The shipped statistics on test images: no class is refused much more than the 3 % its
+    val images were (the gate refuses pictures, not patients), and the sets on the accepted
+    images cover each class (a margin for the few calibration images of rare classes)."""
+    loaded, out, labels, quality, _, _, _ = model_outputs
+    stats = loaded.trust
+    refused = gate_scores(quality["test"], ood_scores(stats["ood"], *out["test"])) > float(
+        stats["ood"]["threshold"]
+    )
+    assert refused.mean() <= 0.04, refused.mean()
+    probs = calibrated_probabilities(out["test"][1], loaded.temperature)
+    sets = prediction_sets(probs[~refused], stats["conformal"])
+    report = set_report(sets, labels["test"][~refused], CLASS_NAMES)
+    for k, name in enumerate(CLASS_NAMES):
+        rows = labels["test"] == k
+        if rows.sum() >= 15:  # 600 sampled test images: NV ... BCC; rarer classes are noise
+            assert refused[rows].mean() <= 0.08, (name, refused[rows].mean())
+            assert report["per_class"][name]["coverage"] >= 0.8, (name, report["per_class"][name])
+
+
+def test_dermatoscope_artefacts_are_not_refused(model_outputs, splits) -> None:
+    """Round black vignettes, hair, rulers, ink marks and gel bubbles are ordinary dermoscopy:
+    the listed real images pass the quality checks, and those with round frames and HAM10000
+    test images given one pass the shipped gate. Hair, rulers, ink and bubbles still sit in the
+    OOD score's tail (docs/trust.md): bounded here at the measured level, not the 3 % aim."""
+    loaded, _, _, _, _, predictor, _ = model_outputs
+    listed = pd.read_csv(ARTEFACTS)
+    listed = listed.loc[listed["kind"] != "sticker"]  # colour-calibration stickers: not optics
+    rows = pd.concat([splits["val"], splits["test"]]).set_index("image").loc[listed["image"]]
+    real = list(iter_images(rows["path"], predictor.decode))
+    ham = splits["test"].loc[splits["test"]["origin"] == "HAM10000"].sample(n=120, random_state=0)
+    framed = [vignette_image(im, (1.0, 1.1, 1.2)[i % 3])
+              for i, im in enumerate(iter_images(ham["path"], predictor.decode))]  # fmt: skip
+    stats = loaded.trust["ood"]
+    refused = {}
+    for name, images in (("real", real), ("framed", framed)):
+        features, logits = extract_features(predictor, images, 64)
+        passed = [predictor.assess(im).ok for im in images]
+        assert all(passed), name  # the quality checks never trip on them
+        refused[name] = ood_scores(stats, features, logits) > stats["threshold"]
+    vignettes = (listed["kind"] == "vignette").to_numpy()
+    assert refused["framed"].mean() <= 0.05, refused["framed"].mean()
+    assert refused["real"][vignettes].mean() <= 0.05, refused["real"][vignettes].mean()
+    assert refused["real"][~vignettes].mean() <= 0.25, refused["real"][~vignettes].mean()

@@ -26,6 +26,7 @@ from dermanet.classes import CLASS_NAMES
 from dermanet.data.splits import assign_splits
 from dermanet.inference import load_checkpoint, save_checkpoint
 from dermanet.paths import PROJECT_ROOT
+from dermanet.trust import DEFAULT_OOD_METHOD
 
 pytest_plugins = ["conftest_serve"]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]  # session setup: model + Serve
@@ -83,9 +84,10 @@ def test_models_show_their_gate_and_set_calibration(client, model_registry: Path
     stored = load_checkpoint(model_registry / "trusted.pt").trust
     trusted = listing["trusted"]
     assert trusted["gate"]["description"] == (
-        f"quality checks + OOD score (mahalanobis_log, threshold {stored['ood']['threshold']:.4g})"
+        f"quality checks + OOD score ({DEFAULT_OOD_METHOD}, threshold "
+        f"{stored['ood']['threshold']:.4g})"
     )
-    assert trusted["gate"]["ood_method"] == "mahalanobis_log"
+    assert trusted["gate"]["ood_method"] == DEFAULT_OOD_METHOD
     assert trusted["gate"]["ood_threshold"] == pytest.approx(stored["ood"]["threshold"])
     assert trusted["prediction_sets"] == {
         "description": "split conformal (mondrian), 90 % coverage, calibrated on 200 val images",
@@ -126,8 +128,9 @@ def test_synthetic_lesions_are_accepted_and_sets_cover(client, planting, tmp_pat
     covered = np.mean(
         [CLASS_NAMES[y] in a["prediction_set"] for a, y in zip(answers, labels, strict=True)]
     )
-    assert accepted >= 0.85, accepted  # threshold: at most 5 % of val refused
-    assert 0.82 <= covered <= 0.98, covered  # 90 % sets, 128 images
+    assert accepted >= 0.85, accepted  # threshold: at most 3 % of each val class refused
+    # 90 % sets with a finite-sample margin (25 val images a class: rare ones always in)
+    assert covered >= 0.82, covered
     good = next(a for a in answers if a["gate"]["accepted"])
     assert good["traffic_light"] in ("green", "yellow", "red") and good["risk"] is not None
     assert good["probabilities_trusted"] and good["gate"]["ood_score"] is not None

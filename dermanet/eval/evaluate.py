@@ -36,7 +36,7 @@ from dermanet.eval.metrics import (
     softmax,
 )
 from dermanet.eval.plots import confusion_matrix_figure, reliability_figure, roc_figure, save_figure
-from dermanet.eval.trust_eval import fit_trust, quality_ok, trust_report
+from dermanet.eval.trust_eval import fit_trust, quality_ok, trust_report, with_vignette
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from dermanet.inference.predictor import Preprocessing
 from dermanet.inference.tta import TTA_MODES, tta_views
@@ -105,8 +105,8 @@ class EvaluateSettings(DataSourceSettings):
     )
     ood_fpr: float = option(
         DEFAULT_OOD_FPR,
-        "the --export's gate: share of val images its OOD threshold refuses (higher "
-        "refuses more of everything, dermoscopy included)",
+        "the --export's gate: share of EACH class's val images its OOD threshold may refuse "
+        "(higher refuses more of everything, dermoscopy included)",
         group="output",
         minimum=0,
         maximum=0.5,
@@ -250,13 +250,16 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
         temperature = fit_temperature(val.served_logits, val.labels)
     if settings.export:  # the shipped file carries a gate and sets fitted for these weights
         val = val or predict_split(loaded, whole, "val")
-        # the gate is fitted on the plain view's features: no other view is needed
-        train = predict_split(
-            loaded, dataclasses.replace(whole, tta="none"), "train", served_needed=False
-        )
+        # the gate is fitted on the plain view's features: no other view is needed; the
+        # same train images seen through a dermatoscope's round frame join its reference
+        plain = dataclasses.replace(whole, tta="none")
+        train = predict_split(loaded, plain, "train", served_needed=False)
+        framed = predict_split(with_vignette(loaded), plain, "train", served_needed=False)
         loaded.temperature = temperature
         loaded.trust = fit_trust(
-            train.features, train.labels, val.features, val.served_logits, val.labels,
+            np.concatenate([train.features, framed.features]),
+            np.concatenate([train.labels, framed.labels]),
+            val.features, val.served_logits, val.labels,
             temperature, ood_method=settings.ood_method, ood_fpr=settings.ood_fpr,
         )  # fmt: skip
     probs = softmax(predictions.logits, temperature)
@@ -296,6 +299,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
                 Preprocessing.for_checkpoint(loaded),
             ),
             settings.ood,
+            predictions.table["origin"].astype(str).to_numpy(),
         )
     origins = predictions.table["origin"]
     if origins.notna().any() and origins.nunique() > 1:
@@ -453,6 +457,10 @@ def _trust_lines(trust: dict[str, Any]) -> list[str]:
             f"{100 * sets['singletons']:.0f} % of the time; per class: "
             + ", ".join(f"{c} {v['coverage']:.2f}" for c, v in sets["per_class"].items() if v["n"])
         )
+    if "per_class" in trust:
+        lines += ["", _refusal_table(trust["per_class"], "class")]
+    if "per_source" in trust and len(trust["per_source"]) > 1:
+        lines += ["", _refusal_table(trust["per_source"], "image source")]
     if "ood_set" in trust:
         ood = trust["ood_set"]
         kinds = ", ".join(f"{k} {100 * v['rejected']:.0f} %" for k, v in ood["per_kind"].items())
@@ -462,6 +470,17 @@ def _trust_lines(trust: dict[str, Any]) -> list[str]:
             f"{100 * ood['in_rejected']:.1f} % of these images are"
         )
     return lines
+
+
+def _refusal_table(rows: dict[str, dict[str, Any]], what: str) -> str:
+    """The gate per class or source: refused share, and coverage / set size where accepted."""
+    table = pd.DataFrame(rows).T
+    table = table[table["n"] > 0]
+    names = {"n": "images", "refused": "refused", "coverage": "set coverage (accepted)",
+             "mean_size": "mean set size (accepted)"}  # fmt: skip
+    table = table.rename(columns=names).rename_axis(what)
+    table["images"] = table["images"].astype(int)
+    return _markdown_table(table)
 
 
 def _markdown_table(table: pd.DataFrame) -> str:

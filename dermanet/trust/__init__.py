@@ -9,11 +9,19 @@ See docs/trust.md.
 
 from dermanet.trust.conformal import (
     CONFORMAL_METHODS,
+    DEFAULT_CONFORMAL_DELTA,
     DEFAULT_CONFORMAL_METHOD,
     fit_conformal,
     prediction_sets,
 )
-from dermanet.trust.evaluation import auroc, gate_decision, gate_scores, ood_report, set_report
+from dermanet.trust.evaluation import (
+    auroc,
+    gate_decision,
+    gate_scores,
+    ood_report,
+    refusal_report,
+    set_report,
+)
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
 from dermanet.trust.ood import (
     DEFAULT_OOD_FPR,
@@ -34,6 +42,7 @@ from dermanet.trust.quality import (
 __all__ = [
     "CHECKS",
     "CONFORMAL_METHODS",
+    "DEFAULT_CONFORMAL_DELTA",
     "DEFAULT_CONFORMAL_METHOD",
     "DEFAULT_OOD_FPR",
     "DEFAULT_OOD_METHOD",
@@ -52,6 +61,7 @@ __all__ = [
     "ood_report",
     "ood_scores",
     "prediction_sets",
+    "refusal_report",
     "set_report",
     "stats_nbytes",
 ]

@@ -100,6 +100,45 @@ def set_report(
     }
 
 
+def refusal_report(
+    refused: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    sets: Sequence[Sequence[int]] | None = None,
+    groups: Sequence[str] | np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Per true class (and per group, e.g. the image source): images, share the gate refused,
+    and on the images it accepted the sets' coverage and mean size. A gate can refuse 4 % of
+    all images while refusing most of one rare class; only this breakdown shows it."""
+    refused = np.asarray(refused, dtype=bool)
+    labels = np.asarray(labels)
+    if refused.shape != labels.shape:
+        raise ValueError(f"{len(refused)} gate decisions for {len(labels)} labels")
+    covered = sizes = None
+    if sets is not None:
+        if len(sets) != len(labels):
+            raise ValueError(f"{len(sets)} sets for {len(labels)} labels")
+        covered = np.array([int(y) in s for s, y in zip(sets, labels, strict=True)], dtype=bool)
+        sizes = np.array([len(s) for s in sets], dtype=float)
+
+    def row(rows: np.ndarray) -> dict[str, Any]:
+        accepted = rows & ~refused
+        nan = float("nan")
+        out = {"n": int(rows.sum()), "refused": float(refused[rows].mean()) if rows.any() else nan}
+        if covered is not None:
+            out["coverage"] = float(covered[accepted].mean()) if accepted.any() else nan
+            out["mean_size"] = float(sizes[accepted].mean()) if accepted.any() else nan
+        return out
+
+    report = {"per_class": {name: row(labels == k) for k, name in enumerate(class_names)}}
+    if groups is not None:
+        groups = np.asarray(groups, dtype=str)
+        if groups.shape != labels.shape:
+            raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
+        report["per_source"] = {g: row(groups == g) for g in sorted(set(groups))}
+    return report
+
+
 def gate_decision(
     quality_report: QualityReport, ood_score: float | None, ood_threshold: float | None
 ) -> dict[str, Any]:

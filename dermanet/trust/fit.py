@@ -12,7 +12,11 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
-from dermanet.trust.conformal import DEFAULT_CONFORMAL_METHOD, fit_conformal
+from dermanet.trust.conformal import (
+    DEFAULT_CONFORMAL_DELTA,
+    DEFAULT_CONFORMAL_METHOD,
+    fit_conformal,
+)
 from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, fit_ood_detector
 
 
@@ -35,14 +39,24 @@ def fit_trust_statistics(
     target_fpr: float = DEFAULT_OOD_FPR,
     set_method: str = DEFAULT_CONFORMAL_METHOD,
     coverage: float = 0.9,
+    set_delta: float | None = DEFAULT_CONFORMAL_DELTA,
 ) -> dict[str, Any]:
     """{"ood": OOD statistics with threshold, "conformal": set statistics}; plain types and
-    tensors only, so the dict can go into a `weights_only` checkpoint as it is."""
+    tensors only, so the dict can go into a `weights_only` checkpoint as it is.
+
+    `train_features` may include extra reference views of train images (e.g. dermatoscope
+    vignettes, `dermanet.trust.views`) with their labels: the OOD score then treats such
+    views as in distribution. The OOD threshold holds `target_fpr` for every val class."""
+    probs = calibrated_probabilities(val_logits, temperature)
     return {
         "ood": fit_ood_detector(
-            train_features, train_labels, val_features, val_logits, ood_method, target_fpr
+            train_features,
+            train_labels,
+            val_features,
+            val_logits,
+            ood_method,
+            target_fpr,
+            val_labels=val_labels,
         ),
-        "conformal": fit_conformal(
-            calibrated_probabilities(val_logits, temperature), val_labels, coverage, set_method
-        ),
+        "conformal": fit_conformal(probs, val_labels, coverage, set_method, set_delta),
     }

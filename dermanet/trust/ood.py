@@ -17,10 +17,24 @@ Methods (measured against each other by benchmarks/trust_gate.py, results in doc
 - `mahalanobis_knn`: `mahalanobis_log` + `knn`, scaled the same way. The two miss different
   pictures (the Mahalanobis distance warm, skin-coloured photos; k-NN greyscale scans), so
   their sum refuses more ordinary photos at the same share of val refused.
+- `class_mahalanobis_knn` (default): "far from EVERY class", each class on its own scale. For
+  each class c: the log-feature Mahalanobis distance to c's mean (c's own covariance, shrunk
+  towards the shared one) plus twice the cosine distance to the k-th nearest stored train
+  feature OF CLASS c, each part centred on the median of c's own val images and scaled by
+  their 95th percentile; the score is the minimum over classes. The
+  methods above measure "far from the bulk": a random feature bank is mostly NV, so a
+  vascular lesion's 50th neighbour is another class, and one threshold on pooled val scores
+  sits where the common classes put it (all of test's vascular lesions were refused).
+
+The threshold: given the val labels, the largest over classes of each class's conformal
+(1 - target_fpr) order statistic, so at most `target_fpr` of EVERY class's val images is
+refused; without labels, the pooled val quantile.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Any
 
 import numpy as np
@@ -33,9 +47,13 @@ _SUMMED_METHODS = {
     "combined": ("mahalanobis_log", "energy"),
     "mahalanobis_knn": ("mahalanobis_log", "knn"),
 }
-OOD_METHODS = ("mahalanobis_log", "mahalanobis", "knn", "energy", *_SUMMED_METHODS)
-DEFAULT_OOD_METHOD = "mahalanobis_log"
-DEFAULT_OOD_FPR = 0.05  # share of val (in-distribution) images the threshold refuses
+CLASSWISE_METHOD = "class_mahalanobis_knn"
+OOD_METHODS = (
+    "mahalanobis_log", "mahalanobis", "knn", "energy", *_SUMMED_METHODS, CLASSWISE_METHOD
+)  # fmt: skip
+DEFAULT_OOD_METHOD = CLASSWISE_METHOD
+DEFAULT_OOD_FPR = 0.03  # share of each class's val images the threshold may refuse
+_MIN_CLASS_VAL = 5  # fewer val images of a class: its scale is the pooled one
 OOD_STATS_VERSION = 1
 
 
@@ -53,11 +71,21 @@ def fit_ood_detector(
     knn_bank: int = 2048,
     energy_temperature: float = 1.0,
     seed: int = 0,
+    val_labels: np.ndarray | None = None,
+    class_knn_k: int = 5,
+    class_bank: int = 3000,
+    class_knn_weight: float = 2.0,
+    class_prior: float = 64.0,
 ) -> dict[str, Any]:
     """Fit `method` on train features and set its threshold on val (in-distribution) scores.
 
-    The threshold is the val score quantile at 1 - target_fpr ("higher" method), so at most
-    `target_fpr` of val images score above it, i.e. are rejected.
+    With `val_labels`, the threshold is the largest over classes of each class's conformal
+    order statistic at 1 - target_fpr, so at most `target_fpr` of every class's val images
+    score above it (are rejected); without, the pooled val quantile at 1 - target_fpr
+    ("higher"). `class_mahalanobis_knn` needs `val_labels` (its scales are per class).
+    `class_bank` caps the stored train features per class (k-NN part), `class_knn_weight`
+    weighs the k-NN part against the Mahalanobis part, `class_prior` shrinks each class's
+    covariance towards the shared one (`_fit_mahalanobis`).
     """
     if method not in OOD_METHODS:
         raise ValueError(f"unknown OOD method {method!r}; choose from {list(OOD_METHODS)}")
@@ -73,8 +101,16 @@ def fit_ood_detector(
     val_logits = _matrix(val_logits, "val_logits", rows=len(val))
     if len(val) < 20:
         raise ValueError(f"need at least 20 val images to set a threshold, got {len(val)}")
+    if val_labels is not None:
+        val_labels = np.asarray(val_labels)
+        if val_labels.shape != (len(val),) or not np.issubdtype(val_labels.dtype, np.integer):
+            raise ValueError(f"val_labels must be {len(val)} integers, got {val_labels.shape}")
+    elif method == CLASSWISE_METHOD:
+        raise ValueError(f"{CLASSWISE_METHOD} needs val_labels (its scales are per class)")
     options = {"shrinkage": shrinkage, "log_eps": log_eps, "knn_k": knn_k, "knn_bank": knn_bank,
-               "energy_temperature": energy_temperature, "seed": seed}  # fmt: skip
+               "energy_temperature": energy_temperature, "seed": seed, "val_labels": val_labels,
+               "class_knn_k": class_knn_k, "class_bank": class_bank,
+               "class_knn_weight": class_knn_weight, "class_prior": class_prior}  # fmt: skip
     stats: dict[str, Any] = {
         "version": OOD_STATS_VERSION,
         "method": method,
@@ -86,10 +122,25 @@ def fit_ood_detector(
         **_fit_method(method, train, labels, val, val_logits, options),
     }
     scores = ood_scores(stats, val, val_logits)
-    threshold = float(np.quantile(scores, 1.0 - target_fpr, method="higher"))
+    if val_labels is None:
+        threshold = float(np.quantile(scores, 1.0 - target_fpr, method="higher"))
+    else:
+        threshold = max(
+            _order_statistic(scores[val_labels == c], 1.0 - target_fpr)
+            for c in np.unique(val_labels)
+        )
+        stats["per_class_fpr"] = True
     stats["threshold"] = threshold
     stats["val_rejection_rate"] = float((scores > threshold).mean())
     return stats
+
+
+def _order_statistic(scores: np.ndarray, level: float) -> float:
+    """The ceil((n+1)·level)-th smallest score (the largest when n is too small for it): at
+    most 1 - level of exchangeable new images of the class score above it."""
+    ordered = np.sort(scores)
+    k = math.ceil((len(ordered) + 1) * level)
+    return float(ordered[min(k, len(ordered)) - 1])
 
 
 def ood_scores(stats: dict[str, Any], features: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -122,6 +173,8 @@ def _method_scores(stats: dict[str, Any], features: np.ndarray, logits: np.ndarr
         return _knn(stats, features)
     if method == "energy":
         return _energy(logits, float(stats["energy_temperature"]))
+    if method == CLASSWISE_METHOD:
+        return _classwise(stats, features).min(axis=1)
     parts = [_method_scores(part, features, logits) for part in stats["parts"]]
     return np.sum(
         [(s - p["center"]) / p["scale"] for s, p in zip(parts, stats["parts"], strict=True)],
@@ -155,6 +208,8 @@ def _fit_method(
         return _fit_knn(
             train, int(options["knn_k"]), int(options["knn_bank"]), int(options["seed"])
         )
+    if method == CLASSWISE_METHOD:
+        return _fit_classwise(train, labels, val, options)
     if method == "energy":
         temperature = float(options["energy_temperature"])
         if not temperature > 0:
@@ -178,9 +233,17 @@ def _fit_method(
 
 
 def _fit_mahalanobis(
-    train: np.ndarray, labels: np.ndarray, shrinkage: float, log_eps: float | None
+    train: np.ndarray,
+    labels: np.ndarray,
+    shrinkage: float,
+    log_eps: float | None,
+    class_prior: float | None = None,
 ) -> dict[str, Any]:
-    """Class means and a whitening matrix W of the shared covariance: d² = |(x - mu) W|²."""
+    """Class means and a whitening matrix W of the shared covariance: d² = |(x - mu) W|².
+
+    With `class_prior` n0, each class gets its own covariance, shrunk towards the shared one
+    with weight n0 / (n_c + n0) (a rare class borrows most of its shape), stored as one
+    whitening matrix per class."""
     if not 0 <= shrinkage <= 1:
         raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
     x = _transform(train, log_eps)
@@ -190,27 +253,128 @@ def _fit_mahalanobis(
     cov = centred.T @ centred / len(x)
     dim = cov.shape[0]
     cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / dim * np.eye(dim)
-    eigenvalues, eigenvectors = np.linalg.eigh(cov)
-    floor = max(float(eigenvalues.max()) * 1e-10, 1e-12)  # singular without shrinkage
-    whitening = eigenvectors / np.sqrt(np.maximum(eigenvalues, floor))
-    return {
+    stats = {
         "transform": "log" if log_eps is not None else "identity",
         "log_eps": float(log_eps) if log_eps is not None else 0.0,
         "shrinkage": float(shrinkage),
         "classes": [int(c) for c in classes],
-        "whitening": torch.from_numpy(whitening.astype(np.float32)),
-        "centres": torch.from_numpy((means @ whitening).astype(np.float32)),
     }
+    whitening = _whitening(cov)
+    if class_prior is None:
+        stats["whitening"] = torch.from_numpy(whitening.astype(np.float32))
+        stats["centres"] = torch.from_numpy((means @ whitening).astype(np.float32))
+        return stats
+    per_class = []
+    for c in classes:
+        own = centred[labels == c]
+        weight = class_prior / (len(own) + class_prior)
+        per_class.append(_whitening((1 - weight) * own.T @ own / len(own) + weight * cov))
+    stats["class_prior"] = float(class_prior)
+    stats["class_whitening"] = torch.from_numpy(np.stack(per_class).astype(np.float32))
+    stats["means"] = torch.from_numpy(means.astype(np.float32))
+    return stats
+
+
+def _whitening(cov: np.ndarray) -> np.ndarray:
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)
+    floor = max(float(eigenvalues.max()) * 1e-10, 1e-12)  # singular without shrinkage
+    return eigenvectors / np.sqrt(np.maximum(eigenvalues, floor))
 
 
 def _mahalanobis(stats: dict[str, Any], features: np.ndarray) -> np.ndarray:
     """Squared Mahalanobis distance to the nearest class mean, divided by the dimension
     (about 1 for training-like images, whatever the feature width)."""
+    return _mahalanobis_all(stats, features).min(axis=1) if len(features) else np.zeros(0)
+
+
+def _mahalanobis_all(stats: dict[str, Any], features: np.ndarray) -> np.ndarray:
+    """(N, classes): squared Mahalanobis distance to each class mean / the dimension."""
     eps = float(stats["log_eps"]) if stats["transform"] == "log" else None
+    if "class_whitening" in stats:
+        x = _transform(features, eps).astype(np.float32)
+        means, whitening = _float32(stats["means"]), _float32(stats["class_whitening"])
+        z = np.einsum("ncd,cde->nce", x[:, None, :] - means[None], whitening)
+        return (z * z).sum(axis=2).astype(np.float64) / x.shape[1]
     z = _transform(features, eps) @ stats["whitening"].double().numpy()
     centres = stats["centres"].double().numpy()
     d2 = (z * z).sum(1)[:, None] - 2 * z @ centres.T + (centres * centres).sum(1)[None, :]
-    return np.maximum(d2.min(axis=1), 0.0) / z.shape[1] if len(z) else np.zeros(0)
+    return np.maximum(d2, 0.0) / z.shape[1]
+
+
+def _fit_classwise(
+    train: np.ndarray, labels: np.ndarray, val: np.ndarray, options: dict[str, Any]
+) -> dict[str, Any]:
+    """Class means + shared whitening (log features), a per-class bank of unit train
+    features, and per class and part the median and 95th-percentile spread of that class's
+    own val images (pooled over all val images for a class with too few)."""
+    k, cap = int(options["class_knn_k"]), int(options["class_bank"])
+    if k < 1 or cap < k:
+        raise ValueError(f"class_knn_k must be in 1..class_bank, got {k} and {cap}")
+    stats = {"class_knn_k": k, "class_knn_weight": float(options["class_knn_weight"])}
+    prior = float(options["class_prior"])
+    stats.update(_fit_mahalanobis(train, labels, float(options["shrinkage"]),
+                                  float(options["log_eps"]), prior))  # fmt: skip
+    rng = np.random.default_rng(int(options["seed"]))
+    rows = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rows.append(np.sort(rng.choice(members, min(cap, len(members)), replace=False)))
+    rows = np.concatenate(rows)
+    stats["bank"] = torch.from_numpy(_unit(train[rows]).astype(np.float16))
+    stats["bank_labels"] = torch.from_numpy(labels[rows].astype(np.int64))
+    val_labels = options["val_labels"]
+    classes = np.asarray(stats["classes"])
+    stats["scales"] = torch.ones((2, len(classes), 2), dtype=torch.float64)  # parts x classes
+    stats["scales"][:, :, 0] = 0.0
+    parts = _classwise_parts(stats, val)  # (2, N, classes)
+    own = np.searchsorted(classes, val_labels)
+    known = np.isin(val_labels, classes)
+    for p, distances in enumerate(parts):
+        pooled = distances[known, own[known]]
+        for j, c in enumerate(classes):
+            d = distances[val_labels == c, j]
+            d = d if len(d) >= _MIN_CLASS_VAL else pooled
+            centre = float(np.median(d))
+            stats["scales"][p, j] = torch.tensor(
+                [centre, max(float(np.quantile(d, 0.95)) - centre, 1e-12)]
+            )
+    return stats
+
+
+def _classwise_parts(stats: dict[str, Any], features: np.ndarray) -> np.ndarray:
+    """(2, N, classes): Mahalanobis distance to each class mean, and cosine distance to the
+    k-th nearest stored feature of each class."""
+    maha = _mahalanobis_all(stats, features)
+    bank, bank_labels = _float32(stats["bank"]), stats["bank_labels"].numpy()
+    similarity = _unit(features).astype(np.float32) @ bank.T
+    knn = np.empty_like(maha)
+    for j, c in enumerate(stats["classes"]):
+        members = similarity[:, bank_labels == c]
+        k = min(int(stats["class_knn_k"]), members.shape[1])  # a class with fewer: its last
+        knn[:, j] = 1.0 - (-np.partition(-members, k - 1, axis=1)[:, k - 1]) if len(features) else 0
+    return np.stack([maha, knn])
+
+
+def _classwise(stats: dict[str, Any], features: np.ndarray) -> np.ndarray:
+    """(N, classes): each class's distance parts on that class's own scale, summed."""
+    scales = stats["scales"].numpy()
+    parts = _classwise_parts(stats, features)
+    weights = np.array([1.0, float(stats["class_knn_weight"])])[:, None, None]
+    return (weights * (parts - scales[:, None, :, 0]) / scales[:, None, :, 1]).sum(axis=0)
+
+
+_FLOAT32: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+
+
+def _float32(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 copy of a stored (float16) tensor, made once per tensor (and dropped with
+    it): the served path scores every request against the same bank."""
+    cached = _FLOAT32.get(id(tensor))
+    if cached is None or cached[0]() is not tensor:
+        key = id(tensor)
+        cached = (weakref.ref(tensor, lambda _: _FLOAT32.pop(key, None)), tensor.float().numpy())
+        _FLOAT32[key] = cached
+    return cached[1]
 
 
 def _fit_knn(train: np.ndarray, k: int, bank: int, seed: int) -> dict[str, Any]:
