@@ -168,40 +168,43 @@ def test_train_resume_and_export_are_tracked_on_a_server(
 def test_local_sqlite_store_and_no_mlflow_import_when_unset(
     ray_local, synthetic_dir, tmp_path
 ) -> None:
-    """jobs/train.py as a user runs it: with a relative `sqlite:///` URI the run lands in that
-    file (the workers run elsewhere); with no URI, mlflow is never imported."""
+    """jobs/train.py as a user runs it: with no URI, mlflow is never imported; with a relative
+    `sqlite:///` URI the run lands in that file (the workers run in other folders)."""
+    job = str(REPO / "jobs" / "train.py")
+    untracked = _job_args(synthetic_dir, tmp_path / "runs", "untracked", epochs=1)
+    local = _job_args(synthetic_dir, tmp_path / "runs", "local", epochs=2)
     address = ray_local.get_runtime_context().gcs_address
-    check = (
-        "import runpy, sys\n"
-        "sys.argv = ['jobs/train.py', *sys.argv[1:]]\n"
-        "try:\n"
-        f"    runpy.run_path({str(REPO / 'jobs' / 'train.py')!r}, run_name='__main__')\n"
-        "except SystemExit as done:\n"
-        "    assert done.code == 0, done.code\n"
-        "print('mlflow imported:', 'mlflow' in sys.modules)\n"
-    )
+    script = f"""
+import os, runpy, sys
+
+def train(args):
+    sys.argv = [{job!r}, *args, "--address", {address!r}]
+    try:
+        runpy.run_path({job!r}, run_name="__main__")
+    except SystemExit as done:
+        assert done.code == 0, done.code
+
+train({untracked!r})
+print("mlflow imported:", "mlflow" in sys.modules)
+os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///mlflow.db"
+train({local!r})
+"""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-
-    def run(name: str, epochs: int, **extra: str) -> str:
-        args = [*_job_args(synthetic_dir, tmp_path / "runs", name, epochs), "--address", address]
-        done = subprocess.run(
-            [sys.executable, "-c", check, *args], cwd=tmp_path, env={**env, **extra},
-            capture_output=True, text=True, timeout=240,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
-
-    assert "mlflow imported: False" in run("untracked", epochs=1)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=270,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mlflow imported: False" in done.stdout
     assert not (tmp_path / "runs" / "untracked" / "mlflow_run.json").exists()
 
-    assert "mlflow imported: True" in run("local", 2, MLFLOW_TRACKING_URI="sqlite:///mlflow.db")
     client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_info = _single_run(client, "dermanet-train")
-    assert run_info.data.params["name"] == "local" and run_info.info.status == "FINISHED"
-    assert _steps(client, run_info.info.run_id, "val/balanced_accuracy") == [0, 1]
-    assert "training_curves.png" in {a.path for a in client.list_artifacts(run_info.info.run_id)}
+    run = _single_run(client, "dermanet-train")
+    assert run.data.params["name"] == "local" and run.info.status == "FINISHED"
+    assert _steps(client, run.info.run_id, "val/balanced_accuracy") == [0, 1]
+    assert "training_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.ray
