@@ -50,7 +50,13 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as missing:  # the driver is an extra: SQLite needs nothing
+        raise RuntimeError(
+            f"{parsed.get_backend_name()} needs its driver ({missing.name}): "
+            "pip install 'dermanet[postgres]'"
+        ) from None
 
 
 @functools.cache

@@ -41,6 +41,7 @@ from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint, sav
 from dermanet.inference.predictor import Preprocessing
 from dermanet.inference.tta import TTA_MODES, tta_views
 from dermanet.settings import check_settings, option
+from dermanet.tracking import register_export
 from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, OOD_METHODS
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,7 @@ def export_checkpoint(
         trust=loaded.trust,
     )
     log.info("exported %s (temperature %.3f)", path, report["temperature"])
+    register_export(Path(path), Path(settings.output), metrics)  # when MLflow tracks
     return path
 
 

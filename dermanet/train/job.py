@@ -45,6 +45,7 @@ from ray.train.torch import TorchTrainer
 from dermanet.data.pipelines import Mode, NormalizedBatches, PipelineConfig, build_pipeline
 from dermanet.settings import plain_settings
 from dermanet.storage import is_uri, join
+from dermanet.tracking import JobRun, epoch_log
 from dermanet.train.console import ConsoleProgress, quiet_worker_logs
 from dermanet.train.monitor import GradientMonitor
 from dermanet.train.reporting import LIGHTNING_CKPT, RayTrainReporter
@@ -162,10 +163,12 @@ class TrainingJob(ABC):
         return ()
 
     # -- the driver ---------------------------------------------------------------------------
-    def run(self, run_callbacks: list[Any] | None = None) -> Any:
+    def run(self, run_callbacks: list[Any] | None = None, tracked: bool = True) -> Any:
         """Validate, build the data and the TorchTrainer, train, export.
 
         `run_callbacks` go to Ray's RunConfig (Ray Tune passes its TuneReportCallback there).
+        `tracked`: an MLflow run when MLFLOW_TRACKING_URI is set (a Tune trial has its run
+        from the Tuner's callback instead).
         """
         s = self.settings
         s.validate()
@@ -220,6 +223,8 @@ class TrainingJob(ABC):
                 },
             },
         }
+        tracking = JobRun(self.kind, s, output, enabled=tracked)
+        config["tracking"] = tracking.worker_config()
         log.info(
             "%s: %d images, %d optimiser steps/epoch (%d workers x batch %d), %d epochs; "
             "run folder %s",
@@ -248,9 +253,11 @@ class TrainingJob(ABC):
             datasets=datasets,
             dataset_config=DataConfig(datasets_to_split="all"),
         )
-        result = trainer.fit()
-        outcome = self.finish(result, output, log_dir)
-        plot_history(log_dir, list(self.curves), self.curves_png)
+        with tracking:
+            result = trainer.fit()
+            outcome = self.finish(result, output, log_dir)
+            plot_history(log_dir, list(self.curves), self.curves_png)
+            tracking.finish(log_dir, outcome)
         return outcome
 
     def model_config(self) -> dict[str, Any]:
@@ -279,6 +286,7 @@ class TrainingJob(ABC):
                 metrics_csv=str(log_dir / METRICS_CSV),
                 confusion_png_dir=str(log_dir / "confusion_matrix"),
                 required_metrics=self.required_metrics(),
+                epoch_log=epoch_log(config.get("tracking")),
             ),
             GradientMonitor(
                 log_dir / "nan_dumps",

@@ -33,7 +33,8 @@ class RayTrainReporter(pl.Callback):
     `export_fn(module, folder, metrics)`, the job's own artefact (a classifier's `model.pt`,
     BYOL's `backbone.pt`), and the validation confusion matrix when the module has one.
     `required_metrics` are always reported (NaN when an epoch did not measure them, e.g. no
-    validation), so Ray's checkpoint ranking never looks up a missing key.
+    validation), so Ray's checkpoint ranking never looks up a missing key. `epoch_log` (rank 0,
+    e.g. MLflow) gets each epoch's metrics once its checkpoint is reported.
     """
 
     def __init__(
@@ -42,11 +43,13 @@ class RayTrainReporter(pl.Callback):
         metrics_csv: str | None = None,
         confusion_png_dir: str | None = None,
         required_metrics: tuple[str, ...] = (),
+        epoch_log: Callable[[dict[str, float]], Any] | None = None,
     ):
         self.export_fn = export_fn
         self.metrics_csv = metrics_csv
         self.confusion_png_dir = confusion_png_dir
         self.required_metrics = required_metrics
+        self.epoch_log = epoch_log
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = {k: v for k, v in epoch_metrics(trainer, pl_module).items() if math.isfinite(v)}
@@ -66,6 +69,8 @@ class RayTrainReporter(pl.Callback):
             ray.train.report(metrics, checkpoint=checkpoint)
             if rank == 0 and self.metrics_csv:
                 append_metrics_row(self.metrics_csv, metrics)
+            if rank == 0 and self.epoch_log is not None:
+                self.epoch_log(metrics)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -230,9 +230,11 @@ def module_settings(settings: Any, module_type: type, **given: Any) -> dict[str,
     return {**{n: getattr(settings, n) for n in names if hasattr(settings, n)}, **given}
 
 
-def run_training(settings: TrainSettings, run_callbacks: list[Any] | None = None) -> TrainOutcome:
+def run_training(
+    settings: TrainSettings, run_callbacks: list[Any] | None = None, tracked: bool = True
+) -> TrainOutcome:
     """Run (or resume) a supervised training job; see `SupervisedJob`."""
-    return SupervisedJob(settings).run(run_callbacks)
+    return SupervisedJob(settings).run(run_callbacks, tracked)
 
 
 def load_settings_yaml(path: str | Path) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from dermanet.eval.plots import save_figure
 from dermanet.settings import HIDDEN, check_settings, option, plain_settings, settings_fields
 from dermanet.storage import copy_file, is_uri, join
+from dermanet.tracking import tune_callbacks
 from dermanet.train.job import monitor_mode
 from dermanet.train.reporting import MODEL_FILE
 from dermanet.train.settings import TrainSettings
@@ -107,7 +108,8 @@ def _trial(config: dict[str, Any]) -> None:
     overrides = {k: v for k, v in config.items() if k != "base"}
     trial_id = tune.get_context().get_trial_id()  # runs land in <experiment>/trials/<id>/
     settings = dataclasses.replace(base, **overrides, name=trial_id, max_failures=0)
-    run_training(settings, run_callbacks=[TuneReportCallback()])
+    # The Tuner's MLflowLoggerCallback gives the trial its MLflow run: no second one here.
+    run_training(settings, run_callbacks=[TuneReportCallback()], tracked=False)
 
 
 def trial_dirname(trial: Trial) -> str:
@@ -162,7 +164,11 @@ def run_tune(settings: TuneSettings) -> pd.DataFrame:
                 ),
                 trial_dirname_creator=trial_dirname,
             ),
-            run_config=tune.RunConfig(name=settings.name, storage_path=storage),
+            run_config=tune.RunConfig(
+                name=settings.name,
+                storage_path=storage,
+                callbacks=tune_callbacks(settings.name, experiment),
+            ),
         )
     results = tuner.fit()
     table = trial_table(results, metric, max_epochs=settings.base.epochs)
