@@ -39,8 +39,7 @@ JOBS: dict[str, dict[str, Any]] = {
                  "--storage-path", f"{BUCKET}/runs", "--name", "byol"],
     },
     "train": {
-        "argv": ["jobs/train.py", "--shards", f"{BUCKET}/shards",
-                 "--pretrain-ckpt", f"{BUCKET}/runs/byol/backbone.pt", *GPU_TRAINING,
+        "argv": ["jobs/train.py", "--shards", f"{BUCKET}/shards", *GPU_TRAINING,
                  "--channels-last", "--num-workers", "4", "--placement-strategy", "SPREAD",
                  "--max-failures", "3", "--storage-path", f"{BUCKET}/runs", "--name", "train"],
     },
