@@ -238,7 +238,10 @@ class TrainingJob(ABC):
             functools.partial(_worker_entry, type(self)),
             train_loop_config=config,
             scaling_config=ScalingConfig(
-                num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+                num_workers=s.num_workers,
+                use_gpu=s.use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=s.placement_strategy,
             ),
             run_config=RunConfig(
                 name=s.name,

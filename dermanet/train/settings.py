@@ -23,6 +23,7 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 OPTIMIZERS = ("adamw", "lars")
 ON_NAN = ("stop", "skip")
 COLOR_CONSTANCY = ("none", "shades_of_gray")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -114,6 +115,14 @@ class RunSettings:
     )
     max_failures: int = option(
         1, "worker-group retries (each resumes from the last checkpoint)", group="run", minimum=0
+    )
+    placement_strategy: str = option(
+        "PACK",
+        "where Ray places the training workers: PACK fills few nodes, SPREAD puts them on "
+        "different nodes while they fit (and on fewer after a node is lost); STRICT_PACK and "
+        "STRICT_SPREAD wait until exactly that placement fits",
+        group="run",
+        choices=PLACEMENT_STRATEGIES,
     )
     extra_callbacks: list[Any] = field(
         default_factory=list, metadata={"group": HIDDEN}
