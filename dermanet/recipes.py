@@ -53,6 +53,14 @@ class JobSpec:
     positional: tuple[str, ...] = ()
     rerun: dict[str, Any] = field(default_factory=dict)  # added when a cut stage runs again
 
+    @property
+    def invocation(self) -> list[str]:
+        """How Python runs it from the project root: a job as its script, a tool (`tools/`, a
+        package outside the runtime) as a module."""
+        if self.script.startswith("tools/"):
+            return ["-m", self.script.removesuffix(".py").replace("/", ".")]
+        return [self.script]
+
     def names(self) -> set[str]:
         """Every setting name the job's command line takes."""
         if self.settings_type is None:
@@ -81,7 +89,7 @@ JOBS: dict[str, JobSpec] = {
         positional=("checkpoints",),
     ),
     "build_ood_set": JobSpec(
-        "jobs/build_ood_set.py", options=("output", "derm_sample", "seed", "chromium")
+        "tools/build_ood_set.py", options=("output", "derm_sample", "seed", "chromium")
     ),
     "build_index": JobSpec("jobs/build_index.py", IndexSettings),
 }
@@ -133,7 +141,7 @@ class Stage:
 
     def command(self, storage: str, *, rerun: bool = False) -> list[str]:
         """The whole command line, as `python jobs/<job>.py ...` from the project root."""
-        return [sys.executable, self.spec.script, *self.argv(storage, rerun=rerun)]
+        return [sys.executable, *self.spec.invocation, *self.argv(storage, rerun=rerun)]
 
     def settings_object(self, storage: str) -> Any:
         """The job's settings dataclass of this stage, checked by its rules (range, choices);
