@@ -7,6 +7,7 @@ on a laptop and on a cluster; pyarrow's filesystems do the work.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -64,6 +65,15 @@ BUCKET_SCHEMES = ("s3", "gs", "gcs")  # object stores: one filesystem per bucket
 @functools.lru_cache(maxsize=8)
 def _bucket_filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")[0]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a local file, read in 1 MiB pieces (model files are tens of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_bytes(location: str | Path) -> bytes:

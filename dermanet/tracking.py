@@ -253,7 +253,7 @@ def register_export(model: Path, report_dir: Path, scores: Mapping[str, Any]) ->
     uri = tracking_uri()
     if uri is None:
         return None
-    from dermanet.inference.similar import file_sha256
+    from dermanet.storage import file_sha256
 
     client = _client(uri)
     experiment = os.environ.get(EXPERIMENT_ENV) or "dermanet-evaluate"

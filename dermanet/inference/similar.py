@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import json
 import os
 import shlex
@@ -37,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermanet.classes import CLASS_INDEX, CLASS_NAMES
-from dermanet.storage import atomic_write
+from dermanet.storage import atomic_write, file_sha256
 
 INDEX_SUFFIX = ".index.parquet"
 INDEX_FORMAT_VERSION = 1
@@ -77,14 +76,6 @@ def index_path(model_path: str | Path) -> Path:
     """`weights/default.pt` -> `weights/default.index.parquet`."""
     model_path = Path(model_path)
     return model_path.with_name(model_path.stem + INDEX_SUFFIX)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
