@@ -241,6 +241,15 @@ def test_the_service_serves_the_serve_config_applications() -> None:
         (sync,) = template["spec"]["initContainers"]
         assert sync["command"][-1] == render.MODEL_DIR
         assert (ROOT / Path(sync["command"][1]).relative_to(render.APP_DIR)).is_file()
+        # Every replica shares the case database (PostgreSQL from a Secret) and image folder.
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
+                  for v in template["spec"]["volumes"]}  # fmt: skip
+        assert claims["cases"] == "dermanet-cases"
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e for e in container["env"]}
+            assert env["DERMANET_DATA_DIR"]["value"] == render.CASES_DIR
+            secret = env["DERMANET_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+            assert secret == {"name": "dermanet-database", "key": "url"}
 
 
 def test_the_image_is_what_deploy_dockerfile_builds() -> None:

@@ -22,6 +22,7 @@ ROOT = HERE.parents[1]
 APP_DIR = "/home/ray/dermanet"  # the image's copy of the project (deploy/Dockerfile WORKDIR)
 BUCKET = "s3://dermanet-example"
 MODEL_DIR = "/home/ray/dermanet-models"  # DERMANET_MODEL_DIR in deploy/Dockerfile
+CASES_DIR = "/data/dermanet"  # DERMANET_DATA_DIR of the RayService: uploaded case images
 RAW_DATA = "/data/raw"  # prepare_data's input: a read-only volume every node mounts
 GPU_TRAINING = ["--use-gpu", "--precision", "bf16-mixed", "--img-size", "224"]
 
@@ -97,6 +98,15 @@ def with_volume(
     return spec
 
 
+def with_env(spec: dict[str, Any], env: list[dict[str, Any]]) -> dict[str, Any]:
+    """A copy of a cluster spec whose every container also gets `env`."""
+    spec = copy.deepcopy(spec)
+    for pod in _pod_specs(spec):
+        for container in pod["containers"]:
+            container.setdefault("env", []).extend(copy.deepcopy(env))
+    return spec
+
+
 def ray_job(name: str, job: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     spec = base["spec"]
     if job.get("raw_data"):
@@ -142,6 +152,18 @@ def ray_service(base: dict[str, Any]) -> dict[str, Any]:
             "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}],
         },
     )  # fmt: skip
+    # Cases: every Ingress replica, on whichever pod, shares one database (PostgreSQL, its URL
+    # from a Secret) and one folder of uploaded images (a ReadWriteMany volume).
+    spec = with_volume(
+        spec,
+        {"name": "cases", "persistentVolumeClaim": {"claimName": "dermanet-cases"}},
+        {"name": "cases", "mountPath": CASES_DIR},
+    )
+    spec = with_env(spec, [
+        {"name": "DERMANET_DATA_DIR", "value": CASES_DIR},
+        {"name": "DERMANET_DATABASE_URL",
+         "valueFrom": {"secretKeyRef": {"name": "dermanet-database", "key": "url"}}},
+    ])  # fmt: skip
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
