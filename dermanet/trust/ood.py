@@ -400,8 +400,11 @@ def _classwise_parts(stats: dict[str, Any], features: np.ndarray) -> np.ndarray:
     bank, bank_labels = _float32(stats["bank"]), stats["bank_labels"].numpy()
     similarity = _unit(features).astype(np.float32) @ bank.T
     knn = np.empty_like(maha)
+    grouped = bool(np.all(np.diff(bank_labels) >= 0))  # the bank is stored class by class
+    starts = np.searchsorted(bank_labels, stats["classes"])
+    ends = np.searchsorted(bank_labels, stats["classes"], side="right")
     for j, c in enumerate(stats["classes"]):
-        members = similarity[:, bank_labels == c]
+        members = similarity[:, starts[j] : ends[j]] if grouped else similarity[:, bank_labels == c]
         k = min(int(stats["class_knn_k"]), members.shape[1])  # a class with fewer: its last
         knn[:, j] = 1.0 - (-np.partition(-members, k - 1, axis=1)[:, k - 1]) if len(features) else 0
     return np.stack([maha, knn])
@@ -420,11 +423,16 @@ _FLOAT32: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
 def _float32(tensor: torch.Tensor) -> np.ndarray:
     """A float32 copy of a stored (float16) tensor, made once per tensor (and dropped with
-    it): the served path scores every request against the same bank."""
+    it): the served path scores every request against the same bank. Copied into numpy's
+    own memory: a matrix product with the array torch allocated ran about ten times slower
+    (1.1 against 0.1 ms for one image against the bank)."""
     cached = _FLOAT32.get(id(tensor))
     if cached is None or cached[0]() is not tensor:
         key = id(tensor)
-        cached = (weakref.ref(tensor, lambda _: _FLOAT32.pop(key, None)), tensor.float().numpy())
+        cached = (
+            weakref.ref(tensor, lambda _: _FLOAT32.pop(key, None)),
+            tensor.float().numpy().copy(),
+        )
         _FLOAT32[key] = cached
     return cached[1]
 
