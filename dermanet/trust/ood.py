@@ -96,9 +96,11 @@ def fit_ood_detector(
     covariance towards the shared one (`_fit_mahalanobis`).
 
     `views`: (train features, val features, val logits) of the same images, row for row, seen
-    another way; each is fitted like the first and the score is the plain view's scale:
-    threshold + the smallest over views of (view score - view threshold). An image is refused
-    only when every view refuses it, so no class's val refusals exceed the first view's.
+    another way; each is fitted like the first. The score is the first view's, and where that
+    is above its threshold, the threshold + the smallest over views of (view score - view
+    threshold): an image is refused only when every view refuses it, so no class's val
+    refusals exceed the first view's, and an image the first view accepts (nearly every
+    dermoscopic one) costs one view's scoring.
     """
     if views:
         return _fit_views(
@@ -216,9 +218,16 @@ def ood_scores(stats: dict[str, Any], features: np.ndarray, logits: np.ndarray) 
 
 def _method_scores(stats: dict[str, Any], features: np.ndarray, logits: np.ndarray) -> np.ndarray:
     method = stats["method"]
-    if "views" in stats:
-        margins = [_method_scores(v, features, logits) - v["threshold"] for v in stats["views"]]
-        return float(stats["threshold"]) + np.min(margins, axis=0)
+    if "views" in stats:  # the first view's score, where it refuses: its threshold + the
+        first, *others = stats["views"]  # smallest margin over all views (`fit_ood_detector`)
+        scores, threshold = _method_scores(first, features, logits), float(first["threshold"])
+        above = scores > threshold  # only these are scored against the other views
+        if above.any():
+            margins = [scores[above] - threshold] + [
+                _method_scores(v, features[above], logits[above]) - v["threshold"] for v in others
+            ]
+            scores[above] = threshold + np.min(margins, axis=0)
+        return scores
     if method in ("mahalanobis", "mahalanobis_log"):
         return _mahalanobis(stats, features)
     if method == "knn":
