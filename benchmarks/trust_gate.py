@@ -3,10 +3,11 @@
     nice -n 19 .venv/bin/python benchmarks/trust_gate.py --write-docs docs/trust.md
 
 With a checkpoint (default weights/default.pt) and derm-sample (split with assign_splits seed
-0): fits every OOD method as `jobs/evaluate.py --export` does (train features plus the same
-train images framed by a dermatoscope's round vignette; threshold on val at <= 3 % false
-refusal for EVERY class), plus the pooled gate it replaces (plain train features, 5 % of all
-val) as the baseline, and the conformal methods on val probabilities (the served logits / the
+0): fits every OOD method as `jobs/evaluate.py --export` does (one detector on the plain
+train and val views and one on the same images framed by a dermatoscope's round vignette;
+threshold on val at <= 3 % false refusal for EVERY class), the default with both views in one
+reference, plus the pooled gate it replaces (plain train features, 5 % of all val) as the
+baseline, and the conformal methods on val probabilities (the served logits / the
 checkpoint's temperature). Reports on the TEST split and on the OOD set (built by
 python -m tools.build_ood_set when --ood has none):
 - quality-check trip rates per check on val (the thresholds' budget: <= 2 %), test and OOD;
@@ -16,7 +17,8 @@ python -m tools.build_ood_set when --ood has none):
 - per class and per image source: refusals and, on accepted images, set coverage and size,
   on val and test, and leaving each image source out of the fit (gate and sets) and scoring
   it (the closest stand-in for a new clinic);
-- per conformal method: coverage, set size, per-class coverage of accepted test images;
+- per conformal method: coverage, set size, per-class coverage of accepted test images, and
+  the lowest per-class coverage on a left-out source;
 - costs against one model forward (baseline): the quality checks, and the OOD score of one
   image with the baseline and the default statistics, medians of runs.
 Features are cached in --cache (keyed by the checkpoint's hash); a retrained model re-fits
@@ -51,8 +53,8 @@ from dermanet.inference.features import extract_features, iter_images
 from dermanet.paths import PROJECT_ROOT, sample_dir
 from dermanet.trust import (
     CHECKS,
-    CONFORMAL_METHODS,
-    DEFAULT_CONFORMAL_DELTA,
+    DEFAULT_CONFORMAL_MARGIN,
+    DEFAULT_CONFORMAL_METHOD,
     DEFAULT_OOD_FPR,
     DEFAULT_OOD_METHOD,
     OOD_METHODS,
@@ -76,6 +78,19 @@ TINY_TRAIN_ROWS = 64  # --limit's floor for the train split: fit_ood's knn_k (50
 TEST_FRACTIONS = (0.9, 1.0, 1.1, 1.2)
 ARTEFACTS = Path(__file__).resolve().parent / "dermatoscope_artefacts.csv"
 BASELINE = "mahalanobis_knn, pooled 5 %"  # the gate fitted before per-class thresholds
+POOLED_VIEWS = f"{DEFAULT_OOD_METHOD}, views in one reference"  # not one detector per view
+PLAIN_SETS = {"method": "mondrian", "delta": None, "margin": 0.0}  # the baseline's sets
+DEFAULT_SETS = f"{DEFAULT_CONFORMAL_METHOD}, margin {DEFAULT_CONFORMAL_MARGIN} (default)"
+SET_VARIANTS = {  # label: fit_conformal options, all at the nominal 90 %
+    DEFAULT_SETS: {},
+    "mondrian_aps": {"margin": 0.0},
+    "mondrian": PLAIN_SETS,
+    "mondrian, margin 0.05": {**PLAIN_SETS, "margin": 0.05},
+    "mondrian, delta 0.1": {**PLAIN_SETS, "delta": 0.1},
+    "lac": {"method": "lac", "margin": 0.0},
+    "aps": {"method": "aps", "margin": 0.0},
+}
+LOSO_MIN_IMAGES = 15  # a left-out class's coverage counts in the comparison from this many
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -250,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     feats["train_framed"], logits["train_framed"] = cached_features(
         plain, paths["train"], "train-framed", cache, args.batch_size, framed_view(0)
     )
+    feats["val_framed"], logits["val_framed"] = cached_features(
+        plain, paths["val"], "val-framed", cache, args.batch_size, framed_view(1)
+    )
     feats["framed"], logits["framed"] = cached_features(
         predictor, paths["framed"], "test-framed", cache, args.batch_size, framed_view(None)
     )
@@ -270,22 +288,27 @@ def main(argv: list[str] | None = None) -> int:
     artefacts = pd.read_csv(ARTEFACTS)
 
     data = {s: (feats[s], logits[s], labels.get(s), origins.get(s), passed.get(s)) for s in feats}
-    reference = (
-        np.concatenate([feats["train"], feats["train_framed"]]),
-        np.concatenate([labels["train"], labels["train"]]),
-        np.concatenate([origins["train"], origins["train"]]),
-    )
+    reference = (feats["train"], labels["train"], origins["train"], feats["train_framed"])
+    framed_val = (feats["val_framed"], logits["val_framed"])
     fits = {
         method: fit_ood_detector(
-            reference[0],
-            reference[1],
+            feats["train"],
+            labels["train"],
             feats["val"],
             logits["val"],
             method,
             val_labels=labels["val"],
+            views=[(feats["train_framed"], *framed_val)],
         )
         for method in OOD_METHODS
     }
+    fits[POOLED_VIEWS] = fit_ood_detector(
+        np.concatenate([feats["train"], feats["train_framed"]]),
+        np.concatenate([labels["train"], labels["train"]]),
+        feats["val"],
+        logits["val"],
+        val_labels=labels["val"],
+    )
     fits[BASELINE] = fit_ood_detector(
         feats["train"], labels["train"], feats["val"], logits["val"], "mahalanobis_knn", 0.05
     )
@@ -319,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         {
             "images": manifest["kind"].value_counts(),
             "quality checks": pd.Series(~passed["ood"]).groupby(kinds).mean(),
-            **{f"gate ({m})": per_kind[m] for m in (BASELINE, DEFAULT_OOD_METHOD)},
+            **{f"gate ({m})": per_kind[m] for m in (BASELINE, POOLED_VIEWS, DEFAULT_OOD_METHOD)},
         }
     )
-    compared = (BASELINE, DEFAULT_OOD_METHOD)
+    compared = (BASELINE, POOLED_VIEWS, DEFAULT_OOD_METHOD)
     artefact_table = pd.DataFrame(
         {m: artefact_refusals(refused[m], splits, artefacts) for m in compared}
     ).astype(object)
@@ -335,15 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     temperature = loaded.temperature
-    before = {"ood": fits[BASELINE], "delta": None}
-    after = {"ood": fits[DEFAULT_OOD_METHOD], "delta": DEFAULT_CONFORMAL_DELTA}
+    before = {"ood": fits[BASELINE], "sets": PLAIN_SETS}
+    after = {"ood": fits[DEFAULT_OOD_METHOD], "sets": {}}
     class_tables, source_tables = {}, {}
     for name, gate in (("before", before), ("after", after)):
         conformal = fit_conformal(
             calibrated_probabilities(logits["val"], temperature),
             labels["val"],
             0.9,
-            delta=gate["delta"],
+            **gate["sets"],
         )
         for split in ("val", "test"):
             sets = prediction_sets(calibrated_probabilities(logits[split], temperature), conformal)
@@ -356,26 +379,28 @@ def main(argv: list[str] | None = None) -> int:
             )
             class_tables[f"{split} {name}"] = rep["per_class"]
             source_tables[f"{split} {name}"] = rep["per_source"]
-    loso = leave_source_out(data, reference, temperature)
+    loso, held_out = leave_source_out(data, reference, framed_val, temperature)
 
     set_rows, class_rows = {}, {}
     accepted = ~refused[DEFAULT_OOD_METHOD]["test"]
-    variants = [(m, None) for m in CONFORMAL_METHODS] + [("mondrian", DEFAULT_CONFORMAL_DELTA)]
-    for method, delta in variants:
+    for key, options in SET_VARIANTS.items():
         stats = fit_conformal(
-            calibrated_probabilities(logits["val"], temperature), labels["val"], 0.9, method, delta
+            calibrated_probabilities(logits["val"], temperature), labels["val"], 0.9, **options
         )
         sets = prediction_sets(
             calibrated_probabilities(logits["test"][accepted], temperature), stats
         )
         report = set_report(sets, labels["test"][accepted], CLASS_NAMES)
         per_class = {k: v["coverage"] for k, v in report["per_class"].items()}
-        key = method if delta is None else f"{method}, delta {delta}"
+        lowest = min(per_class, key=lambda c: np.nan_to_num(per_class[c], nan=np.inf))
+        left_out = held_out_coverage(held_out, temperature, options)
+        worst_left_out = min(left_out, key=left_out.get)
         set_rows[key] = {
             "coverage": f"{report['coverage']:.3f}",
             "mean set size": f"{report['mean_size']:.2f}",
             "singletons": pct(report["singletons"]),
-            "lowest class coverage": f"{np.nanmin(list(per_class.values())):.2f}",
+            "lowest class coverage": f"{lowest} {per_class[lowest]:.2f}",
+            "left-out source: lowest class": f"{worst_left_out} {left_out[worst_left_out]:.2f}",
         }
         class_rows[key] = {k: f"{v:.2f}" for k, v in per_class.items()}
     class_rows["accepted test images"] = {
@@ -386,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     timing = score_cost(
         predictor,
-        {m: fits[m] for m in (BASELINE, DEFAULT_OOD_METHOD)},
+        {m: fits[m] for m in (BASELINE, POOLED_VIEWS, DEFAULT_OOD_METHOD)},
         feats["test"],
         logits["test"],
     )
@@ -426,47 +451,75 @@ def artefact_refusals(refused: dict, splits: dict, artefacts: pd.DataFrame) -> p
     return gate.loc[listed["image"]].groupby(listed["kind"].to_numpy()).mean()
 
 
-def leave_source_out(data: dict, reference: tuple, temperature: float) -> dict[str, pd.DataFrame]:
+def leave_source_out(
+    data: dict, reference: tuple, framed_val: tuple, temperature: float
+) -> tuple[dict, dict]:
     """Per held-out image source: gate and sets fitted without it (train, framed train and
     val of the other sources), refusals and accepted-image coverage on its val + test images.
-    Classes the other sources lack cannot be fitted and are left out."""
+    Classes the other sources lack cannot be fitted and are left out. Also returns, per
+    source, the calibration (the other sources' val logits and labels) and the held-out
+    images the default gate accepts (logits, labels), for comparing set methods."""
     features = np.concatenate([data["val"][0], data["test"][0]])
     logits = np.concatenate([data["val"][1], data["test"][1]])
     labels = np.concatenate([data["val"][2], data["test"][2]])
     origins = np.concatenate([data["val"][3], data["test"][3]])
     passed = np.concatenate([data["val"][4], data["test"][4]])
     val_f, val_l, val_y, val_o = data["val"][:4]
-    plain = np.arange(len(reference[0])) < len(reference[0]) // 2  # without the framed views
-    tables = {}
+    train_f, train_y, train_o, train_framed = reference
+    tables, held_out = {}, {}
     for source in sorted(set(origins)):
-        keep_ref, keep_val = reference[2] != source, val_o != source
-        fitted_classes = np.intersect1d(reference[1][keep_ref], val_y[keep_val])
+        keep_ref, keep_val = train_o != source, val_o != source
+        fitted_classes = np.intersect1d(train_y[keep_ref], val_y[keep_val])
         rows = (origins == source) & np.isin(labels, fitted_classes)
         if not rows.any():
             continue
         columns = {}
-        for name, method, fpr, delta, ref in (
-            ("before", "mahalanobis_knn", 0.05, None, keep_ref & plain),
-            ("after", DEFAULT_OOD_METHOD, DEFAULT_OOD_FPR, DEFAULT_CONFORMAL_DELTA, keep_ref),
+        framed = [(train_framed[keep_ref], framed_val[0][keep_val], framed_val[1][keep_val])]
+        for name, method, fpr, sets_options, views in (
+            ("before", "mahalanobis_knn", 0.05, PLAIN_SETS, ()),
+            ("after", DEFAULT_OOD_METHOD, DEFAULT_OOD_FPR, {}, framed),
         ):
             val_labels = val_y[keep_val] if name == "after" else None
             stats = fit_ood_detector(
-                reference[0][ref],
-                reference[1][ref],
+                train_f[keep_ref],
+                train_y[keep_ref],
                 val_f[keep_val],
                 val_l[keep_val],
                 method,
                 fpr,
                 val_labels=val_labels,
+                views=views,
             )
             probs = calibrated_probabilities(val_l[keep_val], temperature)
-            conformal = fit_conformal(probs, val_y[keep_val], 0.9, delta=delta)
+            conformal = fit_conformal(probs, val_y[keep_val], 0.9, **sets_options)
             split = (features[rows], logits[rows], labels[rows], origins[rows], passed[rows])
             sets = prediction_sets(calibrated_probabilities(logits[rows], temperature), conformal)
-            rep = refusal_report(refused_with(stats, split), labels[rows], CLASS_NAMES, sets)
+            refused = refused_with(stats, split)
+            rep = refusal_report(refused, labels[rows], CLASS_NAMES, sets)
             columns[name] = rep["per_class"]
         tables[source] = columns
-    return tables
+        held_out[source] = {
+            "calibration": (val_l[keep_val], val_y[keep_val]),
+            "accepted": (logits[rows][~refused], labels[rows][~refused]),
+        }
+    return tables, held_out
+
+
+def held_out_coverage(held_out: dict, temperature: float, options: dict) -> dict[str, float]:
+    """Per left-out source and class (with >= LOSO_MIN_IMAGES accepted images): coverage of
+    sets fitted with `options` on the other sources' val images."""
+    coverage = {}
+    for source, held in held_out.items():
+        logits, labels = held["calibration"]
+        stats = fit_conformal(calibrated_probabilities(logits, temperature), labels, 0.9, **options)
+        logits, labels = held["accepted"]
+        sets = prediction_sets(calibrated_probabilities(logits, temperature), stats)
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            if len(members) >= LOSO_MIN_IMAGES:
+                hits = np.mean([c in sets[i] for i in members])
+                coverage[f"{CLASS_NAMES[c]} ({source})"] = float(hits)
+    return coverage
 
 
 def score_cost(
@@ -477,17 +530,30 @@ def score_cost(
     runs: int = 7,
     repeats: int = 50,
 ) -> dict[str, float]:
-    """Median ms of one image's OOD score per statistics vs one model forward (baseline)."""
+    """Median ms of one image's OOD score per statistics vs one model forward (baseline), and
+    of one whole served answer (`predict_batch`: quality checks, the served views' forward,
+    the shipped OOD score, the set), which is /v1/classify's work apart from HTTP. The image
+    scored is the first of `features` that every statistics accept (as most uploads are); the
+    default's cost for the first the plain view refuses (both views scored) comes as "both
+    views"."""
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.integers(0, 256, (450, 600, 3), dtype=np.uint8), (0, 0), 2)
     x = predictor.to_tensor([image])
 
     with torch.inference_mode():
         result = {"forward": median_ms(lambda: predictor.model(x), runs, repeats)}
-    for name, stats in fits.items():
-        ood_scores(stats, features[:1], logits[:1])  # first call: converts the stored bank
+    result["served"] = median_ms(lambda: predictor.predict_batch([image]), runs, 10)
+    accepted = np.all([ood_scores(s, features, logits) <= s["threshold"] for s in fits.values()], 0)
+    default = fits[DEFAULT_OOD_METHOD]
+    first_view = default.get("views", [default])[0]
+    refused = ood_scores(first_view, features, logits) > first_view["threshold"]
+    rows = {name: np.flatnonzero(accepted)[:1] for name in fits}
+    rows["both views"] = np.flatnonzero(refused)[:1]
+    for name, row in rows.items():
+        stats = fits.get(name, default)
+        ood_scores(stats, features[row], logits[row])  # first call: converts the stored bank
         result[name] = median_ms(
-            lambda s=stats: ood_scores(s, features[:1], logits[:1]), runs, repeats
+            lambda s=stats, r=row: ood_scores(s, features[r], logits[r]), runs, repeats
         )
     return result
 
@@ -507,7 +573,7 @@ def render(args, loaded, splits, manifest, tables: dict) -> str:
         f"train {len(splits['train'])} / val {len(splits['val'])} / test {len(splits['test'])}; "
         f"OOD set {len(manifest)} images ({args.ood}). *Baseline* = `{BASELINE}`: "
         "`mahalanobis_knn` fitted on plain train features with one threshold at 5 % of all val "
-        "images, and Mondrian sets without a margin.",
+        "images, and Mondrian sets without a margin (`mondrian`).",
         "",
         "**Quality checks**: share of images tripping each check (a picture can trip several).",
         "",
@@ -516,11 +582,22 @@ def render(args, loaded, splits, manifest, tables: dict) -> str:
         f"Cost on a 600x450 image: quality checks {cost['quality_ms']:.2f} ms vs one model "
         f"forward {cost['forward_ms']:.2f} ms (baseline, batch 1) = {cost['ratio']:.2f}x; OOD "
         "score of one image: "
-        + ", ".join(f"`{m}` {v:.2f} ms" for m, v in t["timing"].items() if m != "forward")
-        + f" vs the forward {t['timing']['forward']:.2f} ms (medians of 7 runs).",
+        + ", ".join(
+            f"`{m}` {v:.2f} ms"
+            for m, v in t["timing"].items()
+            if m not in ("forward", "served", "both views")
+        )
+        + f" vs the forward {t['timing']['forward']:.2f} ms (medians of 7 runs): the default "
+        f"score costs {pct(t['timing'][DEFAULT_OOD_METHOD] / t['timing']['forward'])} of one "
+        f"forward, {pct(t['timing'][DEFAULT_OOD_METHOD] / t['timing']['served'])} of one served "
+        f"answer ({t['timing']['served']:.2f} ms: quality checks, the "
+        f"{loaded.tta or 'plain'} views' forward, OOD score and set). An image the plain view "
+        f"refuses is scored against both views: {t['timing']['both views']:.2f} ms.",
         "",
-        "**OOD methods** (fitted on train features plus the same images framed by a round "
-        "vignette; threshold on val at <= 3 % false refusal for every class). Refusals by the "
+        "**OOD methods** (one detector on plain train and val features and one on the same "
+        "images framed by a round vignette, an image refused when both refuse it; *views in "
+        "one reference*: the framed train features added to the plain ones in one detector; "
+        "threshold on val at <= 3 % false refusal for every class). Refusals by the "
         "gate (quality checks OR OOD score); *framed test*: HAM10000 test images given a round "
         "vignette of 0.9-1.2x the short side; *real artefacts*: the listed val/test images "
         "with rulers, hair, ink, gel bubbles, vignettes (stickers apart).",
@@ -550,8 +627,10 @@ def render(args, loaded, splits, manifest, tables: dict) -> str:
     for source, columns in t["loso"].items():
         lines += [f"*{source}*", "", refusal_markdown(columns), ""]
     lines += [
-        "**Conformal prediction sets** (90 % target, fitted on val, on the test images the "
-        "default gate accepts):",
+        "**Conformal prediction sets** (90 % nominal level, fitted on val; on the test images "
+        "the default gate accepts; *left-out source*: fitted without one image source and "
+        f"scored on its accepted val + test images, classes with >= {LOSO_MIN_IMAGES} of them; "
+        "*margin*: thresholds fitted at 90 % + margin):",
         "",
         table(pd.DataFrame(t["set_rows"]).T),
         "",

@@ -141,6 +141,49 @@ def test_a_rare_class_far_from_the_bulk_is_not_refused() -> None:
     assert (ood_scores(pooled, tf, tl) > pooled["threshold"])[rare].mean() > 0.5
 
 
+def framed(features: np.ndarray) -> np.ndarray:
+    """The same images seen another way (a dermatoscope's frame): every feature moved along
+    one fixed direction in log space, far beyond the plain images' spread."""
+    return features * np.exp(1.5 * np.random.default_rng(789).normal(0, 1.0, DIM))
+
+
+def test_reference_views_accept_both_views_and_keep_the_per_class_bound(data) -> None:
+    """With the framed view as a second reference view, framed images pass like plain ones,
+    no class's val refusals exceed the target (an image is refused only when every view
+    refuses it), out-of-distribution images are still refused, and the score is the plain
+    view's, where that refuses: its threshold + the smaller of the two views' margins."""
+    (trf, _, trl), (vf, vl, vy), (tf, tl, _), (of, ol, _) = data
+    plain = fit_ood_detector(trf, trl, vf, vl, val_labels=vy)
+    assert (ood_scores(plain, framed(tf), tl) > plain["threshold"]).mean() > 0.9
+    views = [(framed(trf), framed(vf), vl)]
+    stats = fit_ood_detector(trf, trl, vf, vl, val_labels=vy, views=views)
+    assert stats["threshold"] == plain["threshold"] and len(stats["views"]) == 2
+    refused = ood_scores(stats, vf, vl) > stats["threshold"]
+    assert max(refused[vy == c].mean() for c in range(CLASSES)) <= 0.03
+    for features in (tf, framed(tf)):
+        assert (ood_scores(stats, features, tl) > stats["threshold"]).mean() < 0.06
+    assert (ood_scores(stats, of, ol) > stats["threshold"]).mean() > 0.9
+    second = stats["views"][1]
+    for features, logits in ((of, ol), (framed(tf), tl), (tf, tl)):
+        first = ood_scores(plain, features, logits)
+        expected = np.where(
+            first <= plain["threshold"],
+            first,
+            plain["threshold"] + np.minimum(
+                first - plain["threshold"],
+                ood_scores(second, features, logits) - second["threshold"],
+            ),
+        )  # fmt: skip
+        np.testing.assert_allclose(ood_scores(stats, features, logits), expected)
+    buffer = io.BytesIO()
+    torch.save(stats, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    np.testing.assert_allclose(ood_scores(loaded, of, ol), ood_scores(stats, of, ol))
+    with pytest.raises(ValueError, match="row for row"):
+        fit_ood_detector(trf, trl, vf, vl, val_labels=vy, views=[(framed(trf[:-1]), vf, vl)])
+
+
 def test_non_finite_inputs_are_out_of_distribution(data) -> None:
     (trf, _, trl), (vf, vl, vy), _, _ = data
     stats = fit_ood_detector(trf, trl, vf, vl, val_labels=vy)

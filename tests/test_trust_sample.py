@@ -101,7 +101,7 @@ def test_prediction_sets_cover_the_truth_at_the_stated_rate(model_outputs) -> No
     val_probs = calibrated_probabilities(out["val"][1], loaded.temperature)
     test_probs = calibrated_probabilities(out["test"][1], loaded.temperature)
     for method in ("mondrian", "lac"):
-        stats = fit_conformal(val_probs, labels["val"], coverage=0.9, method=method, delta=None)
+        stats = fit_conformal(val_probs, labels["val"], 0.9, method, delta=None, margin=0.0)
         report = set_report(prediction_sets(test_probs, stats), labels["test"], CLASS_NAMES)
         assert 0.85 <= report["coverage"] <= 0.95, (method, report)
         assert report["mean_size"] < 6, (method, report)

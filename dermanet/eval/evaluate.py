@@ -157,6 +157,14 @@ class Predictions:
         return self.table["label_index"].to_numpy()
 
 
+def _rows_like(view: Predictions, plain: Predictions) -> Predictions:
+    """`view`'s rows in `plain`'s image order (Ray Data may return batches in another)."""
+    position = pd.Series(np.arange(len(view.table)), index=view.table["image"].to_numpy())
+    rows = position.loc[plain.table["image"].to_numpy()].to_numpy()
+    return Predictions(view.logits[rows], view.served_logits[rows], view.features[rows],
+                       view.table.iloc[rows])  # fmt: skip
+
+
 def predict_split(
     loaded: LoadedCheckpoint,
     settings: EvaluateSettings,
@@ -252,16 +260,20 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
     if settings.export:  # the shipped file carries a gate and sets fitted for these weights
         val = val or predict_split(loaded, whole, "val")
         # the gate is fitted on the plain view's features: no other view is needed; the
-        # same train images seen through a dermatoscope's round frame join its reference
+        # same train and val images seen through a dermatoscope's round frame are its
+        # second reference view
         plain = dataclasses.replace(whole, tta="none")
         train = predict_split(loaded, plain, "train", served_needed=False)
-        framed = predict_split(with_vignette(loaded), plain, "train", served_needed=False)
+        framed = with_vignette(loaded)
+        framed_train = predict_split(framed, plain, "train", served_needed=False)
+        framed_val = predict_split(framed, plain, "val", served_needed=False)
+        framed_train = _rows_like(framed_train, train)  # the same images, row for row
+        framed_val = _rows_like(framed_val, val)
         loaded.temperature = temperature
         loaded.trust = fit_trust(
-            np.concatenate([train.features, framed.features]),
-            np.concatenate([train.labels, framed.labels]),
-            val.features, val.served_logits, val.labels,
+            train.features, train.labels, val.features, val.served_logits, val.labels,
             temperature, ood_method=settings.ood_method, ood_fpr=settings.ood_fpr,
+            views=[(framed_train.features, framed_val.features, framed_val.served_logits)],
         )  # fmt: skip
     probs = softmax(predictions.logits, temperature)
     served_raw = softmax(predictions.served_logits)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,12 @@ def fit_trust(
     *,
     ood_method: str = DEFAULT_OOD_METHOD,
     ood_fpr: float = DEFAULT_OOD_FPR,
+    views: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = (),
 ) -> dict[str, Any]:
     """OOD statistics + conformal thresholds for the checkpoint (see dermanet.trust.fit)."""
     stats = fit_trust_statistics(
         train_features, train_labels, val_features, val_logits, val_labels, temperature,
-        ood_method=ood_method, target_fpr=ood_fpr,
+        ood_method=ood_method, target_fpr=ood_fpr, views=views,
     )  # fmt: skip
     log.info(
         "trust: OOD %s threshold %.4g (%.0f%% of val above), sets %s at %.0f%% coverage",
@@ -98,10 +100,10 @@ class _Vignetted(torch.nn.Module):
 
 
 def with_vignette(loaded: LoadedCheckpoint, seed: int = 0) -> LoadedCheckpoint:
-    """The checkpoint whose model sees vignetted views: their train features join the gate's
-    reference (`fit_trust`), since round black frames are ordinary dermoscopy (HAM10000 is
-    full of them) that a gate fitted on plain views alone refused (a third of test images
-    framed at the short side)."""
+    """The checkpoint whose model sees vignetted views: their train and val features are the
+    gate's second reference view (`fit_trust`'s `views`), since round black frames are
+    ordinary dermoscopy (HAM10000 is full of them) that a gate fitted on plain views alone
+    refused (a third of test images framed at the short side)."""
     mean, std = torch.tensor(loaded.mean), torch.tensor(loaded.std)
     return dataclasses.replace(loaded, model=_Vignetted(loaded.model, -mean / std, seed))
 

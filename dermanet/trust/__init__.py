@@ -10,6 +10,7 @@ See docs/trust.md.
 from dermanet.trust.conformal import (
     CONFORMAL_METHODS,
     DEFAULT_CONFORMAL_DELTA,
+    DEFAULT_CONFORMAL_MARGIN,
     DEFAULT_CONFORMAL_METHOD,
     fit_conformal,
     prediction_sets,
@@ -43,6 +44,7 @@ __all__ = [
     "CHECKS",
     "CONFORMAL_METHODS",
     "DEFAULT_CONFORMAL_DELTA",
+    "DEFAULT_CONFORMAL_MARGIN",
     "DEFAULT_CONFORMAL_METHOD",
     "DEFAULT_OOD_FPR",
     "DEFAULT_OOD_METHOD",

@@ -7,6 +7,7 @@ sets (val probabilities) are refitted together whenever a model is (re)exported.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from scipy.special import softmax
 
 from dermanet.trust.conformal import (
     DEFAULT_CONFORMAL_DELTA,
+    DEFAULT_CONFORMAL_MARGIN,
     DEFAULT_CONFORMAL_METHOD,
     fit_conformal,
 )
@@ -40,13 +42,16 @@ def fit_trust_statistics(
     set_method: str = DEFAULT_CONFORMAL_METHOD,
     coverage: float = 0.9,
     set_delta: float | None = DEFAULT_CONFORMAL_DELTA,
+    set_margin: float = DEFAULT_CONFORMAL_MARGIN,
+    views: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = (),
 ) -> dict[str, Any]:
     """{"ood": OOD statistics with threshold, "conformal": set statistics}; plain types and
     tensors only, so the dict can go into a `weights_only` checkpoint as it is.
 
-    `train_features` may include extra reference views of train images (e.g. dermatoscope
-    vignettes, `dermanet.trust.views`) with their labels: the OOD score then treats such
-    views as in distribution. The OOD threshold holds `target_fpr` for every val class."""
+    `views`: (train features, val features, val logits) of the same train and val images
+    seen another way (e.g. through a dermatoscope's round frame, `dermanet.eval.trust_eval.
+    with_vignette`): the OOD score then treats such views as in distribution
+    (`fit_ood_detector`). The OOD threshold holds `target_fpr` for every val class."""
     probs = calibrated_probabilities(val_logits, temperature)
     return {
         "ood": fit_ood_detector(
@@ -57,6 +62,7 @@ def fit_trust_statistics(
             ood_method,
             target_fpr,
             val_labels=val_labels,
+            views=views,
         ),
-        "conformal": fit_conformal(probs, val_labels, coverage, set_method, set_delta),
+        "conformal": fit_conformal(probs, val_labels, coverage, set_method, set_delta, set_margin),
     }

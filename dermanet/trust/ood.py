@@ -26,6 +26,12 @@ Methods (measured against each other by benchmarks/trust_gate.py, results in doc
   vascular lesion's 50th neighbour is another class, and one threshold on pooled val scores
   sits where the common classes put it (all of test's vascular lesions were refused).
 
+Reference views (`views`): the same train and val images seen another way, e.g. through a
+contact dermatoscope's round black frame. Each view gets its own detector (its own class
+means, covariances, banks, scales and threshold), and an image is in distribution when it is
+within ANY view's threshold. Pooling the views into one reference instead broadens every
+class's shape and scale, and let in 18 % of ordinary photos (3 % with separate views).
+
 The threshold: given the val labels, the largest over classes of each class's conformal
 (1 - target_fpr) order statistic, so at most `target_fpr` of EVERY class's val images is
 refused; without labels, the pooled val quantile.
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -76,6 +83,7 @@ def fit_ood_detector(
     class_bank: int = 3000,
     class_knn_weight: float = 2.0,
     class_prior: float = 64.0,
+    views: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = (),
 ) -> dict[str, Any]:
     """Fit `method` on train features and set its threshold on val (in-distribution) scores.
 
@@ -86,7 +94,22 @@ def fit_ood_detector(
     `class_bank` caps the stored train features per class (k-NN part), `class_knn_weight`
     weighs the k-NN part against the Mahalanobis part, `class_prior` shrinks each class's
     covariance towards the shared one (`_fit_mahalanobis`).
+
+    `views`: (train features, val features, val logits) of the same images, row for row, seen
+    another way; each is fitted like the first. The score is the first view's, and where that
+    is above its threshold, the threshold + the smallest over views of (view score - view
+    threshold): an image is refused only when every view refuses it, so no class's val
+    refusals exceed the first view's, and an image the first view accepts (nearly every
+    dermoscopic one) costs one view's scoring.
     """
+    if views:
+        return _fit_views(
+            [(train_features, val_features, val_logits), *views], train_labels, val_labels,
+            method=method, target_fpr=target_fpr, shrinkage=shrinkage, log_eps=log_eps,
+            knn_k=knn_k, knn_bank=knn_bank, energy_temperature=energy_temperature, seed=seed,
+            class_knn_k=class_knn_k, class_bank=class_bank, class_knn_weight=class_knn_weight,
+            class_prior=class_prior,
+        )  # fmt: skip
     if method not in OOD_METHODS:
         raise ValueError(f"unknown OOD method {method!r}; choose from {list(OOD_METHODS)}")
     if not 0 < target_fpr < 0.5:
@@ -135,6 +158,34 @@ def fit_ood_detector(
     return stats
 
 
+def _fit_views(
+    views: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    train_labels: np.ndarray,
+    val_labels: np.ndarray | None,
+    **options: Any,
+) -> dict[str, Any]:
+    """One detector per reference view (`fit_ood_detector`'s `views`), combined."""
+    for i, (train, val, _) in enumerate(views[1:], 1):
+        if len(train) != len(views[0][0]) or len(val) != len(views[0][1]):
+            raise ValueError(
+                f"view {i} has {len(train)} train and {len(val)} val rows; the first view "
+                f"{len(views[0][0])} and {len(views[0][1])} (the same images, row for row)"
+            )
+    fitted = [
+        fit_ood_detector(train, train_labels, val, logits, val_labels=val_labels, **options)
+        for train, val, logits in views
+    ]
+    first = fitted[0]
+    stats = {key: first[key] for key in ("version", "method", "feature_dim", "num_classes",
+                                         "n_train", "n_val", "target_fpr")}  # fmt: skip
+    stats.update(views=fitted, threshold=first["threshold"])
+    if "per_class_fpr" in first:
+        stats["per_class_fpr"] = True
+    scores = ood_scores(stats, views[0][1], views[0][2])
+    stats["val_rejection_rate"] = float((scores > stats["threshold"]).mean())
+    return stats
+
+
 def _order_statistic(scores: np.ndarray, level: float) -> float:
     """The ceil((n+1)·level)-th smallest score (the largest when n is too small for it): at
     most 1 - level of exchangeable new images of the class score above it."""
@@ -167,6 +218,16 @@ def ood_scores(stats: dict[str, Any], features: np.ndarray, logits: np.ndarray) 
 
 def _method_scores(stats: dict[str, Any], features: np.ndarray, logits: np.ndarray) -> np.ndarray:
     method = stats["method"]
+    if "views" in stats:  # the first view's score, where it refuses: its threshold + the
+        first, *others = stats["views"]  # smallest margin over all views (`fit_ood_detector`)
+        scores, threshold = _method_scores(first, features, logits), float(first["threshold"])
+        above = scores > threshold  # only these are scored against the other views
+        if above.any():
+            margins = [scores[above] - threshold] + [
+                _method_scores(v, features[above], logits[above]) - v["threshold"] for v in others
+            ]
+            scores[above] = threshold + np.min(margins, axis=0)
+        return scores
     if method in ("mahalanobis", "mahalanobis_log"):
         return _mahalanobis(stats, features)
     if method == "knn":
@@ -348,8 +409,11 @@ def _classwise_parts(stats: dict[str, Any], features: np.ndarray) -> np.ndarray:
     bank, bank_labels = _float32(stats["bank"]), stats["bank_labels"].numpy()
     similarity = _unit(features).astype(np.float32) @ bank.T
     knn = np.empty_like(maha)
+    grouped = bool(np.all(np.diff(bank_labels) >= 0))  # the bank is stored class by class
+    starts = np.searchsorted(bank_labels, stats["classes"])
+    ends = np.searchsorted(bank_labels, stats["classes"], side="right")
     for j, c in enumerate(stats["classes"]):
-        members = similarity[:, bank_labels == c]
+        members = similarity[:, starts[j] : ends[j]] if grouped else similarity[:, bank_labels == c]
         k = min(int(stats["class_knn_k"]), members.shape[1])  # a class with fewer: its last
         knn[:, j] = 1.0 - (-np.partition(-members, k - 1, axis=1)[:, k - 1]) if len(features) else 0
     return np.stack([maha, knn])
@@ -368,11 +432,16 @@ _FLOAT32: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
 def _float32(tensor: torch.Tensor) -> np.ndarray:
     """A float32 copy of a stored (float16) tensor, made once per tensor (and dropped with
-    it): the served path scores every request against the same bank."""
+    it): the served path scores every request against the same bank. Copied into numpy's
+    own memory: a matrix product with the array torch allocated ran about ten times slower
+    (1.1 against 0.1 ms for one image against the bank)."""
     cached = _FLOAT32.get(id(tensor))
     if cached is None or cached[0]() is not tensor:
         key = id(tensor)
-        cached = (weakref.ref(tensor, lambda _: _FLOAT32.pop(key, None)), tensor.float().numpy())
+        cached = (
+            weakref.ref(tensor, lambda _: _FLOAT32.pop(key, None)),
+            tensor.float().numpy().copy(),
+        )
         _FLOAT32[key] = cached
     return cached[1]
 
