@@ -11,10 +11,12 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,10 +36,12 @@ KILL_AFTER = 40  # answered uploads before the kill
 TINY = PROJECT_ROOT / "configs" / "dermanet_tiny.yaml"
 
 
-def start_serve(folder: Path, registry: Path, port: int) -> subprocess.Popen:
-    """`python -m dermanet.serving` in its own session, on the folder's SQLite database."""
+def start_serve(folder: Path, registry: Path, port: int, ray_tmp: str) -> subprocess.Popen:
+    """`python -m dermanet.serving` in its own session, on the folder's SQLite database (Ray's
+    files in `ray_tmp`: a killed Ray leaves them behind)."""
     env = {
         **os.environ,
+        "RAY_TMPDIR": ray_tmp,
         "DERMANET_DATA_DIR": str(folder),
         "DERMANET_DATABASE_URL": f"sqlite:///{folder / 'dermanet.db'}",
         "DERMANET_SERVE_CLASSIFIER_REPLICAS": "1",
@@ -83,7 +87,7 @@ def noise_png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_sigkill_mid_upload_loses_no_answered_request(tmp_path: Path) -> None:
+def test_sigkill_mid_upload_loses_no_answered_request(tmp_path: Path, request) -> None:
     import torch
 
     from dermanet.accounts import add_account
@@ -102,7 +106,9 @@ def test_sigkill_mid_upload_loses_no_answered_request(tmp_path: Path) -> None:
     save_checkpoint(registry / "default.pt", create_model(TINY), img_size=64)
 
     port = free_port()
-    serve = start_serve(tmp_path, registry, port)
+    ray_tmp = tempfile.mkdtemp(prefix="drn-k-", dir="/tmp")  # short: socket path limit
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    serve = start_serve(tmp_path, registry, port, ray_tmp)
     answered: list[tuple[int, dict, bytes]] = []  # (case_id, 201 body, bytes sent)
     cases: set[int] = set()
     lock, stop = threading.Lock(), threading.Event()
@@ -148,7 +154,7 @@ def test_sigkill_mid_upload_loses_no_answered_request(tmp_path: Path) -> None:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
 
-    serve = start_serve(tmp_path, registry, port)
+    serve = start_serve(tmp_path, registry, port, ray_tmp)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as c:
             stored = {}
