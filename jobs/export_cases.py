@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dermanet.cli import HelpFormatter, run_job, setup_logging
+from dermanet.cli import HelpFormatter, run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,14 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="catalogue CSV to write")
     p.add_argument("--images", required=True, help="folder for the images (created)")
-    p.add_argument("--database-url", help="SQLAlchemy URL (default: $DERMANET_DATABASE_URL)")
-    p.add_argument("--data-dir", help="data folder (default: $DERMANET_DATA_DIR, else data/)")
+    p.add_argument("--database-url", help="SQLAlchemy URL; unset: $DERMANET_DATABASE_URL")
+    p.add_argument("--data-dir", help="data folder; unset: $DERMANET_DATA_DIR, else data/")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
     from dermanet.cases.export import run_export
 
     code, summary = run_job(

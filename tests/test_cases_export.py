@@ -39,6 +39,12 @@ def test_nothing_confirmed_is_a_clear_error(tmp_path: Path, capsys) -> None:
     )  # fmt: skip
     assert code == 2 and "record a diagnosis" in capsys.readouterr().err
     assert not (tmp_path / "c.csv").exists()
+    absent = tmp_path / "elsewhere"
+    code = _job("export_cases.py").main(
+        ["--output", str(tmp_path / "c.csv"), "--images", str(tmp_path / "img"),
+         "--data-dir", str(absent)]
+    )  # fmt: skip
+    assert code == 2 and "no database at" in capsys.readouterr().err and not absent.exists()
 
 
 @pytest.mark.ray

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -143,6 +144,12 @@ def run_export(
     """`jobs/export_cases.py`: the configured database (or `url`) and data folder, read in
     one transaction so the catalogue is one consistent moment of the database."""
     url = database_url(url, folder)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        raise ExportError(
+            f"no database at {parsed.database}: give the server's data folder (--data-dir, "
+            "$DERMANET_DATA_DIR) or its --database-url"
+        )
     try:
         check_current(make_engine(url))
         with session_factory(url).begin() as session:
