@@ -15,6 +15,13 @@ real file (e.g. a derm-sample JPEG re-encoded at 427x320) instead of a synthetic
 Prints a Markdown table for docs/benchmarks.md, with the CPU the load generator itself spent
 (it shares the cores with Serve). `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment measures
 Serve behind HAProxy instead of its Python proxy.
+
+--storage measures what storing costs instead: on one Serve, in the same run, /v1/classify
+against POST /v1/cases/{id}/images (the same classify, plus the file, the answer and the audit
+event committed before the answer), alternating runs at each concurrency, every request a
+different image (derm-sample JPEGs when present) so every stored file is a new write:
+
+    .venv/bin/python benchmarks/serve_load.py --storage --concurrency 1 32 --repeats 3
 """
 
 from __future__ import annotations
@@ -198,7 +205,13 @@ def main() -> None:
     parser.add_argument("--image", help="upload this file instead of a synthetic lesion")
     parser.add_argument("--backend", help="Serve's model call: auto | torch | onnx (default: the "
                         "Serve setting, auto)")  # fmt: skip
+    parser.add_argument(
+        "--storage", action="store_true", help="classify with against without storing instead"
+    )
     args = parser.parse_args()
+    if args.storage:
+        storage_benchmark(args)
+        return
 
     scratch = Path(tempfile.mkdtemp(prefix="drn-bench-", dir="/tmp"))
     model_dir, model_note = ensure_registry(args.model_dir, args.img_size, scratch)
@@ -253,6 +266,102 @@ def main() -> None:
     print()
     print(table(rows, ratios, ceiling))
     print(f"\nmedian Grad-CAM latency: {statistics.median(gradcam.latencies_ms):.0f} ms")
+
+
+async def post_each(
+    url: str, headers: dict[str, str], path: str, images: list[bytes], concurrency: int
+) -> LoadResult:
+    """One POST per image (each sent once) from `concurrency` closed-loop clients."""
+    latencies: list[float] = []
+    queue = iter(images)  # shared: a client takes the next image when its last answer is in
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=300, limits=limits
+    ) as client:
+
+        async def worker() -> None:
+            for data in queue:
+                started = time.perf_counter()
+                response = await client.post(path, files={"file": ("lesion.jpg", data)})
+                response.raise_for_status()
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        cpu_started, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+        client_cpu = time.process_time() - cpu_started
+    return LoadResult(path, concurrency, len(images), seconds, latencies, client_cpu)
+
+
+def bench_account(folder: Path) -> tuple[str, dict[str, str]]:
+    """A fresh SQLite database in `folder` with one clinician: its URL and request headers."""
+    from dermanet.accounts import add_account
+    from dermanet.db import make_engine, session_factory, upgrade
+
+    url = f"sqlite:///{folder / 'dermanet.db'}"
+    upgrade(make_engine(url))
+    with session_factory(url).begin() as session:
+        _, key = add_account(session, "bench", "clinician")
+    return url, {"Authorization": f"Bearer {key}"}
+
+
+def storage_benchmark(args: argparse.Namespace) -> None:
+    """Classify against classify-and-store on one Serve; medians of --repeats runs a level."""
+    from benchmarks.bench_common import uploads
+
+    scratch = Path(tempfile.mkdtemp(prefix="drn-bench-", dir="/tmp"))
+    model_dir, model_note = ensure_registry(args.model_dir, args.img_size, scratch)
+    database_url, headers = bench_account(scratch)
+    settings = ServeSettings.from_mapping(
+        {"model_dir": model_dir, "max_batch_size": args.max_batch_size}
+        | {"database_url": database_url, "data_dir": str(scratch / "data")}
+        | ({"backend": args.backend} if args.backend else {}),
+        base=ServeSettings.from_env(),
+    )
+    repeats = max(1, args.repeats)
+    side = (args.image_side, args.image_side * 3 // 4)
+    images, what = uploads(args.requests * repeats * 2 * len(args.concurrency) + 8, side)
+    warm, images = images[:8], images[8:]
+    chunks = (images[i : i + args.requests] for i in range(0, len(images), args.requests))
+    runs: dict[tuple[str, int], list[LoadResult]] = {}
+    try:
+        url = start_local(settings, port=args.port, num_cpus=args.num_cpus,
+                          temp_dir=scratch / "ray")  # fmt: skip
+        made = httpx.post(f"{url}/v1/cases", headers=headers, timeout=60,
+                          json={"patient": "BENCH-1", "lesion": "L1"})  # fmt: skip
+        made.raise_for_status()
+        paths = {"classify": "/v1/classify", "store": f"/v1/cases/{made.json()['case_id']}/images"}
+        for kind, path in paths.items():  # warm-up: models loaded, the database file opened
+            asyncio.run(post_each(url, headers, path, warm[:4] if kind == "classify"
+                                  else warm[4:], 2))  # fmt: skip
+        for concurrency in args.concurrency:
+            for _ in range(repeats):  # alternating, so drift on a shared machine hits both
+                for kind, path in paths.items():
+                    result = asyncio.run(post_each(url, headers, path, next(chunks), concurrency))
+                    runs.setdefault((kind, concurrency), []).append(result)
+                    print(f"{kind} c={concurrency}: {result.throughput:.1f} img/s, "
+                          f"p50 {result.percentile(50):.0f} ms")  # fmt: skip
+    finally:
+        stop_local()
+        shutil.rmtree(scratch, ignore_errors=True)
+    medians = {key: median_run(value) for key, value in runs.items()}
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {platform.node() or 'this machine'}: {os.cpu_count()} "
+        f"CPU cores, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} at the end, "
+        f"model {model_note}, backend {settings.backend}, {what}, {args.requests} requests a "
+        f"run, median of {repeats} runs; SQLite in the data folder\n"
+    )
+    print("| concurrency | classify images/s | store images/s | store ÷ classify "
+          "| classify p50 ms | store p50 ms | p50 added |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for c in args.concurrency:
+        plain, stored = medians[("classify", c)], medians[("store", c)]
+        added = stored.percentile(50) / plain.percentile(50) - 1
+        print(
+            f"| {c} | {plain.throughput:.1f} | {stored.throughput:.1f} "
+            f"| {stored.throughput / plain.throughput:.2f}× | {plain.percentile(50):.0f} "
+            f"| {stored.percentile(50):.0f} | {added:+.0%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 1. Picks the model registry: `--model-dir` / $DERMANET_MODEL_DIR / `weights/`; when that holds
    no checkpoint, the newest `best.pt` under `outputs/` or `runs/` (and says which); when there
    is none either, explains how to get one and exits with status 2.
-2. Starts a private local Ray with the Serve app (`python -m dermanet.serving`: the same
+2. Brings the demo's database up to date (`--data-dir`, $DERMANET_DATA_DIR or `data/`; or
+   $DERMANET_DATABASE_URL) and gives its `demo` admin account a fresh key (the previous demo
+   key is revoked: a key is shown once, so each run shows a new one).
+3. Starts a private local Ray with the Serve app (`python -m dermanet.serving`: the same
    application as `serve run serve.app:deployment`) on 127.0.0.1:8000 and waits for /healthz.
-3. Starts `streamlit run ui/app.py` headless on 127.0.0.1:8501, pointed at that server.
-4. Prints both URLs; Ctrl-C (or SIGTERM) stops exactly those two process groups, Serve first
-   asked to shut down its own Ray, and nothing else (never `ray stop`).
+4. Starts `streamlit run ui/app.py` headless on 127.0.0.1:8501, pointed at that server.
+5. Prints both URLs and how to sign in; Ctrl-C (or SIGTERM) stops exactly those two process
+   groups, Serve first asked to shut down its own Ray, and nothing else (never `ray stop`).
 """
 
 from __future__ import annotations
@@ -27,11 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
+from dermanet.accounts.store import AccountError, add_account, add_key, find_account
+from dermanet.db.config import DATA_DIR_ENV, DATABASE_URL_ENV, data_dir, database_url
+from dermanet.db.engine import make_engine, session_factory
+from dermanet.db.migrate import upgrade
+from dermanet.db.models import utcnow
 from dermanet.inference.registry import DEFAULT_MODEL_DIR, MODEL_DIR_ENV
 from dermanet.paths import PROJECT_ROOT
 
 CHECKPOINT_SUFFIX = ".pt"
+DEMO_ACCOUNT = "demo"
 RUN_FOLDERS = ("outputs", "runs")
 HOW_TO_GET_A_MODEL = f"""No checkpoint found. DermaNet needs one to serve predictions. Either
   * put a checkpoint (.pt from jobs/train.py or jobs/tune.py) into weights/ as weights/default.pt,
@@ -98,6 +110,38 @@ def choose_model(model_dir: Path, run_roots: Sequence[Path], scratch: Path) -> M
 
 def _safe_id(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text).strip(".-")
+
+
+def demo_key(url: str) -> str:
+    """Upgrade the demo's database and return a fresh key of its `demo` admin account (added
+    when absent; its earlier keys are revoked, as only their hashes were kept)."""
+    try:
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()
+        with session_factory(url).begin() as session:
+            return _fresh_key(session)
+    except (SQLAlchemyError, OSError) as exc:
+        where = make_url(url).render_as_string(hide_password=True)
+        raise DemoError(f"the demo's database {where} cannot be used: {exc}") from None
+
+
+def _fresh_key(session: Session) -> str:
+    try:
+        account = find_account(session, DEMO_ACCOUNT)
+    except AccountError:
+        return add_account(session, DEMO_ACCOUNT, "admin")[1]
+    if account.revoked_at is not None:
+        raise DemoError(
+            f"the account {DEMO_ACCOUNT!r} was revoked by an admin; run the demo on its own "
+            "data folder instead (--data-dir)"
+        )
+    now = utcnow()
+    for key in account.keys:
+        key.revoked_at = key.revoked_at or now
+    return add_key(session, account)
 
 
 def port_free(host: str, port: int) -> bool:
@@ -204,6 +248,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ui-port", type=int, default=8501, help="dashboard port (8501)")
     parser.add_argument("--upload-dir", type=Path, help="dashboard uploads (default uploads/)")
     parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"cases database and stored images (${DATA_DIR_ENV}, else data/)",
+    )
+    parser.add_argument(
         "--start-timeout", type=float, default=300, help="seconds to wait for each server (300)"
     )
     return parser.parse_args(argv)
@@ -245,7 +294,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return 2
         print(choice.note, flush=True)
-        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+        folder = data_dir(args.data_dir)
+        url = database_url(None, folder)
+        key = demo_key(url)
+        print(f"Cases database {make_url(url).render_as_string(hide_password=True)}", flush=True)
+        env = {
+            **os.environ,
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            DATA_DIR_ENV: str(folder),
+            DATABASE_URL_ENV: url,
+        }
         env.pop("RAY_ADDRESS", None)  # a private local Ray, never someone's cluster
         serve_url = f"http://{args.host}:{args.serve_port}"
         ui_url = f"http://{args.host}:{args.ui_port}"
@@ -294,6 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "\nDermaNet is running (research software, not a medical device):\n"
             f"  Dashboard  {ui_url}\n"
             f"  HTTP API   {serve_url}   (docs: {serve_url}/docs)\n"
+            f"Sign in to the dashboard as account {DEMO_ACCOUNT!r} (admin) with the key\n"
+            f"  {key}\n"
+            "(shown once; the next `make demo` makes a new one; more accounts: "
+            "python -m dermanet.accounts add NAME --role clinician)\n"
             "Press Ctrl-C to stop both.\n",
             flush=True,
         )

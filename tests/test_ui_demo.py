@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dermanet.demo import DemoError, choose_model, port_free
+from dermanet.demo import DEMO_ACCOUNT, DemoError, choose_model, demo_key, port_free
 from dermanet.paths import PROJECT_ROOT
 
 pytest_plugins = ["conftest_serve"]
@@ -60,6 +60,23 @@ def test_no_checkpoint_at_all_explains(tmp_path: Path) -> None:
     assert run.returncode == 2 and "jobs/train.py" in run.stderr and "weights/" in run.stderr
 
 
+def test_each_demo_run_gets_a_fresh_key_of_its_own_admin(tmp_path: Path) -> None:
+    from dermanet.accounts import revoke_account
+    from dermanet.accounts.store import authenticate
+    from dermanet.db import session_factory
+
+    url = f"sqlite:///{tmp_path / 'demo.db'}"  # not upgraded yet: the demo does it
+    first, second = demo_key(url), demo_key(url)
+    with session_factory(url)() as session:  # authenticate commits its `last_used_at`
+        assert authenticate(session, first) is None  # only hashes were kept: the old key goes
+        who = authenticate(session, second)
+        assert (who.name, who.role) == (DEMO_ACCOUNT, "admin")
+        revoke_account(session, DEMO_ACCOUNT)
+        session.commit()
+    with pytest.raises(DemoError, match="revoked"):
+        demo_key(url)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -82,6 +99,8 @@ def test_demo_starts_both_and_ctrl_c_stops_exactly_them(model_registry: Path, tm
         str(ui_port),
         "--upload-dir",
         str(tmp_path / "uploads"),
+        "--data-dir",
+        str(tmp_path / "data"),
     ]
     demo = subprocess.Popen(
         command,
@@ -107,6 +126,15 @@ def test_demo_starts_both_and_ctrl_c_stops_exactly_them(model_registry: Path, tm
             f"http://127.0.0.1:{ui_port}" in output and f"http://127.0.0.1:{serve_port}" in output
         )
         assert httpx.get(f"http://127.0.0.1:{serve_port}/healthz", timeout=10).status_code == 200
+        assert f"as account '{DEMO_ACCOUNT}'" in output and str(tmp_path / "data") in output
+        key = output.split("with the key\n", 1)[1].split()[0]
+        me = httpx.get(
+            f"http://127.0.0.1:{serve_port}/v1/me",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        assert me.json() == {"name": DEMO_ACCOUNT, "role": "admin"}, output
+        assert httpx.get(f"http://127.0.0.1:{serve_port}/v1/me", timeout=10).status_code == 401
         page = httpx.get(f"http://127.0.0.1:{ui_port}/", timeout=10)
         assert page.status_code == 200 and "streamlit" in page.text.lower()
         children = [pid for pid in _descendants(demo.pid) if pid != demo.pid]

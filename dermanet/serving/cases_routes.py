@@ -119,6 +119,10 @@ async def upload_image(case_id: int, request: Request) -> JSONResponse:
     declared = (
         sent.content_type if isinstance(sent, UploadFile) else request.headers.get("content-type")
     )
+    if form is not None:  # classify reads the same (cached) form: its files from the start
+        for item in form.getlist(FILE_FIELD):
+            if isinstance(item, UploadFile):
+                await item.seek(0)
     setattr(request.state, AUDITED, True)
     answer = await current().classify(request)
     image = cases.NewImage(uploads[0].data, uploads[0].filename, declared, taken_at)

@@ -23,8 +23,9 @@ from dermanet.monitoring.reasons import OTHER, reason_kinds
 
 PREFIX = "ray_"  # Ray's metrics export prefixes every name
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# The gate's OOD scores are centred and scaled per part (threshold near 2 on the shipped model)
-OOD_BUCKETS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0)
+# The gate's OOD scores are centred and scaled per part (threshold near 2 on the shipped model).
+# Ray takes only positive bucket bounds: scores at or below 0.25 (typical images) share the first.
+OOD_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0)
 UNMATCHED = "unmatched"  # the route label of a path no route matches (a 404)
 
 
