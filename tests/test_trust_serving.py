@@ -26,7 +26,7 @@ from dermanet.classes import CLASS_NAMES
 from dermanet.data.splits import assign_splits
 from dermanet.inference import load_checkpoint, save_checkpoint
 from dermanet.paths import PROJECT_ROOT
-from dermanet.trust import DEFAULT_OOD_METHOD
+from dermanet.trust import DEFAULT_CONFORMAL_METHOD, DEFAULT_OOD_METHOD
 
 pytest_plugins = ["conftest_serve"]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]  # session setup: model + Serve
@@ -90,8 +90,9 @@ def test_models_show_their_gate_and_set_calibration(client, model_registry: Path
     assert trusted["gate"]["ood_method"] == DEFAULT_OOD_METHOD
     assert trusted["gate"]["ood_threshold"] == pytest.approx(stored["ood"]["threshold"])
     assert trusted["prediction_sets"] == {
-        "description": "split conformal (mondrian), 90 % coverage, calibrated on 200 val images",
-        "method": "mondrian",
+        "description": f"split conformal ({DEFAULT_CONFORMAL_METHOD}), 90 % coverage, "
+        "calibrated on 200 val images",
+        "method": DEFAULT_CONFORMAL_METHOD,
         "coverage": 0.9,
         "n_calibration": 200,
     }
