@@ -676,7 +676,8 @@ def case_body() -> dict:
         "uploaded_by": "alice",
         "filename": "visit.jpg",
     }
-    refused = refused_answer() | {"model": {"id": "default", "sha256": "3f2a9c1b0d4e5f60"}}
+    model = {"id": "default", "sha256": "3f2a9c1b0d4e5f60", "created": "2026-01-01T00:00:00"}
+    refused = refused_answer() | {"model": model}
     green = case_answer(0.1, "green")
     return {
         "case_id": "c1",

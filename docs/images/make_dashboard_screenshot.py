@@ -1,3 +1,21 @@
+#!/usr/bin/env python
+"""Refresh docs/images/dashboard.png, the README's picture of the dashboard, from `make demo`.
+
+Why a script and not the browser test: the test serves a SYNTHETIC planted model (so that it
+runs on any machine), while the README should show what a clinic user gets from the shipped
+weights/. This starts the real demo (`python -m dermanet.demo`, private database, Ray, Serve
+and Streamlit on free ports), adds an account with `python -m dermanet.accounts add`, picks a
+derm-sample TEST-split lesion with 2-3 images that the shipped model classifies right, stores
+it as a case (one visit per image, then its confirmed diagnosis), signs in in Chromium, opens
+the case and saves a full-page screenshot, shrunk to < 300 KB.
+
+    .venv/bin/python docs/images/make_dashboard_screenshot.py
+
+Needs derm-sample, Debian's chromium (`make browser`) and playwright (the `dev` extra). The
+tests' picture of a non-dermoscopic upload is this file, so rerun tests/test_trust_serving.py
+and tests/test_serve.py after refreshing it.
+"""
+
 from __future__ import annotations
 
 import argparse
