@@ -144,7 +144,9 @@ def make_case(api: httpx.Client, lesion: Lesion) -> str:
     case_id = created.json()["case_id"]
     for path, taken in zip(lesion.images, VISITS, strict=False):
         files = {"file": (path.name, path.read_bytes())}
-        api.post(f"/v1/cases/{case_id}/images", files=files, data={"taken_at": taken})
+        api.post(
+            f"/v1/cases/{case_id}/images", files=files, data={"taken_at": taken}
+        ).raise_for_status()
     note = "Ground truth of the public HAM10000 / ISIC data set."
     body = {"label": lesion.label, "method": "histopathology", "note": note}
     api.post(f"/v1/cases/{case_id}/diagnosis", json=body).raise_for_status()
