@@ -41,7 +41,7 @@ from dermanet.storage import atomic_write
 
 CHROMIUM = Path("/usr/bin/chromium")
 OUTPUT = PROJECT_ROOT / "docs" / "images" / "dashboard.png"
-ACCOUNT = "demo"
+ACCOUNT = "a.weber"  # not `demo`: the demo gives that account a fresh key (revoking others)
 PATIENT, LESION, SITE = "P-0042", "L1", "back"  # a pseudonym, as the dashboard asks
 VISITS = ("2026-01-12", "2026-04-20", "2026-07-27")  # one visit per image of the lesion
 PREFERRED = ("MEL", "BCC", "BKL", "NV")  # a malignant lesion says more about the light
