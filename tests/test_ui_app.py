@@ -297,9 +297,11 @@ def test_cases_two_users_and_the_audit(
     ui_env: Path, ui_images: list[Path], serve_url: str, dashboard_keys: dict[str, str]
 ) -> None:
     """alice creates a case and uploads two visits (out of order) and a diagnosis; bob sees
-    her case at once but cannot delete her images; root (admin) can, and reads the audit.
-    A case deleted meanwhile reads "no longer available" on alice's page."""
+    her case at once but can delete neither her images nor her case; root (admin) deletes an
+    image, reads the audit and deletes the case: alice's open page reads "no longer
+    available"."""
     patient = f"P-{uuid.uuid4().hex[:6]}"
+    key = dashboard_keys["ui-alice"]
     alice = signed_in(dashboard_keys, "ui-alice")
     _create_case(alice, patient, "L1", "left forearm")
     assert alice.title[0].value == f"Patient {patient} · lesion L1 (left forearm)"
@@ -308,9 +310,7 @@ def test_cases_two_users_and_the_audit(
     _upload(alice, "january.jpg", ui_images[1].read_bytes(), "2026-01-02")
     assert "january.jpg added" in alice.success[0].value
     case_id = alice.session_state["case_id"]
-    stored = httpx.get(
-        f"{serve_url}/v1/cases/{case_id}", headers=bearer(dashboard_keys["ui-alice"]), timeout=60
-    ).json()
+    stored = httpx.get(f"{serve_url}/v1/cases/{case_id}", headers=bearer(key), timeout=60).json()
     assert [i["filename"] for i in stored["images"]] == ["january.jpg", "june.jpg"]  # time order
     scores = markdown(alice, 'class="dn-risk"')
     for image, score in zip(stored["images"], scores, strict=True):  # the STORED answers
@@ -342,7 +342,8 @@ def test_cases_two_users_and_the_audit(
     assert "2 images" in card and "diagnosis **MEL**" in card
     run(bob.button(key=f"open-{case_id}").click())
     assert bob.title[0].value.startswith(f"Patient {patient}")
-    assert not [b for b in bob.button if b.key and b.key.startswith("delete-")]  # not his
+    assert not [b for b in bob.button if b.key and b.key.startswith("delete")]  # not his
+    assert alice.button(key="delete_case")  # hers
 
     root = signed_in(dashboard_keys, "ui-root")
     root.text_input(key="case_search").input(patient)
@@ -359,11 +360,14 @@ def test_cases_two_users_and_the_audit(
     events = root.dataframe[0].value
     assert {"Account", "Action", "Image sha256", "Model"} <= set(events.columns)
     assert {"ui-alice", "ui-root"} <= set(events["Account"])
+    mine = events[events["Case"] == case_id]
+    assert {"case.create", "image.upload", "diagnosis.add", "image.delete"} <= set(mine["Action"])
 
-    deleted = httpx.delete(
-        f"{serve_url}/v1/cases/{case_id}", headers=bearer(dashboard_keys["ui-root"]), timeout=60
-    )
-    assert deleted.status_code == 200
+    run(root.radio(key="page").set_value("Cases"))  # back on the case: the admin deletes it
+    run(root.button(key="delete_case").click())
+    assert root.title[0].value == "Cases" and "Case deleted" in root.success[0].value
+    gone = httpx.get(f"{serve_url}/v1/cases/{case_id}", headers=bearer(key), timeout=60)
+    assert gone.status_code == 404
     run(alice)
     assert "no longer available" in alice.info[0].value
     run(alice.button(key="back").click())

@@ -676,7 +676,8 @@ def case_body() -> dict:
         "uploaded_by": "alice",
         "filename": "visit.jpg",
     }
-    refused = refused_answer() | {"model": {"id": "default", "sha256": "3f2a9c1b0d4e5f60"}}
+    model = {"id": "default", "sha256": "3f2a9c1b0d4e5f60", "created": "2026-01-01T00:00:00"}
+    refused = refused_answer() | {"model": model}
     green = case_answer(0.1, "green")
     return {
         "case_id": "c1",
@@ -767,6 +768,9 @@ def test_case_records_keep_the_stored_answers() -> None:
     )  # fmt: skip
     assert row["Model"] == "default (3f2a9c1b0d4e)" and row["Image sha256"] == "ab" * 6
     assert row["At (UTC)"] == "2026-06-01 12:00" and row["Detail"] == ""
+    (row,) = audit_rows({"events": [{"action": "image.upload", "detail": {
+        "traffic_light": "red", "gate_accepted": True, "reason": None}}]})  # fmt: skip
+    assert row["Detail"] == "traffic_light: red · gate_accepted: True" and row["Model"] == ""
 
 
 def test_sign_in_checks_the_name_against_the_keys_account() -> None:

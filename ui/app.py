@@ -295,6 +295,23 @@ def visit_card(
         st.rerun()
 
 
+def delete_case_button(client: ServeClient, summary: CaseSummary) -> None:
+    """Soft delete of the whole case (its creator or an admin), behind a confirmation."""
+    with st.popover("Delete case", icon=":material/delete:"):
+        st.markdown("Hide this case and its images from every user? The audit trail keeps it.")
+        if not st.button("Delete case", key="delete_case", type="primary"):
+            return
+        try:
+            client.delete_case(summary.case_id)
+        except ServeError as exc:
+            if exc.status != 404:  # 404: someone deleted it already; back to the list anyway
+                st.error(problem(exc))
+                return
+        open_case(None)
+        flash("success", f"Case deleted: {summary.title}.")
+        st.rerun()
+
+
 def case_page(account: Account, client: ServeClient, scale: RiskScale | None, case_id: str) -> None:
     st.button(
         "All cases", key="back", icon=":material/arrow_back:", on_click=open_case, args=(None,)
@@ -315,6 +332,8 @@ def case_page(account: Account, client: ServeClient, scale: RiskScale | None, ca
         f"image{'s' if len(case.images) != 1 else ''}"
     )
     show_flash()
+    if account.may_delete(summary.created_by):
+        delete_case_button(client, summary)
     if case.diagnoses:
         latest = case.diagnoses[-1]
         st.success(f"Confirmed diagnosis: {latest.text()}", icon=":material/verified:")

@@ -265,8 +265,15 @@ class AuditEvent:
             image_id=str(body.get("image_id") or ""),
             image_sha256=str(body.get("image_sha256") or "")[:12],
             model=f"{model.get('id', '')} ({digest})" if model else "",
-            detail=detail if isinstance(detail, str) else ("" if detail is None else str(detail)),
+            detail=_detail_text(detail),
         )
+
+
+def _detail_text(detail: Any) -> str:
+    """An event's detail as one line: `traffic_light: green · gate_accepted: True`."""
+    if isinstance(detail, Mapping):
+        return " · ".join(f"{key}: {value}" for key, value in detail.items() if value is not None)
+    return "" if detail is None else str(detail)
 
 
 def audit_rows(body: Mapping[str, Any]) -> list[dict[str, str]]:

@@ -1,3 +1,21 @@
+#!/usr/bin/env python
+"""Refresh docs/images/dashboard.png, the README's picture of the dashboard, from `make demo`.
+
+Why a script and not the browser test: the test serves a SYNTHETIC planted model (so that it
+runs on any machine), while the README should show what a clinic user gets from the shipped
+weights/. This starts the real demo (`python -m dermanet.demo`, private database, Ray, Serve
+and Streamlit on free ports), adds an account with `python -m dermanet.accounts add`, picks a
+derm-sample TEST-split lesion with 2-3 images that the shipped model classifies right, stores
+it as a case (one visit per image, then its confirmed diagnosis), signs in in Chromium, opens
+the case and saves a full-page screenshot, shrunk to < 300 KB.
+
+    .venv/bin/python docs/images/make_dashboard_screenshot.py
+
+Needs derm-sample, Debian's chromium (`make browser`) and playwright (the `dev` extra). The
+tests' picture of a non-dermoscopic upload is this file, so rerun tests/test_trust_serving.py
+and tests/test_serve.py after refreshing it.
+"""
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +41,7 @@ from dermanet.storage import atomic_write
 
 CHROMIUM = Path("/usr/bin/chromium")
 OUTPUT = PROJECT_ROOT / "docs" / "images" / "dashboard.png"
-ACCOUNT = "demo"
+ACCOUNT = "a.weber"  # not `demo`: the demo gives that account a fresh key (revoking others)
 PATIENT, LESION, SITE = "P-0042", "L1", "back"  # a pseudonym, as the dashboard asks
 VISITS = ("2026-01-12", "2026-04-20", "2026-07-27")  # one visit per image of the lesion
 PREFERRED = ("MEL", "BCC", "BKL", "NV")  # a malignant lesion says more about the light
@@ -126,7 +144,9 @@ def make_case(api: httpx.Client, lesion: Lesion) -> str:
     case_id = created.json()["case_id"]
     for path, taken in zip(lesion.images, VISITS, strict=False):
         files = {"file": (path.name, path.read_bytes())}
-        api.post(f"/v1/cases/{case_id}/images", files=files, data={"taken_at": taken})
+        api.post(
+            f"/v1/cases/{case_id}/images", files=files, data={"taken_at": taken}
+        ).raise_for_status()
     note = "Ground truth of the public HAM10000 / ISIC data set."
     body = {"label": lesion.label, "method": "histopathology", "note": note}
     api.post(f"/v1/cases/{case_id}/diagnosis", json=body).raise_for_status()
