@@ -7,13 +7,13 @@ $DERMANET_DATA_DIR), which must be upgraded (`python -m dermanet.db upgrade`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from dermanet.accounts.store import AccountError, add_account, list_accounts, revoke_account
+from dermanet.db.cli import database_parser, one_line_error
 from dermanet.db.config import database_url
 from dermanet.db.engine import make_engine, session_factory
 from dermanet.db.migrate import SchemaOutdated, check_current
@@ -21,13 +21,7 @@ from dermanet.db.models import ROLES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dermanet.accounts",
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--url", help="database URL (default: $DERMANET_DATABASE_URL or SQLite)")
+    parser = database_parser("python -m dermanet.accounts", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("add", help="a new account and its key (printed once, last line)")
     add.add_argument("name")
@@ -56,8 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
         return 0
     except (AccountError, SchemaOutdated, SQLAlchemyError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return one_line_error(exc)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,20 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from dermanet.db.backup import BackupError, backup
+from dermanet.db.cli import database_parser, one_line_error
 from dermanet.db.config import database_url
 from dermanet.db.engine import make_engine
 from dermanet.db.migrate import current_revision, head_revision, upgrade
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dermanet.db", description=__doc__)
-    parser.add_argument("--url", help="database URL (default: $DERMANET_DATABASE_URL or SQLite)")
+    parser = database_parser("python -m dermanet.db", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("upgrade", help="apply the schema migrations (safe to repeat)")
     commands.add_parser("current", help="print the schema revision and the newest one")
@@ -37,8 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{shown}: schema at {current_revision(engine)}; newest {head_revision()}")
         return 0
     except (BackupError, SQLAlchemyError, OSError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return one_line_error(exc)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,17 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+def _soft_delete(table: str) -> list[sa.Column | sa.ForeignKeyConstraint]:
+    """When and by whom a row was deleted (rows are never removed: the audit trail keeps them)."""
+    return [
+        sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("deleted_by", sa.Integer(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["deleted_by"], ["accounts.id"], name=op.f(f"fk_{table}_deleted_by_accounts")
+        ),
+    ]
+
+
 def upgrade() -> None:
     """Upgrade schema."""
     op.create_table(
@@ -82,13 +93,9 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("created_by", sa.Integer(), nullable=False),
         sa.Column("last_activity_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("deleted_by", sa.Integer(), nullable=True),
+        *_soft_delete("lesions"),
         sa.ForeignKeyConstraint(
             ["created_by"], ["accounts.id"], name=op.f("fk_lesions_created_by_accounts")
-        ),
-        sa.ForeignKeyConstraint(
-            ["deleted_by"], ["accounts.id"], name=op.f("fk_lesions_deleted_by_accounts")
         ),
         sa.ForeignKeyConstraint(
             ["patient_id"], ["patients.id"], name=op.f("fk_lesions_patient_id_patients")
@@ -141,11 +148,7 @@ def upgrade() -> None:
         sa.Column("taken_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("uploaded_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("uploaded_by", sa.Integer(), nullable=False),
-        sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("deleted_by", sa.Integer(), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["deleted_by"], ["accounts.id"], name=op.f("fk_images_deleted_by_accounts")
-        ),
+        *_soft_delete("images"),
         sa.ForeignKeyConstraint(
             ["lesion_id"], ["lesions.id"], name=op.f("fk_images_lesion_id_lesions")
         ),
