@@ -134,7 +134,10 @@ def test_dashboard_in_chromium(
 
     # upload several real images and a screenshot at once; the gallery shows traffic lights
     uploads = [*screenshot_images, shot]
-    page.locator("input[type=file]").set_input_files([str(p) for p in uploads])
+    uploader = page.get_by_role("region", name="Add dermoscopic images")  # not the case page's,
+    uploader.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(  # while it fades
+        [str(p) for p in uploads]
+    )
     cards = page.locator(".dn-card-name")
     page.wait_for_function(
         f"document.querySelectorAll('.dn-card-name').length >= {len(uploads)}",
