@@ -55,10 +55,12 @@ def test_every_quality_check_and_ood_maps_back_to_its_name():
     tripped: list[tuple[str, str]] = []
     limits = QualityThresholds()
     trip = lambda check, reason: tripped.append((check, reason))  # noqa: E731
-    blank = dict(grey_std=0, flat_share=1, brightness=0, clipped_share=1, sharpness=0, contrast=0)
+    blank = dict(
+        grey_std=0, flat_share=1, brightness=0, clipped_share=1, sharpness=0, contrast=0, colour=0
+    )
     _content_checks(blank, limits, trip)  # blank, dark, over-exposed
     flat = blank | dict(grey_std=50, clipped_share=0)
-    _content_checks(flat, limits, trip)  # flat, dark, blurred, low contrast
+    _content_checks(flat, limits, trip)  # flat, dark, blurred, low contrast, greyscale
     _content_checks(flat | dict(sharpness=1e6, contrast=200), limits, trip)  # noisy
     for shape in ((20, 20, 3), (100, 400, 3)):  # too small; extreme aspect ratio
         report = assess_quality(np.full(shape, 128, dtype=np.uint8), limits)
@@ -81,6 +83,8 @@ def test_metric_definitions_follow_rays_export_names():
         assert not metric.name.endswith("_total"), "Ray adds _total to counters itself"
         assert metric.kind in ("counter", "gauge", "histogram")
         assert (metric.kind == "histogram") == bool(metric.boundaries)
+        assert all(b > 0 for b in metric.boundaries), "Ray refuses bounds <= 0"
+        assert list(metric.boundaries) == sorted(set(metric.boundaries))
         assert {"image", "user", "request_id", "path"}.isdisjoint(metric.tags)
 
 

@@ -19,12 +19,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.routing import Match
+
 from dermanet.monitoring.reasons import OTHER, reason_kinds
 
 PREFIX = "ray_"  # Ray's metrics export prefixes every name
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# The gate's OOD scores are centred and scaled per part (threshold near 2 on the shipped model)
-OOD_BUCKETS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0)
+# The gate's OOD scores are centred and scaled per part (threshold near 2 on the shipped model).
+# Ray takes only positive bucket bounds: scores at or below 0.25 (typical images) share the first.
+OOD_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0)
 UNMATCHED = "unmatched"  # the route label of a path no route matches (a 404)
 
 
@@ -173,5 +176,21 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", None) or UNMATCHED
-            service_metrics().request(route, status, time.perf_counter() - started)
+            service_metrics().request(route_template(scope), status, time.perf_counter() - started)
+
+
+def route_template(scope: Scope) -> str:
+    """The route template of a request: the one routing chose, or, for an answer given before
+    routing (a 401 of the key check, an early 413, a shed 503), the route the path matches."""
+    chosen = getattr(scope.get("route"), "path", None)
+    if chosen:
+        return chosen
+    router = getattr(scope.get("app"), "router", None)
+    partial = None
+    for route in getattr(router, "routes", ()):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return getattr(route, "path", UNMATCHED)
+        if match is Match.PARTIAL and partial is None:  # the path matches, the method not
+            partial = getattr(route, "path", None)
+    return partial or UNMATCHED
