@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dermanet.monitoring.reasons import reason_kinds
 from dermanet.serving.metrics import exported_names
 
+pytest_plugins = ["conftest_serve"]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]  # session setup: model + Serve
 EXPORT_DEADLINE_S = 45
 
@@ -48,7 +49,7 @@ def test_all_dermanet_metrics_are_served(
     serve_url, serve_headers, model_registry: Path, not_dermoscopy, planting, tmp_path
 ):
     before = scrape()
-    tiles = planting.tiles(tmp_path, num_images=6, seed=11)
+    tiles = planting.tiles(tmp_path, num_images=8, seed=11)
     lesions = [planting.encode(image) for image in planting.planted(tiles, seed=12)[0]]
     answers = []
     with httpx.Client(base_url=serve_url, headers=serve_headers, timeout=120) as client:
