@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,20 +34,49 @@ def free_port(host: str = DEFAULT_HOST) -> int:
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray Serve's switch: HAProxy instead of its proxy
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# HAProxy's files: Ray Serve puts them all in /tmp/haproxy-serve/ unless told otherwise
+HAPROXY_FILE_ENVS = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+}
 
 
-def haproxy_free_ports() -> dict[str, str]:
-    """In HAProxy mode, free stats and metrics ports for this Serve unless the environment
-    sets them: HAProxy binds both on every interface (8404 and 9101 by default), so a second
-    HAProxy-mode Serve on the host (the demo beside a test) would fail to start. Set before
-    Ray starts (its processes read them then); returns what was set."""
+def haproxy_private(folder: str | Path | None = None) -> dict[str, str]:
+    """In HAProxy mode, this Serve's own HAProxy stats and metrics ports (free ones) and files
+    (config, admin socket, server state, in `folder`/haproxy or a new temp folder), unless the
+    environment sets them: by default HAProxy binds 8404 and 9101 on every interface and every
+    instance shares /tmp/haproxy-serve/, so a second HAProxy-mode Serve on the host (the demo
+    beside a test) would fail or take over the first one's socket. Set before Ray starts (its
+    processes read them then); returns what was set."""
     if os.environ.get(HAPROXY_ENV) != "1":
         return {}
     chosen = {
         name: str(free_port("0.0.0.0")) for name in HAPROXY_PORT_ENVS if name not in os.environ
     }
+    base = Path(folder) / "haproxy" if folder else Path(tempfile.mkdtemp(prefix="drn-haproxy-"))
+    base.mkdir(parents=True, exist_ok=True)
+    for name, file in HAPROXY_FILE_ENVS.items():
+        if name not in os.environ:
+            chosen[name] = str(base / file) if file else str(base)
     os.environ.update(chosen)
     return chosen
+
+
+def private_account(
+    folder: str | Path, name: str = "bench", role: str = "clinician"
+) -> tuple[str, str]:
+    """A fresh SQLite database in `folder` (schema upgraded) with one account, for a private
+    Serve (benchmarks): its URL and the account's API key."""
+    from dermanet.accounts import add_account
+    from dermanet.db import make_engine, session_factory, upgrade
+
+    url = f"sqlite:///{Path(folder) / 'dermanet.db'}"
+    upgrade(make_engine(url))
+    with session_factory(url).begin() as session:
+        _, key = add_account(session, name, role)
+    return url, key
 
 
 def start_local(
@@ -60,7 +90,7 @@ def start_local(
     """Start a private local Ray, Serve on host:port and the app; return the base URL."""
     if not ray.is_initialized():
         serve_fast_path_default()
-        haproxy_free_ports()
+        haproxy_private(temp_dir)
         ray.init(
             address="local",
             num_cpus=num_cpus,
