@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,3 +107,26 @@ def test_dashboard_panels_are_complete():
     for panel in dashboard["panels"]:
         assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert all(target["expr"].strip() for target in panel["targets"]), panel["title"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "route"),
+    [
+        ("POST", "/v1/classify", "/v1/classify"),
+        ("GET", "/v1/classify", "/v1/classify"),  # a 405: the path's route all the same
+        ("GET", "/v1/cases/12", "/v1/cases/{case_id}"),  # a route of the included cases router
+        ("GET", "/healthz/live", "/healthz/live"),
+        ("GET", "/v1/nothing", "unmatched"),
+    ],
+)
+def test_answers_before_routing_are_labelled_with_the_route_their_path_matches(
+    method: str, path: str, route: str
+):
+    """A 401 of the key check or an admission 503 is sent before routing: the label is still
+    the route template, never the raw path."""
+    from dermanet.serving.ingress import api
+    from dermanet.serving.metrics import route_template
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "app": api}
+    assert route_template(scope) == route
+    assert route_template({"route": SimpleNamespace(path="/chosen")}) == "/chosen"
