@@ -15,6 +15,8 @@ shedding must survive cheaply). Configurations, each measured in the same run (-
   shed-late: 2 replicas, but only a full Classifier queue sheds (after the key check, the body
              and a Classifier call);
   no-hold:   the defaults, but a shed request's 503 is sent at once;
+  no-router-queue: the defaults, but the ingress admits only what the replicas hold in
+             progress (2 x 32), so no request waits in the ingress's Serve router;
   after:     the defaults: 2 replicas x 0.5 CPU, 32 queued per caller, the ingress admitting what
              they hold and shedding the rest early, 503 + Retry-After after a 0.5 s hold.
 The load generator (aiohttp, each upload encoded once) reports its own CPU ("client") beside
@@ -58,6 +60,7 @@ CONFIGS = {
     "before": {"classifier_replicas": 1, "classifier_num_cpus": 1.0, "max_queued_requests": -1},
     "shed-late": {"admission_limit": -1},  # only the Classifier queue sheds, after key and body
     "no-hold": {"shed_hold_s": 0.0},  # the ingress sheds early, but answers the 503 at once
+    "no-router-queue": {"admission_limit": 64},  # admits what the replicas run (2 x 32) only
     "after": {},
 }
 
