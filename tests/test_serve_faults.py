@@ -37,6 +37,7 @@ from dermanet.serving.runner import (
     HAPROXY_FILE_ENVS,
     HAPROXY_PORT_ENVS,
     haproxy_private,
+    stop_local,
     wait_ready,
 )
 from dermanet.ui.client import ServeBusy, ServeClient, ServeError
@@ -422,20 +423,26 @@ def test_admission_admits_what_the_classifiers_hold() -> None:
         ServeSettings(shed_hold_s=-1)
 
 
-def test_haproxy_mode_gets_its_own_ports_and_files(monkeypatch, tmp_path) -> None:
+def test_haproxy_mode_gets_its_own_ports_and_files(monkeypatch) -> None:
     names = (*HAPROXY_PORT_ENVS, *HAPROXY_FILE_ENVS)
     for name in names:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv(HAPROXY_ENV, raising=False)
-    assert haproxy_private(tmp_path / "a") == {}  # Serve's own proxy: nothing to set
+    assert haproxy_private() == {}  # Serve's own proxy: nothing to set
     monkeypatch.setenv(HAPROXY_ENV, "1")
-    first = haproxy_private(tmp_path / "a")
-    assert set(first) == set(names) and all(os.environ[n] == first[n] for n in names)
-    for name in names:
-        monkeypatch.delenv(name)
-    second = haproxy_private(tmp_path / "b")
-    assert all(first[n] != second[n] for n in HAPROXY_FILE_ENVS)
-    assert all(0 < int(first[n]) < 65536 for n in HAPROXY_PORT_ENVS)
-    assert (tmp_path / "b" / "haproxy").is_dir()
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # set by the operator: kept
-    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in haproxy_private(tmp_path / "c")
+    try:
+        first = haproxy_private()
+        assert set(first) == set(names) and all(os.environ[n] == first[n] for n in names)
+        for name in names:
+            monkeypatch.delenv(name)
+        second = haproxy_private()
+        assert all(first[n] != second[n] for n in HAPROXY_FILE_ENVS)
+        assert all(0 < int(first[n]) < 65536 for n in HAPROXY_PORT_ENVS)
+        node_folder = "x" * 56  # Ray adds one per node; HAProxy's socket path limit is 97
+        socket = Path(second["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+        assert socket.parent.is_dir() and len(str(socket.parent / node_folder / socket.name)) <= 97
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # the operator's: kept
+        assert "RAY_SERVE_HAPROXY_STATS_PORT" not in haproxy_private()
+    finally:
+        stop_local()  # removes the folders (Ray is not running here)
+    assert not socket.parent.exists()

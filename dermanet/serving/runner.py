@@ -7,6 +7,7 @@ Ray instance (never someone else's cluster) and a readiness wait.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -43,25 +44,30 @@ HAPROXY_FILE_ENVS = {
 }
 
 
-def haproxy_private(folder: str | Path | None = None) -> dict[str, str]:
+def haproxy_private() -> dict[str, str]:
     """In HAProxy mode, this Serve's own HAProxy stats and metrics ports (free ones) and files
-    (config, admin socket, server state, in `folder`/haproxy or a new temp folder), unless the
-    environment sets them: by default HAProxy binds 8404 and 9101 on every interface and every
-    instance shares /tmp/haproxy-serve/, so a second HAProxy-mode Serve on the host (the demo
-    beside a test) would fail or take over the first one's socket. Set before Ray starts (its
-    processes read them then); returns what was set."""
+    (config, admin socket, server state, in a new short-named temp folder: Ray adds a node
+    folder and HAProxy takes socket paths of at most 97 characters), unless the environment
+    sets them: by default HAProxy binds 8404 and 9101 on every interface and every instance
+    shares /tmp/haproxy-serve/, so a second HAProxy-mode Serve on the host (the demo beside a
+    test) would fail or take over the first one's socket. Set before Ray starts (its processes
+    read them then); returns what was set; `stop_local` removes the folder."""
     if os.environ.get(HAPROXY_ENV) != "1":
         return {}
     chosen = {
         name: str(free_port("0.0.0.0")) for name in HAPROXY_PORT_ENVS if name not in os.environ
     }
-    base = Path(folder) / "haproxy" if folder else Path(tempfile.mkdtemp(prefix="drn-haproxy-"))
-    base.mkdir(parents=True, exist_ok=True)
-    for name, file in HAPROXY_FILE_ENVS.items():
-        if name not in os.environ:
-            chosen[name] = str(base / file) if file else str(base)
+    if any(name not in os.environ for name in HAPROXY_FILE_ENVS):
+        base = Path(tempfile.mkdtemp(prefix="drn-hap-", dir="/tmp"))
+        _HAPROXY_FOLDERS.append(base)
+        for name, file in HAPROXY_FILE_ENVS.items():
+            if name not in os.environ:
+                chosen[name] = str(base / file) if file else str(base)
     os.environ.update(chosen)
     return chosen
+
+
+_HAPROXY_FOLDERS: list[Path] = []  # made by haproxy_private, removed by stop_local
 
 
 def private_account(
@@ -90,7 +96,7 @@ def start_local(
     """Start a private local Ray, Serve on host:port and the app; return the base URL."""
     if not ray.is_initialized():
         serve_fast_path_default()
-        haproxy_private(temp_dir)
+        haproxy_private()
         ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -127,3 +133,5 @@ def stop_local() -> None:
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
+    while _HAPROXY_FOLDERS:
+        shutil.rmtree(_HAPROXY_FOLDERS.pop(), ignore_errors=True)
