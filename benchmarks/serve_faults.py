@@ -9,9 +9,18 @@ Starts its own local Ray + Serve (never touching another cluster) on the `weight
 and sends real derm-sample JPEGs (the ISIC-archive ones, 341x256) to /v1/classify from
 closed-loop clients that, like the dashboard, wait the advised Retry-After (plus up to 25 %
 jitter) after a 503 (`--resend at-once`: clients that resend at once instead, which
-shedding must survive cheaply). Two configurations in the same run:
-  before: one Classifier replica (1 CPU), no queue bound (the baseline without fault handling);
-  after:  the defaults: 2 replicas x 0.5 CPU, 32 queued per caller, 503 + Retry-After beyond.
+shedding must survive cheaply). Configurations, each measured in the same run (--configs):
+  before:    one Classifier replica (1 CPU), no queue bound (the baseline without fault
+             handling);
+  shed-late: 2 replicas, but only a full Classifier queue sheds (after the key check, the body
+             and a Classifier call);
+  no-hold:   the defaults, but a shed request's 503 is sent at once;
+  no-router-queue: the defaults, but the ingress admits only what the replicas hold in
+             progress (2 x 32), so no request waits in the ingress's Serve router;
+  after:     the defaults: 2 replicas x 0.5 CPU, 32 queued per caller, the ingress admitting what
+             they hold and shedding the rest early, 503 + Retry-After after a 0.5 s hold.
+The load generator (aiohttp, each upload encoded once) reports its own CPU ("client") beside
+the proxy's, the ingress's, the replicas' and Ray's, per second of the measured window.
 For each: goodput (200s per second), p50/p99 latency of the accepted requests and the shed
 count at each client level; then, with 8 clients, one Classifier replica is SIGKILLed and the
 failed requests and the longest time without a 200 are counted until Serve has replaced it.
@@ -35,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import pandas as pd
@@ -43,11 +53,14 @@ from benchmarks.bench_common import refuse_if_busy
 from dermanet.inference import ModelRegistry
 from dermanet.paths import sample_available, sample_dir
 from dermanet.serving import ServeSettings
-from dermanet.serving.runner import start_local, stop_local
+from dermanet.serving.runner import private_account, start_local, stop_local
 from tools.replicas import kill_replica, replica_names, wait_for_replacement
 
 CONFIGS = {
     "before": {"classifier_replicas": 1, "classifier_num_cpus": 1.0, "max_queued_requests": -1},
+    "shed-late": {"admission_limit": -1},  # only the Classifier queue sheds, after key and body
+    "no-hold": {"shed_hold_s": 0.0},  # the ingress sheds early, but answers the 503 at once
+    "no-router-queue": {"admission_limit": 64},  # admits what the replicas run (2 x 32) only
     "after": {},
 }
 
@@ -117,6 +130,12 @@ def real_jpegs(count: int) -> list[bytes]:
     return [(sample_dir() / "images" / f"{image}.jpg").read_bytes() for image in ids]
 
 
+def multipart(data: bytes) -> tuple[bytes, str]:
+    """A classify request's multipart body (the image in field `file`) and its content type."""
+    request = httpx.Request("POST", "http://x/", files={"file": ("a.jpg", data, "image/jpeg")})
+    return request.read(), request.headers["content-type"]
+
+
 @dataclass
 class Span:
     """The measured span; `end` may be moved earlier while the load runs (kill phase)."""
@@ -126,36 +145,53 @@ class Span:
 
 
 async def closed_loop(
-    url: str, images: list[bytes], clients: int, span: Span, window: Window, resend: str = "advised"
+    url: str,
+    key: str,
+    images: list[bytes],
+    clients: int,
+    span: Span,
+    window: Window,
+    resend: str = "advised",
 ):
     """`clients` clients send back to back until `span.end`; completions inside `span` count.
     After a 503 they wait the advised Retry-After (`resend="advised"`) or resend at once
     (`"at-once"`: misbehaving clients, which shedding must survive cheaply)."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {key}"}
+    forms = [multipart(data) for data in images]  # encoded once: the clients' CPU is measured
+    # aiohttp, not httpx: at 128 concurrent requests httpx's connection pool spent ~15 ms of CPU
+    # per request in this process (about 0.2 ms with aiohttp), starving the server it measures
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(
+        url, headers=headers, connector=connector, timeout=timeout
+    ) as session:
 
         async def one_client(index: int) -> None:
             rng = random.Random(index)
             while time.monotonic() < span.end:
-                data = images[rng.randrange(len(images))]
+                body, content_type = forms[rng.randrange(len(forms))]
                 sent = time.monotonic()
+                advised = None
                 try:
-                    response = await client.post("/v1/classify", files={"file": ("a.jpg", data)})
-                    status = str(response.status_code)
-                except httpx.HTTPError as exc:
-                    response, status = None, type(exc).__name__
+                    async with session.post(
+                        "/v1/classify", data=body, headers={"content-type": content_type}
+                    ) as response:
+                        await response.read()
+                        status = str(response.status)
+                        advised = response.headers.get("retry-after")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status = type(exc).__name__
                 done = time.monotonic()
                 counted = span.start <= done <= span.end
                 if status == "200":
                     if counted:
                         window.latencies_ok.append(done - sent)
                         window.ok_times.append(done)
-                elif status == "503" and response is not None and "retry-after" in response.headers:
+                elif status == "503" and advised is not None:
                     if counted:
                         window.shed_latencies.append(done - sent)
                     if resend == "advised":
-                        advised = float(response.headers["retry-after"])
-                        await asyncio.sleep(max(advised, 0.5) * rng.uniform(1.0, 1.25))
+                        await asyncio.sleep(max(float(advised), 0.5) * rng.uniform(1.0, 1.25))
                 elif counted:
                     window.other[status] = window.other.get(status, 0) + 1
 
@@ -163,29 +199,34 @@ async def closed_loop(
 
 
 def measure(
-    url: str, images: list[bytes], clients: int, seconds: float, warmup: float, resend: str
+    url: str,
+    key: str,
+    images: list[bytes],
+    clients: int,
+    seconds: float,
+    warmup: float,
+    resend: str,
 ) -> Window:
     window = Window(seconds)
     start = time.monotonic() + warmup
-    before: dict[str, float] = {}
-
-    def mark() -> None:  # CPU use at the start of the measured window
-        before.update(cpu_by_role())
-
-    threading.Timer(warmup, mark).start()
-    asyncio.run(closed_loop(url, images, clients, Span(start, start + seconds), window, resend))
-    after = cpu_by_role()
+    marks: list[dict[str, float]] = []  # CPU use at the start and the end of the window
+    for delay in (warmup, warmup + seconds):  # not after the drain: that is no load level
+        threading.Timer(delay, lambda: marks.append(cpu_by_role())).start()
+    span = Span(start, start + seconds)
+    asyncio.run(closed_loop(url, key, images, clients, span, window, resend))
+    before, after = marks
     window.cpu_s = {role: after[role] - before.get(role, 0.0) for role in after}
     return window
 
 
-def kill_under_load(url: str, images: list[bytes], clients: int, max_s: float) -> dict:
+def kill_under_load(url: str, key: str, images: list[bytes], clients: int, max_s: float) -> dict:
     """Kill one Classifier replica after 5 s of load; count until Serve has replaced it."""
     window = Window(max_s)
     begin = time.monotonic()
     span = Span(begin, begin + max_s)
     thread = threading.Thread(
-        target=lambda: asyncio.run(closed_loop(url, images, clients, span, window)), daemon=True
+        target=lambda: asyncio.run(closed_loop(url, key, images, clients, span, window)),
+        daemon=True,
     )
     thread.start()
     time.sleep(5.0)
@@ -222,7 +263,7 @@ def main() -> None:
     parser.add_argument("--kill-seconds", type=float, default=60.0, help="kill phase at most")
     parser.add_argument("--kill-clients", type=int, default=8)
     parser.add_argument("--no-kill", action="store_true", help="load levels only")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["before", "after"], choices=list(CONFIGS))
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--num-cpus", type=float, default=2, help="logical CPUs for Ray")
     parser.add_argument(
@@ -244,14 +285,17 @@ def main() -> None:
     rows = []
     kills = {}
     for name in args.configs:
-        settings = ServeSettings.from_mapping(
-            {"model_dir": str(registry.root), **CONFIGS[name]}, base=ServeSettings.from_env()
-        )
         scratch = Path(tempfile.mkdtemp(prefix="drn-faults-", dir="/tmp"))
+        database_url, key = private_account(scratch)
+        private = {"database_url": database_url, "data_dir": str(scratch)}
+        settings = ServeSettings.from_mapping(
+            {"model_dir": str(registry.root), **private, **CONFIGS[name]},
+            base=ServeSettings.from_env(),
+        )
         try:
             url = start_local(settings, port=args.port, num_cpus=args.num_cpus, temp_dir=scratch)
             for resend, clients in itertools.product(args.resend, args.clients):
-                window = measure(url, images, clients, args.seconds, args.warmup, resend)
+                window = measure(url, key, images, clients, args.seconds, args.warmup, resend)
                 label = name if args.resend == ["advised"] else f"{name}, resend {resend}"
                 rows.append((label, clients, window))
                 print(
@@ -261,17 +305,16 @@ def main() -> None:
                     flush=True,
                 )
             if not args.no_kill:
-                kills[name] = kill_under_load(url, images, args.kill_clients, args.kill_seconds)
+                kills[name] = kill_under_load(
+                    url, key, images, args.kill_clients, args.kill_seconds
+                )
                 print(f"{name} kill: {kills[name]}", flush=True)
         finally:
             stop_local()
             shutil.rmtree(scratch, ignore_errors=True)
 
     defaults = ServeSettings()
-    capacity = (
-        defaults.classifier_replicas * defaults.classifier_max_ongoing
-        + defaults.max_queued_requests
-    )
+    capacity = defaults.admission_capacity
     print()
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.node() or 'this machine'}: "

@@ -48,7 +48,13 @@ from dermanet.data.synthetic import draw_lesion
 from dermanet.inference import ModelRegistry, Predictor, RegistryError, save_checkpoint
 from dermanet.models import create_model
 from dermanet.serving import ServeSettings, build_app
-from dermanet.serving.runner import APP_NAME, start_local, stop_local, wait_ready
+from dermanet.serving.runner import (
+    APP_NAME,
+    private_account,
+    start_local,
+    stop_local,
+    wait_ready,
+)
 
 # Ray Serve's own switches, read when Ray starts (set them in the environment of this script):
 # the throughput-optimised mode (on by default in a local DermaNet Ray) and HAProxy ingress.
@@ -89,12 +95,16 @@ def test_image(size: int) -> bytes:
 
 
 async def run_load(
-    url: str, path: str, data: bytes | None, concurrency: int, total: int
+    url: str, path: str, data: bytes | None, concurrency: int, total: int, key: str = ""
 ) -> LoadResult:
-    """`total` POSTs of `data` (GETs when None) from `concurrency` closed-loop clients."""
+    """`total` POSTs of `data` (GETs when None) from `concurrency` closed-loop clients,
+    signed in with `key`."""
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=300, limits=limits
+    ) as client:
 
         async def one() -> None:
             started = time.perf_counter()
@@ -215,8 +225,10 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="drn-bench-", dir="/tmp"))
     model_dir, model_note = ensure_registry(args.model_dir, args.img_size, scratch)
+    database_url, key = private_account(scratch)
     on = ServeSettings.from_mapping(
         {"model_dir": model_dir, "max_batch_size": args.max_batch_size}
+        | {"database_url": database_url, "data_dir": str(scratch)}
         | ({"backend": args.backend} if args.backend else {}),
         base=ServeSettings.from_env(),
     )
@@ -235,12 +247,14 @@ def main() -> None:
                 wait_ready(url)
             for concurrency in args.concurrency:
                 result = median_run([
-                    asyncio.run(run_load(url, "/v1/classify", data, concurrency, args.requests))
+                    asyncio.run(
+                        run_load(url, "/v1/classify", data, concurrency, args.requests, key)
+                    )
                     for _ in range(max(1, args.repeats))
                 ])  # fmt: skip
                 rows.append((f"{batching} (max {settings.max_batch_size})", result))
                 print(f"batching {batching} c={concurrency}: {result.throughput:.1f} img/s")
-        gradcam = asyncio.run(run_load(url, "/v1/gradcam", data, 1, args.gradcam_requests))
+        gradcam = asyncio.run(run_load(url, "/v1/gradcam", data, 1, args.gradcam_requests, key))
         rows.append(("n/a", gradcam))
         # What HTTP alone costs here: proxy -> Ingress -> answer, no upload, no model call.
         for concurrency in args.concurrency:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -55,10 +56,12 @@ def test_every_quality_check_and_ood_maps_back_to_its_name():
     tripped: list[tuple[str, str]] = []
     limits = QualityThresholds()
     trip = lambda check, reason: tripped.append((check, reason))  # noqa: E731
-    blank = dict(grey_std=0, flat_share=1, brightness=0, clipped_share=1, sharpness=0, contrast=0)
+    blank = dict(
+        grey_std=0, flat_share=1, brightness=0, clipped_share=1, sharpness=0, contrast=0, colour=0
+    )
     _content_checks(blank, limits, trip)  # blank, dark, over-exposed
     flat = blank | dict(grey_std=50, clipped_share=0)
-    _content_checks(flat, limits, trip)  # flat, dark, blurred, low contrast
+    _content_checks(flat, limits, trip)  # flat, dark, blurred, low contrast, greyscale
     _content_checks(flat | dict(sharpness=1e6, contrast=200), limits, trip)  # noisy
     for shape in ((20, 20, 3), (100, 400, 3)):  # too small; extreme aspect ratio
         report = assess_quality(np.full(shape, 128, dtype=np.uint8), limits)
@@ -81,6 +84,8 @@ def test_metric_definitions_follow_rays_export_names():
         assert not metric.name.endswith("_total"), "Ray adds _total to counters itself"
         assert metric.kind in ("counter", "gauge", "histogram")
         assert (metric.kind == "histogram") == bool(metric.boundaries)
+        assert all(b > 0 for b in metric.boundaries), "Ray refuses bounds <= 0"
+        assert list(metric.boundaries) == sorted(set(metric.boundaries))
         assert {"image", "user", "request_id", "path"}.isdisjoint(metric.tags)
 
 
@@ -102,3 +107,26 @@ def test_dashboard_panels_are_complete():
     for panel in dashboard["panels"]:
         assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert all(target["expr"].strip() for target in panel["targets"]), panel["title"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "route"),
+    [
+        ("POST", "/v1/classify", "/v1/classify"),
+        ("GET", "/v1/classify", "/v1/classify"),  # a 405: the path's route all the same
+        ("GET", "/v1/cases/12", "/v1/cases/{case_id}"),  # a route of the included cases router
+        ("GET", "/healthz/live", "/healthz/live"),
+        ("GET", "/v1/nothing", "unmatched"),
+    ],
+)
+def test_answers_before_routing_are_labelled_with_the_route_their_path_matches(
+    method: str, path: str, route: str
+):
+    """A 401 of the key check or an admission 503 is sent before routing: the label is still
+    the route template, never the raw path."""
+    from dermanet.serving.ingress import api
+    from dermanet.serving.metrics import route_template
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "app": api}
+    assert route_template(scope) == route
+    assert route_template({"route": SimpleNamespace(path="/chosen")}) == "/chosen"

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dermanet.monitoring.reasons import reason_kinds
 from dermanet.serving.metrics import exported_names
 
+pytest_plugins = ["conftest_serve"]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]  # session setup: model + Serve
 EXPORT_DEADLINE_S = 45
 
@@ -45,13 +46,13 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_all_dermanet_metrics_are_served(
-    serve_url, model_registry: Path, not_dermoscopy, planting, tmp_path
+    serve_url, serve_headers, model_registry: Path, not_dermoscopy, planting, tmp_path
 ):
     before = scrape()
-    tiles = planting.tiles(tmp_path, num_images=6, seed=11)
+    tiles = planting.tiles(tmp_path, num_images=8, seed=11)
     lesions = [planting.encode(image) for image in planting.planted(tiles, seed=12)[0]]
     answers = []
-    with httpx.Client(base_url=serve_url, timeout=120) as client:
+    with httpx.Client(base_url=serve_url, headers=serve_headers, timeout=120) as client:
         files = [("file", (f"l{i}.png", data, "image/png")) for i, data in enumerate(lesions)]
         several = client.post("/v1/classify?model=trusted", files=files)
         assert several.status_code == 200, several.text
@@ -66,6 +67,8 @@ def test_all_dermanet_metrics_are_served(
             "/v1/classify", content=b"text", headers={"content-type": "text/plain"}
         )
         assert wrong_type.status_code == 415
+        unsigned = httpx.post(f"{serve_url}/v1/classify", files={"file": ("l.png", lesions[0])})
+        assert unsigned.status_code == 401  # refused before routing: still counted by route
     gates = [answer["gate"] for answer in answers]
     refused = Counter(reason_kinds(g["reasons"])[0] for g in gates if not g["accepted"])
     accepted = Counter(a["top_class"] for a in answers if a["gate"]["accepted"])
@@ -78,8 +81,9 @@ def test_all_dermanet_metrics_are_served(
         **{("ray_dermanet_predictions_total", (("label", k),)): n for k, n in accepted.items()},
         ("ray_dermanet_requests_total", (("route", "/v1/classify"), ("status", "200"))): 5,
         ("ray_dermanet_requests_total", (("route", "/v1/classify"), ("status", "415"))): 1,
-        ("ray_dermanet_request_seconds_count", tuple(classify.items())): 6,
-        ("ray_dermanet_request_seconds_bucket", (*classify.items(), ("le", "+Inf"))): 6,
+        ("ray_dermanet_requests_total", (("route", "/v1/classify"), ("status", "401"))): 1,
+        ("ray_dermanet_request_seconds_count", tuple(classify.items())): 7,
+        ("ray_dermanet_request_seconds_bucket", (*classify.items(), ("le", "+Inf"))): 7,
         ("ray_dermanet_ood_score_count", ()): scored,
         ("ray_dermanet_ood_score_bucket", (("le", "+Inf"),)): scored,
     }

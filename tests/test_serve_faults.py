@@ -11,7 +11,9 @@ import asyncio
 import functools
 import io
 import itertools
+import os
 import shutil
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +32,14 @@ from dermanet.data.synthetic import draw_lesion
 from dermanet.inference import save_checkpoint
 from dermanet.models import create_model
 from dermanet.serving import ServeSettings, build_app
-from dermanet.serving.runner import wait_ready
+from dermanet.serving.runner import (
+    HAPROXY_ENV,
+    HAPROXY_FILE_ENVS,
+    HAPROXY_PORT_ENVS,
+    haproxy_private,
+    stop_local,
+    wait_ready,
+)
 from dermanet.ui.client import ServeBusy, ServeClient, ServeError
 from tools.replicas import (
     kill_replica,
@@ -206,6 +215,9 @@ def test_overload_answers_only_200_or_a_quick_503_with_retry_after(faults) -> No
         assert o.body["retry_after_s"] == 1 and "busy" in o.body["detail"], o.body
     assert all(set(o.body["probabilities"]) and o.body["model_id"] == "default" for o in served)
     assert max(o.seconds for o in shed) < 10  # a refusal never hangs (its speed: benchmarks)
+    # shed at the ingress's admission (2 x 4 + 8 = 16 admitted), after the 0.5 s hold that
+    # keeps a client resending at once from spinning the proxy
+    assert statistics.median(o.seconds for o in shed) >= 0.45, sorted(o.seconds for o in shed)
 
 
 def test_dashboard_client_retries_after_the_advice_then_says_busy(faults) -> None:
@@ -397,3 +409,40 @@ def test_client_reads_a_plain_text_503_from_the_proxy() -> None:
     with pytest.raises(ServeBusy, match="backpressure"):
         client.models()
     assert sleeps and all(s >= 0.5 for s in sleeps)  # "Retry-After: 0" is no busy loop
+
+
+def test_admission_admits_what_the_classifiers_hold() -> None:
+    assert ServeSettings().admission_capacity == 2 * 32 + 32
+    assert ServeSettings(**SETTINGS).admission_capacity == 2 * 4 + 8
+    assert ServeSettings(admission_limit=10).admission_capacity == 10
+    assert ServeSettings(admission_limit=-1).admission_capacity is None
+    assert ServeSettings(max_queued_requests=-1).admission_capacity is None
+    with pytest.raises(ValueError, match="admission_limit=-2"):
+        ServeSettings(admission_limit=-2)
+    with pytest.raises(ValueError, match="shed_hold_s=-1"):
+        ServeSettings(shed_hold_s=-1)
+
+
+def test_haproxy_mode_gets_its_own_ports_and_files(monkeypatch) -> None:
+    names = (*HAPROXY_PORT_ENVS, *HAPROXY_FILE_ENVS)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    assert haproxy_private() == {}  # Serve's own proxy: nothing to set
+    monkeypatch.setenv(HAPROXY_ENV, "1")
+    try:
+        first = haproxy_private()
+        assert set(first) == set(names) and all(os.environ[n] == first[n] for n in names)
+        for name in names:
+            monkeypatch.delenv(name)
+        second = haproxy_private()
+        assert all(first[n] != second[n] for n in HAPROXY_FILE_ENVS)
+        assert all(0 < int(first[n]) < 65536 for n in HAPROXY_PORT_ENVS)
+        node_folder = "x" * 56  # Ray adds one per node; HAProxy's socket path limit is 97
+        socket = Path(second["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+        assert socket.parent.is_dir() and len(str(socket.parent / node_folder / socket.name)) <= 97
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # the operator's: kept
+        assert "RAY_SERVE_HAPROXY_STATS_PORT" not in haproxy_private()
+    finally:
+        stop_local()  # removes the folders (Ray is not running here)
+    assert not socket.parent.exists()

@@ -67,9 +67,9 @@ def read_answers(location: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"no answers table at {path}")
     table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     missing = {"gate_accepted", "gate_reasons", "gate_ood_score", "top_class"} - set(table)
-    model_column = next((c for c in MODEL_COLUMNS if c in table), None)
-    if missing or model_column is None:
-        need = sorted(missing | ({"model_id"} if model_column is None else set()))
+    model_columns = [c for c in MODEL_COLUMNS if c in table]
+    if missing or not model_columns:
+        need = sorted(missing | (set() if model_columns else {"model_id"}))
         raise ValueError(f"{path} is not a jobs/predict.py output table: no column {need}")
     if "error" in table:
         table = table[table["error"].isna()]
@@ -78,13 +78,22 @@ def read_answers(location: str | Path) -> pd.DataFrame:
     accepted = table["gate_accepted"].astype(str).str.lower().isin(["true", "1"])
     return _answers(
         times.to_numpy(),
-        table[model_column].astype(str).to_numpy(),
+        _versions(table[model_columns]),
         accepted.to_numpy(),
         [_reasons(r) for r in table["gate_reasons"]],
         pd.to_numeric(table["gate_ood_score"], errors="coerce").to_numpy(),
         table["top_class"].astype(str).to_numpy(),
         table["label"].astype(str).to_numpy() if "label" in table else None,
     )
+
+
+def _versions(columns: pd.DataFrame) -> list[str]:
+    """Each row's model version: the first of MODEL_COLUMNS it has a value in (a table may
+    carry the SHA-256 column with rows that lack it)."""
+    return [
+        next((str(v) for v in row if isinstance(v, str) and v), "unknown")
+        for row in columns.itertuples(index=False)
+    ]
 
 
 def _answers(times, models, accepted, reasons, ood, top_class, labels) -> pd.DataFrame:

@@ -24,6 +24,7 @@ PREFIXES: dict[str, str] = {
     "too blurred:": "blurred",
     "too noisy or grainy:": "noisy",
     "low contrast:": "low_contrast",
+    "no colour:": "greyscale",
     "unlike the training images": OOD,
 }
 KINDS: tuple[str, ...] = (*CHECKS, OOD, OTHER)  # every value `reason_kind` can return

@@ -12,6 +12,7 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
@@ -24,6 +25,7 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 from ray.serve.handle import DeploymentHandle
+from starlette._utils import get_route_path
 
 import dermanet
 from dermanet.classes import CLASS_NAMES
@@ -45,12 +47,76 @@ from dermanet.serving.uploads import (
     ApiError,
     BodyLimitMiddleware,
     BodyTooLarge,
+    Receive,
+    Scope,
+    Send,
     Upload,
     check_sizes,
     read_uploads,
 )
 
 log = logging.getLogger("ray.serve")
+
+ADMITTED_PATHS = frozenset({"/v1/classify", "/v1/similar"})  # the routes that call Classifiers
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The ingress's admission limit (None: none) and how long a shed request's 503 waits."""
+
+    limit: int | None
+    hold_s: float
+    retry_after_s: float
+
+
+class AdmissionMiddleware:
+    """Sheds classify and similar requests beyond the admission limit with a JSON 503 and
+    Retry-After, before the key check and before the body is read: under overload a refusal
+    costs a path compare, not a database lookup, a multipart parse and a Classifier call. The
+    503 goes out after `hold_s` (a timer: no CPU), so a client that resends at once costs at
+    most one refusal per hold and connection instead of spinning the proxy and this process.
+    Plain ASGI: no task per request."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]):
+        self.app = app
+        self.admitted = 0  # model requests in progress in this ingress process
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admission = getattr(getattr(scope.get("app"), "state", None), "admission", None)
+        if (
+            scope["type"] != "http"
+            or admission is None
+            or admission.limit is None
+            or get_route_path(scope) not in ADMITTED_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        if self.admitted >= admission.limit:
+            await asyncio.sleep(admission.hold_s)
+            await _send_error(send, busy_error(f"{self.admitted} requests in progress",
+                                               admission.retry_after_s))  # fmt: skip
+            return
+        self.admitted += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admitted -= 1
+
+
+def busy_error(why: str, retry_after_s: float) -> ApiError:
+    """The 503 of a full service: what is full and when to retry (header and body)."""
+    return ApiError(503, f"DermaNet is busy: {why}; retry after {retry_after_s:g} s", retry_after_s)
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    body, headers = error.response_parts()
+    response = JSONResponse(body, status_code=error.status, headers=headers)
+    await send(
+        {"type": "http.response.start", "status": response.status_code,
+         "headers": response.raw_headers}
+    )  # fmt: skip
+    await send({"type": "http.response.body", "body": response.body})
+
 
 NOTICE = "Research software, not a medical device: never use this output for clinical decisions."
 UPLOAD_BODY = {
@@ -102,7 +168,8 @@ api = FastAPI(
 )
 api.add_middleware(BodyLimitMiddleware, default=ServeSettings().max_body_bytes)
 cases_routes.install(api)  # keys on every /v1 route; cases, diagnoses, audit, /v1/me
-api.add_middleware(RequestMetricsMiddleware)  # outermost: counts the 413s above too
+api.add_middleware(AdmissionMiddleware)  # sheds before the key check and the body
+api.add_middleware(RequestMetricsMiddleware)  # outermost: counts the 413s and 503s above too
 
 
 @api.exception_handler(ApiError)
@@ -142,11 +209,7 @@ async def call_model(call: Callable[[], Awaitable[T]], what: str, retry_after_s:
             return await call()
         except BackPressureError as exc:
             wait = exc.retry_after_s if exc.retry_after_s is not None else retry_after_s
-            raise ApiError(
-                503,
-                f"DermaNet is busy: the {what} queue is full; retry after {wait:g} s",
-                retry_after_s=wait,
-            ) from None
+            raise busy_error(f"the {what} queue is full", wait) from None
         except DeploymentUnavailableError:
             raise ApiError(
                 503, f"the {what} is not running; retry later", retry_after_s=retry_after_s
@@ -214,6 +277,11 @@ class Ingress:
         self.explainer = explainer
         self.load_checks = LoadChecks()
         api.state.max_body_bytes = self.settings.max_body_bytes
+        api.state.admission = Admission(
+            self.settings.admission_capacity,
+            self.settings.shed_hold_s,
+            self.settings.retry_after_s,
+        )
         cases_context.configure(
             self.settings.database_url,
             self.settings.data_dir,

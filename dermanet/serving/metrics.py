@@ -19,12 +19,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.routing import Match
+
 from dermanet.monitoring.reasons import OTHER, reason_kinds
 
 PREFIX = "ray_"  # Ray's metrics export prefixes every name
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The gate's OOD scores are centred and scaled per part (threshold near 2 on the shipped model).
-# Ray takes only positive bucket bounds: scores at or below 0.25 (typical images) share the first.
+# Ray takes only positive bucket bounds and no negative values: scores at or below 0.25 (typical
+# images, negative ones recorded as 0) share the first bucket.
 OOD_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0)
 UNMATCHED = "unmatched"  # the route label of a path no route matches (a 404)
 
@@ -132,12 +135,23 @@ class ServiceMetrics:
             else:
                 kind = (reason_kinds(gate.get("reasons")) or [OTHER])[0]
                 self._m["dermanet_gate_refusals"].inc(1, {"reason": kind})
-            score = gate.get("ood_score")
-            if isinstance(score, int | float) and math.isfinite(score):
-                self._m["dermanet_ood_score"].observe(float(score))
+            score = _number(gate.get("ood_score"))
+            if score is not None:  # OpenTelemetry drops negative values: they count as 0
+                self._m["dermanet_ood_score"].observe(max(score, 0.0))
 
     def model(self, model_id: str, sha256: str) -> None:
         self._m["dermanet_model_info"].set(1, {"id": model_id, "sha256": sha256})
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a Python or NumPy number, else None."""
+    if value is None or isinstance(value, bool | str):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 @functools.cache
@@ -174,5 +188,34 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", None) or UNMATCHED
-            service_metrics().request(route, status, time.perf_counter() - started)
+            service_metrics().request(route_template(scope), status, time.perf_counter() - started)
+
+
+def route_template(scope: Scope) -> str:
+    """The route template of a request: the one routing chose, or, for an answer given before
+    routing (a 401 of the key check, an early 413, a shed 503), the route the path matches."""
+    chosen = getattr(scope.get("route"), "path", None)
+    if chosen:
+        return chosen
+    router = getattr(scope.get("app"), "router", None)
+    full, partial = _match(getattr(router, "routes", ()), scope)
+    return full or partial or UNMATCHED
+
+
+def _match(routes: Iterable[Any], scope: Scope) -> tuple[str | None, str | None]:
+    """The first route path matching the request fully, and the first matching its path only
+    (another method); routers included in the app are searched through their own routes."""
+    partial = None
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        if inner is not None:  # FastAPI's included router: match its routes themselves
+            found, maybe = _match(inner, scope)
+        else:
+            match, _ = route.matches(scope)
+            path = getattr(route, "path", None)
+            found = path if match is Match.FULL else None
+            maybe = path if match is Match.PARTIAL else None
+        if found:
+            return found, partial
+        partial = partial or maybe
+    return None, partial

@@ -7,7 +7,9 @@ Ray instance (never someone else's cluster) and a readiness wait.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,20 +35,54 @@ def free_port(host: str = DEFAULT_HOST) -> int:
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray Serve's switch: HAProxy instead of its proxy
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# HAProxy's files: Ray Serve puts them all in /tmp/haproxy-serve/ unless told otherwise
+HAPROXY_FILE_ENVS = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+}
 
 
-def haproxy_free_ports() -> dict[str, str]:
-    """In HAProxy mode, free stats and metrics ports for this Serve unless the environment
-    sets them: HAProxy binds both on every interface (8404 and 9101 by default), so a second
-    HAProxy-mode Serve on the host (the demo beside a test) would fail to start. Set before
-    Ray starts (its processes read them then); returns what was set."""
+def haproxy_private() -> dict[str, str]:
+    """In HAProxy mode, this Serve's own HAProxy stats and metrics ports (free ones) and files
+    (config, admin socket, server state, in a new short-named temp folder: Ray adds a node
+    folder and HAProxy takes socket paths of at most 97 characters), unless the environment
+    sets them: by default HAProxy binds 8404 and 9101 on every interface and every instance
+    shares /tmp/haproxy-serve/, so a second HAProxy-mode Serve on the host (the demo beside a
+    test) would fail or take over the first one's socket. Set before Ray starts (its processes
+    read them then); returns what was set; `stop_local` removes the folder."""
     if os.environ.get(HAPROXY_ENV) != "1":
         return {}
     chosen = {
         name: str(free_port("0.0.0.0")) for name in HAPROXY_PORT_ENVS if name not in os.environ
     }
+    if any(name not in os.environ for name in HAPROXY_FILE_ENVS):
+        base = Path(tempfile.mkdtemp(prefix="drn-hap-", dir="/tmp"))
+        _HAPROXY_FOLDERS.append(base)
+        for name, file in HAPROXY_FILE_ENVS.items():
+            if name not in os.environ:
+                chosen[name] = str(base / file) if file else str(base)
     os.environ.update(chosen)
     return chosen
+
+
+_HAPROXY_FOLDERS: list[Path] = []  # made by haproxy_private, removed by stop_local
+
+
+def private_account(
+    folder: str | Path, name: str = "bench", role: str = "clinician"
+) -> tuple[str, str]:
+    """A fresh SQLite database in `folder` (schema upgraded) with one account, for a private
+    Serve (benchmarks): its URL and the account's API key."""
+    from dermanet.accounts import add_account
+    from dermanet.db import make_engine, session_factory, upgrade
+
+    url = f"sqlite:///{Path(folder) / 'dermanet.db'}"
+    upgrade(make_engine(url))
+    with session_factory(url).begin() as session:
+        _, key = add_account(session, name, role)
+    return url, key
 
 
 def start_local(
@@ -60,7 +96,7 @@ def start_local(
     """Start a private local Ray, Serve on host:port and the app; return the base URL."""
     if not ray.is_initialized():
         serve_fast_path_default()
-        haproxy_free_ports()
+        haproxy_private()
         ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -97,3 +133,5 @@ def stop_local() -> None:
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
+    while _HAPROXY_FOLDERS:
+        shutil.rmtree(_HAPROXY_FOLDERS.pop(), ignore_errors=True)

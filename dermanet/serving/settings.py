@@ -36,6 +36,11 @@ class ServeSettings:
     max_queued_requests: int = 32  # Classifier queue per caller; beyond it: 503 (-1: no limit)
     gradcam_max_queued_requests: int = 8  # Grad-CAM is slow: a short queue
     retry_after_s: float = 1.0  # the Retry-After advised with a 503 (whole seconds on the wire)
+    # Admission at the ingress: classify/similar requests in progress beyond this are shed (503)
+    # before the key check or the body; 0: the Classifiers' capacity (admission_capacity), -1:
+    # no limit (shed only when the Classifier queue is full)
+    admission_limit: int = 0
+    shed_hold_s: float = 0.5  # a shed request's 503 waits this long (a timer, no CPU) first
     ready_timeout_s: float = 5.0  # /healthz/ready waits this long for a classifier probe
     risk: RiskPolicy = field(default_factory=RiskPolicy)
     # Cases, accounts and audit (None: $DERMANET_DATABASE_URL / $DERMANET_DATA_DIR, else an
@@ -63,6 +68,10 @@ class ServeSettings:
         for name in ("max_queued_requests", "gradcam_max_queued_requests"):
             if getattr(self, name) < 1 and getattr(self, name) != -1:
                 bad.append(f"{name}={getattr(self, name)} (-1 for no limit, else >= 1)")
+        if self.admission_limit < -1:
+            bad.append(f"admission_limit={self.admission_limit} (0: automatic, -1: no limit)")
+        if not 0 <= self.shed_hold_s <= 10:
+            bad.append(f"shed_hold_s={self.shed_hold_s} (0 to 10 s)")
         if self.retry_after_s < 0:
             bad.append(f"retry_after_s={self.retry_after_s} (>= 0)")
         if self.ready_timeout_s <= 0:
@@ -79,6 +88,17 @@ class ServeSettings:
         """Requests a Classifier replica holds at once: two batches (one running, one filling)
         unless set; this, times the replicas, plus the queue bounds an accepted request's wait."""
         return self.max_ongoing_requests or max(32, 2 * self.max_batch_size)
+
+    @property
+    def admission_capacity(self) -> int | None:
+        """Model requests the ingress admits at once (None: no limit): by default what the
+        Classifiers hold (replicas x in progress) plus their queue, so an admitted request is
+        rarely refused further in and a refused one costs no key check, body read or call."""
+        if self.admission_limit:
+            return None if self.admission_limit < 0 else self.admission_limit
+        if self.max_queued_requests < 0:
+            return None
+        return self.classifier_replicas * self.classifier_max_ongoing + self.max_queued_requests
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
