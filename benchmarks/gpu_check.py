@@ -179,12 +179,16 @@ def ceiling(plan: Plan) -> dict[str, Any]:
     return {"images_per_s": plan.ceiling_steps * plan.batch_size / seconds}
 
 
-def serve_config(plan: Plan, model_dir: Path, port: int) -> dict[str, Any]:
-    """serve/config.yaml's application on the shipped registry, GPU shares on a GPU."""
+def serve_config(
+    plan: Plan, model_dir: Path, port: int, database_url: str, data_dir: Path
+) -> dict[str, Any]:
+    """serve/config.yaml's application on the shipped registry and a private case database,
+    GPU shares on a GPU."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"] = {**config["http_options"], "port": port}
     (app,) = config["applications"]
-    app["args"] |= {"model_dir": str(model_dir), "default_model": "default", "backend": "torch"}
+    app["args"] |= {"model_dir": str(model_dir), "default_model": "default", "backend": "torch",
+                    "database_url": database_url, "data_dir": str(data_dir)}  # fmt: skip
     for deployment in app["deployments"]:
         if deployment["name"] in GPU_SHARES:
             share = GPU_SHARES[deployment["name"]] if plan.device == "cuda" else 0
@@ -192,24 +196,28 @@ def serve_config(plan: Plan, model_dir: Path, port: int) -> dict[str, Any]:
     return config
 
 
-def serve(plan: Plan) -> dict[str, Any]:
-    """The shipped model on a private Serve (this process's Ray) under a short load."""
+def serve(plan: Plan, scratch: Path) -> dict[str, Any]:
+    """The shipped model on a private Serve (this process's Ray) under a short load, signed in
+    with an account of its own database in `scratch`."""
     import ray
     from ray import serve as ray_serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    from dermanet.serving.runner import free_port, wait_ready
+    from dermanet.serving.runner import free_port, private_account, wait_ready
 
+    scratch.mkdir(parents=True, exist_ok=True)
+    database_url, key = private_account(scratch)
     port = free_port()
-    config = serve_config(plan, WEIGHTS, port)
+    config = serve_config(plan, WEIGHTS, port, database_url, scratch)
     ray_serve.start(http_options=config["http_options"])
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, 300)  # Serve goes with this process's private Ray (main's ray.shutdown)
     gpus_held = ray.cluster_resources().get("GPU", 0) - ray.available_resources().get("GPU", 0)
     data = test_image(512)
-    result = asyncio.run(run_load(url, "/v1/classify", data, plan.concurrency, plan.requests))
+    load = run_load(url, "/v1/classify", data, plan.concurrency, plan.requests, key=key)
+    result = asyncio.run(load)
     return {
         "model": "weights/default.pt",
         "concurrency": plan.concurrency,
@@ -272,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         report["end_to_end_vs_ceiling"] = (
             report["train"]["end_to_end_images_per_s"] / report["ceiling"]["images_per_s"]
         )
-        report["serve"] = serve(plan)
+        report["serve"] = serve(plan, scratch / "serve")
     finally:
         import ray
 

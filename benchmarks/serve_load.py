@@ -307,25 +307,14 @@ async def post_each(
     return LoadResult(path, concurrency, len(images), seconds, latencies, client_cpu)
 
 
-def bench_account(folder: Path) -> tuple[str, dict[str, str]]:
-    """A fresh SQLite database in `folder` with one clinician: its URL and request headers."""
-    from dermanet.accounts import add_account
-    from dermanet.db import make_engine, session_factory, upgrade
-
-    url = f"sqlite:///{folder / 'dermanet.db'}"
-    upgrade(make_engine(url))
-    with session_factory(url).begin() as session:
-        _, key = add_account(session, "bench", "clinician")
-    return url, {"Authorization": f"Bearer {key}"}
-
-
 def storage_benchmark(args: argparse.Namespace) -> None:
     """Classify against classify-and-store on one Serve; medians of --repeats runs a level."""
     from benchmarks.bench_common import uploads
 
     scratch = Path(tempfile.mkdtemp(prefix="drn-bench-", dir="/tmp"))
     model_dir, model_note = ensure_registry(args.model_dir, args.img_size, scratch)
-    database_url, headers = bench_account(scratch)
+    database_url, key = private_account(scratch)
+    headers = {"Authorization": f"Bearer {key}"}
     settings = ServeSettings.from_mapping(
         {"model_dir": model_dir, "max_batch_size": args.max_batch_size}
         | {"database_url": database_url, "data_dir": str(scratch / "data")}

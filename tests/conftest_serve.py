@@ -212,14 +212,10 @@ def _free_port() -> int:
 def serve_account(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The test server's data folder and SQLite database (upgraded), with an admin account:
     `key` and `headers` (`Authorization: Bearer KEY`) for requests to /v1 routes."""
-    from dermanet.accounts import add_account
-    from dermanet.db import make_engine, session_factory, upgrade
+    from dermanet.serving.runner import private_account
 
     folder = tmp_path_factory.mktemp("serve-data")
-    url = f"sqlite:///{folder / 'dermanet.db'}"
-    upgrade(make_engine(url))
-    with session_factory(url).begin() as session:
-        _, key = add_account(session, "test-admin", "admin")
+    url, key = private_account(folder, "test-admin", "admin")
     return SimpleNamespace(
         key=key, headers={"Authorization": f"Bearer {key}"}, database_url=url, data_dir=folder
     )

@@ -64,7 +64,8 @@ def test_the_gpu_plan_trains_the_default_model_in_bf16_channels_last() -> None:
 
 
 def test_on_a_gpu_the_served_replicas_share_one_gpu(tmp_path: Path) -> None:
-    config = gpu_check.serve_config(gpu_plan(), gpu_check.WEIGHTS, 8123)
+    url = f"sqlite:///{tmp_path / 'dermanet.db'}"
+    config = gpu_check.serve_config(gpu_plan(), gpu_check.WEIGHTS, 8123, url, tmp_path)
     (app,) = config["applications"]
     gpus = {
         d["name"]: d.get("num_replicas", 1) * d["ray_actor_options"].get("num_gpus", 0)
@@ -72,4 +73,5 @@ def test_on_a_gpu_the_served_replicas_share_one_gpu(tmp_path: Path) -> None:
     }
     assert gpus["Classifier"] > 0 and gpus["GradCam"] > 0 and sum(gpus.values()) <= 1
     assert app["args"]["model_dir"] == str(gpu_check.WEIGHTS) and app["args"]["backend"] == "torch"
+    assert app["args"]["database_url"] == url and app["args"]["data_dir"] == str(tmp_path)
     assert (gpu_check.WEIGHTS / "default.pt").is_file()

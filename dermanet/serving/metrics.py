@@ -25,7 +25,7 @@ from dermanet.monitoring.reasons import OTHER, reason_kinds
 
 PREFIX = "ray_"  # Ray's metrics export prefixes every name
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# The gate's OOD scores are centred and scaled per part (threshold near 2 on the shipped model).
+# The gate's OOD scores are centred and scaled per part (the shipped model refuses above about 3.7).
 # Ray takes only positive bucket bounds and no negative values: scores at or below 0.25 (typical
 # images, negative ones recorded as 0) share the first bucket.
 OOD_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0)
