@@ -37,7 +37,7 @@ from dermanet.serving.runner import (
     HAPROXY_FILE_ENVS,
     HAPROXY_PORT_ENVS,
     haproxy_private,
-    stop_local,
+    release_haproxy_folders,
     wait_ready,
 )
 from dermanet.ui.client import ServeBusy, ServeClient, ServeError
@@ -430,6 +430,8 @@ def test_haproxy_mode_gets_its_own_ports_and_files(monkeypatch) -> None:
     monkeypatch.delenv(HAPROXY_ENV, raising=False)
     assert haproxy_private() == {}  # Serve's own proxy: nothing to set
     monkeypatch.setenv(HAPROXY_ENV, "1")
+    first: dict[str, str] = {}
+    second: dict[str, str] = {}
     try:
         first = haproxy_private()
         assert set(first) == set(names) and all(os.environ[n] == first[n] for n in names)
@@ -443,6 +445,7 @@ def test_haproxy_mode_gets_its_own_ports_and_files(monkeypatch) -> None:
         assert socket.parent.is_dir() and len(str(socket.parent / node_folder / socket.name)) <= 97
         monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # the operator's: kept
         assert "RAY_SERVE_HAPROXY_STATS_PORT" not in haproxy_private()
-    finally:
-        stop_local()  # removes the folders (Ray is not running here)
+    finally:  # this test's folders only: the session's Serve may run in HAProxy mode too
+        sockets = (made.get("RAY_SERVE_HAPROXY_SOCKET_PATH") for made in (first, second))
+        release_haproxy_folders([Path(path).parent for path in sockets if path])
     assert not socket.parent.exists()
