@@ -750,7 +750,7 @@ def test_case_records_keep_the_stored_answers() -> None:
     assert [i.image_id for i in case.images] == ["i1", "i2", "i3"]
     first = case.images[0]
     assert first.answer.risk == 0.1 and first.answer.traffic_light == "green"
-    assert first.model_id == "default" and first.answer.model_id == "default"
+    assert first.answer.model_id == "default" and first.answer.model.sha256.startswith("3f2a9c")
     assert first.model_text == "Model `default` · sha256 3f2a9c1b0d4e"
     assert case.images[1].answer.refused and case.images[1].taken_at.tzinfo is not None
     rows = case.risk_rows()  # the refused visit has no score: not on the chart

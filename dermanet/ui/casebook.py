@@ -182,15 +182,14 @@ class CaseImage:
     uploaded_at: dt.datetime | None
     uploaded_by: str
     filename: str
-    answer: Classification
-    model_id: str
-    model_sha256: str
+    answer: Classification  # its model version is the file that answered
 
     @property
     def model_text(self) -> str:
         """Model `default` · sha256 3f2a9c1b0d4e"""
-        digest = f" · sha256 {self.model_sha256[:12]}" if self.model_sha256 else ""
-        return f"Model `{self.model_id}`{digest}"
+        version = self.answer.model
+        digest = f" · sha256 {version.sha256[:12]}" if version and version.sha256 else ""
+        return f"Model `{self.answer.model_id}`{digest}"
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> CaseImage:
@@ -205,8 +204,6 @@ class CaseImage:
             uploaded_by=str(body.get("uploaded_by") or ""),
             filename=str(body.get("filename") or ""),
             answer=Classification.from_json(answer),
-            model_id=str(model.get("id") or answer.get("model_id") or ""),
-            model_sha256=str(model.get("sha256") or ""),
         )
 
 

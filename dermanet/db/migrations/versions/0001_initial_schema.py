@@ -16,14 +16,19 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+def _fk(table: str, column: str, target: str) -> sa.ForeignKeyConstraint:
+    """`table.column` references `target.id`, under the naming convention's constraint name."""
+    return sa.ForeignKeyConstraint(
+        [column], [f"{target}.id"], name=op.f(f"fk_{table}_{column}_{target}")
+    )
+
+
 def _soft_delete(table: str) -> list[sa.Column | sa.ForeignKeyConstraint]:
     """When and by whom a row was deleted (rows are never removed: the audit trail keeps them)."""
     return [
         sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("deleted_by", sa.Integer(), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["deleted_by"], ["accounts.id"], name=op.f(f"fk_{table}_deleted_by_accounts")
-        ),
+        _fk(table, "deleted_by", "accounts"),
     ]
 
 
@@ -75,9 +80,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["account_id"], ["accounts.id"], name=op.f("fk_api_keys_account_id_accounts")
-        ),
+        _fk("api_keys", "account_id", "accounts"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
         sa.UniqueConstraint("key_id", name=op.f("uq_api_keys_key_id")),
     )
@@ -94,12 +97,8 @@ def upgrade() -> None:
         sa.Column("created_by", sa.Integer(), nullable=False),
         sa.Column("last_activity_at", sa.DateTime(timezone=True), nullable=False),
         *_soft_delete("lesions"),
-        sa.ForeignKeyConstraint(
-            ["created_by"], ["accounts.id"], name=op.f("fk_lesions_created_by_accounts")
-        ),
-        sa.ForeignKeyConstraint(
-            ["patient_id"], ["patients.id"], name=op.f("fk_lesions_patient_id_patients")
-        ),
+        _fk("lesions", "created_by", "accounts"),
+        _fk("lesions", "patient_id", "patients"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_lesions")),
     )
     with op.batch_alter_table("lesions", schema=None) as batch_op:
@@ -128,10 +127,8 @@ def upgrade() -> None:
             "method IN ('histopathology', 'clinical', 'follow_up')",
             name=op.f("ck_diagnoses_method"),
         ),
-        sa.ForeignKeyConstraint(["by"], ["accounts.id"], name=op.f("fk_diagnoses_by_accounts")),
-        sa.ForeignKeyConstraint(
-            ["lesion_id"], ["lesions.id"], name=op.f("fk_diagnoses_lesion_id_lesions")
-        ),
+        _fk("diagnoses", "by", "accounts"),
+        _fk("diagnoses", "lesion_id", "lesions"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_diagnoses")),
     )
     with op.batch_alter_table("diagnoses", schema=None) as batch_op:
@@ -149,12 +146,8 @@ def upgrade() -> None:
         sa.Column("uploaded_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("uploaded_by", sa.Integer(), nullable=False),
         *_soft_delete("images"),
-        sa.ForeignKeyConstraint(
-            ["lesion_id"], ["lesions.id"], name=op.f("fk_images_lesion_id_lesions")
-        ),
-        sa.ForeignKeyConstraint(
-            ["uploaded_by"], ["accounts.id"], name=op.f("fk_images_uploaded_by_accounts")
-        ),
+        _fk("images", "lesion_id", "lesions"),
+        _fk("images", "uploaded_by", "accounts"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_images")),
     )
     with op.batch_alter_table("images", schema=None) as batch_op:
@@ -173,9 +166,7 @@ def upgrade() -> None:
         sa.Column("risk", sa.Double(), nullable=True),
         sa.Column("traffic_light", sa.String(length=16), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["image_id"], ["images.id"], name=op.f("fk_answers_image_id_images")
-        ),
+        _fk("answers", "image_id", "images"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_answers")),
         sa.UniqueConstraint("image_id", name=op.f("uq_answers_image_id")),
     )
