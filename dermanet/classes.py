@@ -1,4 +1,4 @@
-"""The class contract shared by every part of DermaNet (DESIGN.md: index order is fixed)."""
+"""The class contract shared by every part of DermaNet (index order is fixed)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ CLASS_DESCRIPTIONS: dict[str, str] = {
 
 
 def is_malignant(label: str) -> bool:
-    """True for the classes DESIGN.md counts as malignant (MEL, BCC, SCC)."""
+    """True for the classes the risk contract counts as malignant (MEL, BCC, SCC)."""
     return label in MALIGNANT_CLASSES
 
 

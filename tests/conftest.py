@@ -58,7 +58,7 @@ def ray_local():
 
     8 logical CPUs on this 2-core machine, so Ray Data tasks, Train workers and Serve replicas
     (the Serve fixture's Ray is this same one when it starts first) never wait on each other
-    forever (STACK.md: Ray hangs instead of failing when CPUs run out).
+    forever (Ray waits instead of failing when CPUs run out).
     """
     import ray
 

@@ -1,7 +1,7 @@
 """End to end: the documented `ray job submit` commands against a real local head.
 
 Starts `ray start --head --block` (own temp dir, own free ports, dashboard on: the Jobs API
-lives there) in its own process group with RAY_AUTH_MODE=disabled (STACK.md: the token trap),
+lives there) in its own process group with RAY_AUTH_MODE=disabled (else the CLI demands a token),
 submits jobs/pretrain_byol.py and jobs/tune.py exactly as README "Run on a cluster" does —
 `--working-dir . --runtime-env deploy/runtime_env.yaml` — with tiny synthetic settings, waits,
 checks SUCCEEDED and the artefacts at the (absolute) storage paths, checks the jobs wrote

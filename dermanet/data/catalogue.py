@@ -1,4 +1,4 @@
-"""The catalogue: one table describing a data set, whatever format it came in (DESIGN.md)."""
+"""The catalogue: one table describing a data set, whatever format it came in."""
 
 from __future__ import annotations
 

@@ -593,7 +593,7 @@ def write_results(
 
 
 def check_resources(settings: PredictSettings, fixed_cluster: bool) -> None:
-    """The actor pool plus one decode task must fit, or Ray Data waits forever (STACK.md)."""
+    """The actor pool plus one decode task must fit, or Ray Data waits forever."""
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     need_cpus = settings.num_workers * settings.cpus_per_worker + settings.decode_cpus

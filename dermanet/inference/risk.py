@@ -1,4 +1,4 @@
-"""The risk score and traffic light of DESIGN.md, as one configurable policy object.
+"""The risk score and traffic light (the risk contract), as one configurable policy object.
 
 risk = Σ weight_c · P(c) over the malignant classes (default 1.5·MEL + 1.3·BCC + 1.0·SCC);
 green below 0.15, yellow below 0.6, red otherwise; malignant = clip(risk, 0, 1).

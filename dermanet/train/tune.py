@@ -1,8 +1,8 @@
 """Hyperparameter search with Ray Tune over supervised Ray Train runs (jobs/tune.py).
 
 Each trial is `run_training` (a TorchTrainer) inside a Tune function trainable, with Ray's
-TuneReportCallback forwarding every epoch's metrics to Tune (STACK.md: `Tuner(trainer)` is gone
-in the Train V2 API). ASHA stops weak trials early; Optuna proposes configs from finished ones.
+TuneReportCallback forwarding every epoch's metrics to Tune (`Tuner(trainer)` is gone in Ray
+Train V2). ASHA stops weak trials early; Optuna proposes configs from finished ones.
 Re-running the same experiment restores it (`Tuner.restore`): finished trials are not rerun.
 """
 
