@@ -93,14 +93,9 @@ def start_local(
     temp_dir: str | Path | None = None,
     ready_timeout_s: float = 120.0,
 ) -> str:
-    """Start a private local Ray, Serve on host:port and the app; return the base URL.
-
-    HAProxy replaces Serve's Python proxy unless RAY_SERVE_ENABLE_HA_PROXY says otherwise:
-    it measured 0.84x the in-process predictor at 32 clients against 0.64x (docs/benchmarks.md).
-    """
+    """Start a private local Ray, Serve on host:port and the app; return the base URL."""
     if not ray.is_initialized():
         serve_fast_path_default()
-        os.environ.setdefault(HAPROXY_ENV, "1")
         haproxy_private()
         ray.init(
             address="local",
