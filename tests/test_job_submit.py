@@ -78,10 +78,14 @@ class LocalHead:
             "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_agent),
             "--num-cpus", "4", "--temp-dir", str(temp_dir),
         ]  # fmt: skip
-        self.log = open(temp_dir.parent / "head.log", "wb")  # noqa: SIM115
+        self._launch(cmd, "head.log")
+
+    def _launch(self, cmd: list[str], log_name: str) -> None:
+        """Start `cmd` in its own process group, its output in `log_name` beside the temp dir."""
+        self.log = open(self.temp_dir.parent / log_name, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd, env=client_env(), stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=temp_dir.parent,
+            start_new_session=True, cwd=self.temp_dir.parent,
         )  # fmt: skip
 
     def wait_ready(self, timeout: float = 180) -> None:

@@ -50,11 +50,7 @@ class SecondNode(LocalHead):
             "--runtime-env-agent-port", str(rt_agent),
             "--num-cpus", str(num_cpus), "--temp-dir", str(temp_dir),
         ]  # fmt: skip
-        self.log = open(temp_dir.parent / "node.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            cmd, env=client_env(), stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=temp_dir.parent,
-        )  # fmt: skip
+        self._launch(cmd, "node.log")
 
     def raylet_pid(self) -> int:
         """This node's raylet: the one `raylet` process among this node's own processes."""

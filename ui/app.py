@@ -467,7 +467,7 @@ def single_image_page(
 
     uploads = st.file_uploader(
         "Add dermoscopic images",
-        type=[ext.lstrip(".") for ext in ALLOWED_EXTENSIONS],
+        type=IMAGE_TYPES,
         accept_multiple_files=True,
         key=f"uploader-{state.uploader_round}",
         help="JPEG or PNG; several at once. They are stored under generated names.",
@@ -602,27 +602,15 @@ def single_image_page(
 
             stamp = CaseReport(current.original_name, b"", current.mime, result)
             st.markdown("**Case report**")
-            d_html, d_pdf = st.columns(2)
-            d_html.download_button(
-                "HTML",
-                html_bytes,
-                file_name=report_filename(stamp, "html"),
-                mime="text/html",
-                on_click="ignore",
-                icon=":material/download:",
-                key="report_html",
-                width="stretch",
+            formats = (
+                ("html", html_bytes, "text/html", ":material/download:"),
+                ("pdf", pdf_bytes, "application/pdf", ":material/picture_as_pdf:"),
             )
-            d_pdf.download_button(
-                "PDF",
-                pdf_bytes,
-                file_name=report_filename(stamp, "pdf"),
-                mime="application/pdf",
-                on_click="ignore",
-                icon=":material/picture_as_pdf:",
-                key="report_pdf",
-                width="stretch",
-            )
+            for column, (ext, data, mime, icon) in zip(st.columns(2), formats, strict=True):
+                column.download_button(
+                    ext.upper(), data, file_name=report_filename(stamp, ext), mime=mime,
+                    on_click="ignore", icon=icon, key=f"report_{ext}", width="stretch",
+                )  # fmt: skip
 
     # --- similar confirmed cases, under the prediction -----------------------------------------
     if result is not None:
