@@ -31,7 +31,7 @@ from dermanet.data.prepare import PrepareSettings
 from dermanet.eval.evaluate import EvaluateSettings
 from dermanet.inference.index_build import IndexSettings
 from dermanet.paths import PROJECT_ROOT, sample_dir
-from dermanet.settings import check_settings, flag_name
+from dermanet.settings import check_settings, flag_name, settings_fields
 from dermanet.storage import atomic_write
 from dermanet.train.settings import TrainSettings
 
@@ -65,7 +65,7 @@ class JobSpec:
         """Every setting name the job's command line takes."""
         if self.settings_type is None:
             return set(self.options)
-        return {f.name for f in _user_fields(self.settings_type)} | set(self.options)
+        return {f.name for f in settings_fields(self.settings_type)} | set(self.options)
 
     def default(self, name: str) -> Any:
         if self.settings_type is None:
@@ -93,10 +93,6 @@ JOBS: dict[str, JobSpec] = {
     ),
     "build_index": JobSpec("jobs/build_index.py", IndexSettings),
 }
-
-
-def _user_fields(settings_type: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(settings_type) if f.metadata.get("group") != "hidden"]
 
 
 @dataclass(frozen=True)
@@ -149,17 +145,16 @@ class Stage:
         spec = self.spec
         if spec.settings_type is None:
             return None
-        names = {f.name for f in _user_fields(spec.settings_type)}
+        names = {f.name for f in settings_fields(spec.settings_type)}
         values = {k: v for k, v in self.resolved(storage).items() if k in names}
         try:
             settings = spec.settings_type(**values)
         except TypeError as exc:
             raise RecipeError(f"{self.source}: {exc}") from exc
-        if all("help" in f.metadata for f in _user_fields(spec.settings_type)):
-            try:
-                check_settings(settings)
-            except ValueError as exc:
-                raise RecipeError(f"{self.source}: {exc}") from exc
+        try:
+            check_settings(settings)
+        except ValueError as exc:
+            raise RecipeError(f"{self.source}: {exc}") from exc
         return settings
 
 

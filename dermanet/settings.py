@@ -2,7 +2,8 @@
 
 A job's settings are one dataclass whose fields are made with `option(...)`. From it come the
 command-line flags (`add_arguments`), the checks (`check_settings`), YAML loading
-(`load_settings_yaml`) and Ray Tune's search-space names, so a hyperparameter is written once:
+(`load_settings_yaml`) and Ray Tune's search-space names, so a hyperparameter is written once
+(a field without a default is a required flag):
 
     @dataclass
     class Settings:
@@ -100,6 +101,8 @@ def add_arguments(
         kind, _, is_list = _value_type(cls, f.name)
         default = getattr(defaults, f.name) if defaults is not None else _default(f)
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": meta["help"]}
+        if defaults is None and _required(f):
+            kwargs.update(required=True, default=argparse.SUPPRESS)  # no "(default: None)"
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -115,6 +118,11 @@ def add_arguments(
                 kwargs["metavar"] = meta["metavar"]
         group.add_argument(flag_name(f.name), *meta["aliases"], **kwargs)
     return groups
+
+
+def _required(f: dataclasses.Field) -> bool:
+    """A field without a default is a required flag."""
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -406,10 +406,26 @@ def test_derm_sample_round_trip(ray_local, derm_sample_catalogue, tmp_path: Path
     assert (rows[["width", "height"]].min(axis=1) >= 128).all()
 
 
-def test_prepare_job_help_explains_every_flag() -> None:
+def _prepare_job():
     spec = importlib.util.spec_from_file_location("prepare_data", REPO / "jobs" / "prepare_data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    parser = module.build_parser()
+    return module
+
+
+def test_prepare_job_help_explains_every_flag() -> None:
+    parser = _prepare_job().build_parser()
     for action in parser._actions:
         assert action.help, f"flag {action.option_strings} has no help text"
+    required = {a.dest for a in parser._actions if a.required}
+    assert required == {"csv", "images", "output"}
+
+
+def test_prepare_job_refuses_bad_settings_in_one_line_before_ray(capsys) -> None:
+    job = _prepare_job()
+    with pytest.raises(SystemExit) as exit_:
+        job.main(["--csv", "c.csv", "--images", "img"])
+    assert exit_.value.code == 2 and "--output" in capsys.readouterr().err
+    code = job.main(["--csv", "c.csv", "--images", "i", "--output", "o", "--jpeg-quality", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "error: invalid settings, need: --jpeg-quality >= 1 (got 0)"

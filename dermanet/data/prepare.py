@@ -7,31 +7,49 @@ from dataclasses import dataclass
 
 from dermanet.data.shards import PrepareReport, prepare_shards
 from dermanet.data.sources import DataLocation, load_catalogue
+from dermanet.settings import check_settings, option
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PrepareSettings:
-    """Everything `jobs/prepare_data.py` accepts, as one value."""
+    """Everything `jobs/prepare_data.py` accepts (its flags are generated from these fields)."""
 
-    csv: str
-    images: str
-    output: str
-    metadata_csv: str | None = None
-    drop_missing: bool = False
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    short_side: int = 256
-    jpeg_quality: int = 90
-    rows_per_file: int = 2048
-    limit: int | None = None
-    overwrite: bool = False
+    csv: str = option(
+        help="catalogue CSV: plain 'image,label[,lesion_id,...]', ISIC 2019 ground truth or "
+        "HAM10000 metadata (detected from the header)",
+        group="data",
+    )
+    images: str = option(help="folder with the images (searched recursively)", group="data")
+    output: str = option(
+        help="output folder or URI (s3://, gs://, file://) for shards", group="output"
+    )
+    metadata_csv: str | None = option(
+        None, "ISIC 2019 metadata CSV (that format only)", group="data"
+    )
+    drop_missing: bool = option(
+        False, "skip rows whose image file is missing (listed)", group="data"
+    )
+    limit: int | None = option(
+        None, "keep only a random N images (quick experiments)", group="data", minimum=1
+    )
+    val_fraction: float = option(0.15, "share of images for val", group="split", minimum=0)
+    test_fraction: float = option(0.15, "share of images for test", group="split", minimum=0)
+    seed: int = option(0, "seed of the lesion-grouped split", group="split")
+    short_side: int = option(
+        256, "shrink images so the short side is this", group="output", minimum=1
+    )
+    jpeg_quality: int = option(
+        90, "JPEG quality of stored images", group="output", minimum=1, maximum=100
+    )
+    rows_per_file: int = option(2048, "minimum rows per Parquet file", group="output", minimum=1)
+    overwrite: bool = option(False, "replace shards already at --output", group="output")
 
 
 def run_prepare(settings: PrepareSettings) -> PrepareReport:
     """Read the source, split it (unless the CSV already carries valid splits), write shards."""
+    check_settings(settings)
     train = 1.0 - settings.val_fraction - settings.test_fraction
     location = DataLocation(
         csv=settings.csv,

@@ -26,6 +26,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 from starlette._utils import get_route_path
+from starlette.datastructures import FormData
 
 import dermanet
 from dermanet.classes import CLASS_NAMES
@@ -119,6 +120,9 @@ async def _send_error(send: Send, error: ApiError) -> None:
 
 
 NOTICE = "Research software, not a medical device: never use this output for clinical decisions."
+MODEL_QUERY = Query(
+    None, description="registry model id (GET /v1/models); unset: the default model"
+)
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -301,6 +305,15 @@ class Ingress:
             raise ApiError(503, f"model {info.model_id!r} cannot be used: {error}")
         return info.model_id
 
+    async def _uploaded(
+        self, request: Request, model: str | None, max_files: int
+    ) -> tuple[list[Upload], FormData | None, str]:
+        """An upload route's first step: the images (sizes checked), the form (for its other
+        fields; a form's `model` field overrides the query's) and the usable model id."""
+        uploads, form = await read_uploads(request, max_files)
+        check_sizes(uploads, max_files)
+        return uploads, form, await self._model_id(_form_value(form, "model", model))
+
     def _call(self, call: Callable[[], Awaitable[T]], what: str) -> Awaitable[T]:
         return call_model(call, what, self.settings.retry_after_s)
 
@@ -376,15 +389,9 @@ class Ingress:
         openapi_extra=UPLOAD_BODY,
         responses=ERRORS,
     )
-    async def classify(
-        self,
-        request: Request,
-        model: str | None = Query(None, description="registry model id (GET /v1/models)"),
-    ) -> dict[str, Any]:
+    async def classify(self, request: Request, model: str | None = MODEL_QUERY) -> dict[str, Any]:
         started = time.perf_counter()
-        uploads, form = await read_uploads(request, self.settings.max_files)
-        check_sizes(uploads, self.settings.max_files)
-        model_id = await self._model_id(_form_value(form, "model", model))
+        uploads, _, model_id = await self._uploaded(request, model, self.settings.max_files)
         handle = self.classifier.options(multiplexed_model_id=model_id)
         outcomes = await asyncio.gather(
             *(self._call(lambda u=u: handle.classify.remote(u.data), "classifier") for u in uploads)
@@ -419,7 +426,7 @@ class Ingress:
     async def similar(
         self,
         request: Request,
-        model: str | None = Query(None, description="registry model id (GET /v1/models)"),
+        model: str | None = MODEL_QUERY,
         k: str = Query(str(DEFAULT_K), description=f"neighbours to return, 1..{MAX_K}"),
     ) -> dict[str, Any]:
         """Exact cosine search over the model's `<model id>.index.parquet`: `neighbours`
@@ -427,9 +434,7 @@ class Ingress:
         and `knn_probabilities`, their class-balanced vote. The upload's `gate` says whether it
         looks like the images the model knows; when it does not, the neighbours mean little."""
         started = time.perf_counter()
-        uploads, form = await read_uploads(request, max_files=1)
-        check_sizes(uploads, max_files=1)
-        model_id = await self._model_id(_form_value(form, "model", model))
+        uploads, form, model_id = await self._uploaded(request, model, max_files=1)
         count = _as_k(_form_value(form, "k", k))
         handle = self.classifier.options(multiplexed_model_id=model_id)
         outcome = await self._call(
@@ -449,7 +454,7 @@ class Ingress:
     async def gradcam(
         self,
         request: Request,
-        model: str | None = Query(None, description="registry model id"),
+        model: str | None = MODEL_QUERY,
         target_class: str | None = Query(
             None, description=f"class name {list(CLASS_NAMES)} or index; default: predicted"
         ),
@@ -458,9 +463,7 @@ class Ingress:
         include_cam: bool = Query(False, description="JSON with the PNG and the raw CAM"),
     ) -> Response:
         started = time.perf_counter()
-        uploads, form = await read_uploads(request, max_files=1)
-        check_sizes(uploads, max_files=1)
-        model_id = await self._model_id(_form_value(form, "model", model))
+        uploads, form, model_id = await self._uploaded(request, model, max_files=1)
         target = _form_value(form, "target_class", target_class)
         mode = str(_form_value(form, "mode", mode)).replace("-", "_")
         if target is not None:

@@ -88,8 +88,29 @@ class QualityReport:
         return dataclasses.asdict(self)
 
 
-CHECKS = ("too_small", "aspect_ratio", "blank", "flat", "dark", "over_exposed", "blurred",
-          "noisy", "low_contrast", "greyscale")  # fmt: skip
+# Every check's name and the reason it gives, filled in from the measures (`measure_quality`),
+# the thresholds (`QualityThresholds`), the image's width and height and its grain.
+REASONS: dict[str, str] = {
+    "too_small": "too small: {width}x{height} px, the short side must be at least "
+    "{min_short_side} px",
+    "aspect_ratio": "extreme aspect ratio: {aspect_ratio:.2f}:1, at most {max_aspect_ratio:g}:1",
+    "blank": "nearly uniform or blank: grey-level spread {grey_std:.1f}, at least "
+    "{min_grey_std:g} expected",
+    "flat": "looks like a screen, document or graphic: one flat colour covers {flat_share:.0%} "
+    "of its centre (at most {max_flat_share:.0%})",
+    "dark": "too dark: even its brightest tenth is below grey level {brightness:.0f} of 255, at "
+    "least {min_brightness:g} expected",
+    "over_exposed": "over-exposed: {clipped_share:.0%} of pixels are blown-out white (at most "
+    "{max_clipped_share:.0%})",
+    "blurred": "too blurred: sharpness {sharpness:.1f} (variance of the Laplacian), at least "
+    "{min_sharpness:g}",
+    "noisy": "too noisy or grainy: Laplacian variance {sharpness:.0f} (at most "
+    "{max_sharpness:g}), {grain:.1f}x the grey variance (at most {max_grain:g}x)",
+    "low_contrast": "low contrast: grey range {contrast:.0f} of 255, at least {min_contrast:g}",
+    "greyscale": "no colour: a greyscale picture (chroma {colour:.1f} of 255 in its most "
+    "colourful tenth, at least {min_colour:g}); dermoscopy is in colour",
+}
+CHECKS = tuple(REASONS)  # size first, then light (blank .. over_exposed), then detail
 
 
 def measure_quality(
@@ -135,34 +156,36 @@ def measure_quality(
 
 
 def assess_quality(image: np.ndarray, thresholds: QualityThresholds | None = None) -> QualityReport:
-    """Run every check on an RGB uint8 (H, W, 3) image.
-
-    A too-small image reports only its size (its content measures would describe an upscaled
-    smudge), and a blank one does not also report blur and low contrast, which follow from it.
-    """
+    """Run every check on an RGB uint8 (H, W, 3) image; each failed one gives its reason."""
     t = thresholds or QualityThresholds()
     m = measure_quality(image, t.analysis_size, t.flat_levels, t.flat_centre)
-    failed: list[str] = []
-    reasons: list[str] = []
-
-    def trip(check: str, reason: str) -> None:
-        failed.append(check)
-        reasons.append(reason)
-
-    if m["short_side"] < t.min_short_side:
-        trip(
-            "too_small",
-            f"too small: {image.shape[1]}x{image.shape[0]} px, the short side must be at least "
-            f"{t.min_short_side} px",
-        )
-    if m["aspect_ratio"] > t.max_aspect_ratio:
-        trip(
-            "aspect_ratio",
-            f"extreme aspect ratio: {m['aspect_ratio']:.2f}:1, at most {t.max_aspect_ratio:g}:1",
-        )
-    if "too_small" not in failed:
-        _content_checks(m, t, trip)
+    grain = m["sharpness"] / max(m["grey_std"], 1e-6) ** 2
+    values = {**m, **t.to_dict(), "width": image.shape[1], "height": image.shape[0], "grain": grain}
+    failed = _tripped(m, t, grain)
+    reasons = [REASONS[check].format(**values) for check in failed]
     return QualityReport(ok=not failed, reasons=reasons, measures=m, failed=failed)
+
+
+def _tripped(m: dict[str, float], t: QualityThresholds, grain: float) -> list[str]:
+    """The checks an image fails, in `CHECKS` order. A too-small image is judged on its size
+    alone (its content measures would describe an upscaled smudge); a blank one is not also
+    called blurred, noisy, low in contrast or greyscale, which follow from it."""
+    too_small = m["short_side"] < t.min_short_side
+    blank = m["grey_std"] < t.min_grey_std
+    fails = {
+        "too_small": too_small,
+        "aspect_ratio": m["aspect_ratio"] > t.max_aspect_ratio,
+        "blank": blank,
+        "flat": m["flat_share"] > t.max_flat_share and not blank,
+        "dark": m["brightness"] < t.min_brightness,
+        "over_exposed": m["clipped_share"] > t.max_clipped_share,
+        "blurred": m["sharpness"] < t.min_sharpness,
+        "noisy": m["sharpness"] > t.max_sharpness or grain > t.max_grain,
+        "low_contrast": m["contrast"] < t.min_contrast,
+        "greyscale": m["colour"] < t.min_colour,
+    }
+    judged = CHECKS[:2] if too_small else CHECKS[:6] if blank else CHECKS
+    return [check for check in judged if fails[check]]
 
 
 def grey_percentiles(grey: np.ndarray, percents: tuple[float, ...]) -> list[float]:
@@ -190,57 +213,3 @@ def commonest_colour_share(image: np.ndarray, levels: int) -> float:
     codes = (image.astype(np.int32) * levels // 256) @ np.array([levels * levels, levels, 1])
     _, counts = np.unique(codes, return_counts=True)
     return float(counts.max() / codes.size)
-
-
-def _content_checks(m: dict[str, float], t: QualityThresholds, trip) -> None:
-    blank = m["grey_std"] < t.min_grey_std
-    if blank:
-        trip(
-            "blank",
-            f"nearly uniform or blank: grey-level spread {m['grey_std']:.1f}, at least "
-            f"{t.min_grey_std:g} expected",
-        )
-    if m["flat_share"] > t.max_flat_share and not blank:
-        trip(
-            "flat",
-            f"looks like a screen, document or graphic: one flat colour covers "
-            f"{m['flat_share']:.0%} of its centre (at most {t.max_flat_share:.0%})",
-        )
-    if m["brightness"] < t.min_brightness:
-        trip(
-            "dark",
-            f"too dark: even its brightest tenth is below grey level {m['brightness']:.0f} of "
-            f"255, at least {t.min_brightness:g} expected",
-        )
-    if m["clipped_share"] > t.max_clipped_share:
-        trip(
-            "over_exposed",
-            f"over-exposed: {m['clipped_share']:.0%} of pixels are blown-out white (at most "
-            f"{t.max_clipped_share:.0%})",
-        )
-    if blank:
-        return
-    if m["sharpness"] < t.min_sharpness:
-        trip(
-            "blurred",
-            f"too blurred: sharpness {m['sharpness']:.1f} (variance of the Laplacian), at "
-            f"least {t.min_sharpness:g}",
-        )
-    grain = m["sharpness"] / max(m["grey_std"], 1e-6) ** 2
-    if m["sharpness"] > t.max_sharpness or grain > t.max_grain:
-        trip(
-            "noisy",
-            f"too noisy or grainy: Laplacian variance {m['sharpness']:.0f} (at most "
-            f"{t.max_sharpness:g}), {grain:.1f}x the grey variance (at most {t.max_grain:g}x)",
-        )
-    if m["contrast"] < t.min_contrast:
-        trip(
-            "low_contrast",
-            f"low contrast: grey range {m['contrast']:.0f} of 255, at least {t.min_contrast:g}",
-        )
-    if m["colour"] < t.min_colour:
-        trip(
-            "greyscale",
-            f"no colour: a greyscale picture (chroma {m['colour']:.1f} of 255 in its most "
-            f"colourful tenth, at least {t.min_colour:g}); dermoscopy is in colour",
-        )
