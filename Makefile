@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv test lint format clean demo browser postgres prometheus
+.PHONY: venv test lint format clean demo browser postgres prometheus system-packages
 
 $(STAMP): pyproject.toml
 	$(PY) -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(VENV)
@@ -26,20 +26,42 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dermanet.demo $(DEMO_ARGS)
 
-# Debian's Chromium for the browser test (the test skips with the reason when it is absent).
+# Debian packages the tests start for real: how to tell each is installed, and what skips (with
+# the reason) without it. The database tests start a private PostgreSQL server in a temp folder;
+# SQLite needs nothing. Prometheus ships `promtool check rules` for the alert rules.
+chromium_CHECK := command -v chromium
+chromium_SKIPS := the browser test
+postgresql_CHECK := ls /usr/lib/postgresql/*/bin/initdb
+postgresql_SKIPS := the PostgreSQL database tests
+prometheus_CHECK := command -v promtool
+prometheus_SKIPS := the alert-rules test
+
+# Install whichever of the packages $(1) are missing: one `apt-get update` and one install on a
+# clean machine (then one at a time if that fails, so a package that cannot install costs only
+# its own tests); each one still missing is named with what will skip.
+define apt_install
+@missing=""; \
+$(foreach p,$(1),$($(p)_CHECK) >/dev/null 2>&1 || missing="$$missing $(p)";) \
+if [ -n "$$missing" ]; then \
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; } || \
+  for p in $$missing; do apt-get install -y -qq --no-install-recommends $$p; done; \
+fi; \
+$(foreach p,$(1),$($(p)_CHECK) >/dev/null 2>&1 || echo "$(p) not installed: $($(p)_SKIPS) will skip";) true
+endef
+
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } || echo "chromium not installed: the browser test will skip"
+	$(call apt_install,chromium)
 
-# Debian's PostgreSQL server for the database tests, which start a private one in a temp folder
-# (they skip with the reason when it is absent; SQLite needs nothing).
 postgres:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql; } || echo "postgresql not installed: the PostgreSQL database tests will skip"
+	$(call apt_install,postgresql)
 
-# Debian's Prometheus for `promtool check rules` on the alert rules (the test skips when absent).
 prometheus:
-	@command -v promtool >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } || echo "prometheus not installed: the alert-rules test will skip"
+	$(call apt_install,prometheus)
 
-test: lint browser postgres prometheus
+system-packages:
+	$(call apt_install,chromium postgresql prometheus)
+
+test: lint system-packages
 	$(PY) -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 clean:

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pandas as pd
 import pytest
 import torch
 
 from dermanet.data.synthetic import generate_synthetic_dataset
-from dermanet.paths import SAMPLE_DIR_ENV, sample_available, sample_dir
+from dermanet.paths import PROJECT_ROOT, SAMPLE_DIR_ENV, sample_available, sample_dir
 
 torch.set_num_threads(1)  # 2 shared cores: OpenMP spin-waits made tests 4-10x slower under load
+# Every Ray the tests start (the session's, the jobs' own, the test heads) inherits these. Ray
+# Train's controller polls its workers every 2 s: a run's start, each epoch's report and its end
+# wait for the next poll, seconds per run of a few-second epoch. The preemption watcher (one
+# more actor process per run) watches for cloud preemption notices, which never come here.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # The real metadata files sit beside derm-sample (shared/data/formats), wherever that is.
 FORMATS_DIR = sample_dir().parent / "formats"
+
+
+def load_job(name: str) -> ModuleType:
+    """jobs/<name>.py as a module (jobs/ is scripts, not a package): its parser and main()."""
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_job", PROJECT_ROOT / "jobs" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

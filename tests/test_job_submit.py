@@ -2,9 +2,9 @@
 
 Starts `ray start --head --block` (own temp dir, own free ports, dashboard on: the Jobs API
 lives there) in its own process group with RAY_AUTH_MODE=disabled (else the CLI demands a token),
-submits jobs/pretrain_byol.py and jobs/tune.py exactly as README "Run on a cluster" does —
-`--working-dir . --runtime-env deploy/runtime_env.yaml` — with tiny synthetic settings, waits,
-checks SUCCEEDED and the artefacts at the (absolute) storage paths, checks the jobs wrote
+submits jobs/pretrain_byol.py and jobs/tune.py (at once) exactly as README "Run on a cluster"
+does — `--working-dir . --runtime-env deploy/runtime_env.yaml` — with tiny synthetic settings,
+waits, checks SUCCEEDED and the artefacts at the (absolute) storage paths, checks the jobs wrote
 nothing into their working directory, and stops only the processes this test started.
 """
 
@@ -21,6 +21,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -129,12 +130,14 @@ class LocalHead:
         return pids
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL, to this head's processes only (never `ray stop`)."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        """SIGTERM, then SIGKILL to what is left 5 s later, to this head's processes only (never
+        `ray stop`). A throw-away test cluster has nothing to save: a process that outlives
+        SIGTERM by 5 s is killed rather than waited for."""
+        for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 20)):
             for pid in self.owned_pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + wait_s
             while self.owned_pids() and time.monotonic() < deadline:
                 time.sleep(0.5)
             if not self.owned_pids():
@@ -238,35 +241,34 @@ def test_runtime_env_keeps_the_upload_small(tmp_path: Path) -> None:
 
 
 def test_submit_byol_and_tune(head: LocalHead, synthetic: Path, tmp_path: Path) -> None:
+    """Both jobs at once, as two users would submit them: the head's 4 CPUs hold both (BYOL's
+    worker and Ray Data, Tune's trial, worker and Ray Data: 3.1 CPUs)."""
     storage = tmp_path / "storage"  # absolute: the job's cwd is Ray's unpacked working dir
-    byol = submit(
-        head,
-        [
-            "jobs/pretrain_byol.py", "--data-dirs", str(synthetic / "images"),
-            "--model-config", TINY, "--img-size", "40", "--max-epochs", "1",
-            "--batch-size", "16", "--proj-hidden-dim", "64", "--pred-hidden-dim", "64",
-            "--proj-out-dim", "32", "--num-workers", "1",
-            "--storage-path", str(storage / "byol"), "--name", "byol-e2e",
-        ],
-    )  # fmt: skip
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: 1.0e-3\nbatch_size: 16\nimg_size: 40\n")
+    byol_args = [
+        "jobs/pretrain_byol.py", "--data-dirs", str(synthetic / "images"),
+        "--model-config", TINY, "--img-size", "40", "--max-epochs", "1",
+        "--batch-size", "16", "--proj-hidden-dim", "64", "--pred-hidden-dim", "64",
+        "--proj-out-dim", "32", "--num-workers", "1",
+        "--storage-path", str(storage / "byol"), "--name", "byol-e2e",
+    ]  # fmt: skip
+    tune_args = [
+        "jobs/tune.py", "--csv", str(synthetic / "metadata.csv"),
+        "--images", str(synthetic / "images"), "--space", str(space),
+        # absolute: Tune trials run in their own folder (see the report on relative paths)
+        "--model-config", str(ROOT / TINY), "--epochs", "1", "--num-samples", "1",
+        "--search-alg", "random", "--num-workers", "1",
+        "--storage-path", str(storage / "tune"), "--name", "tune-e2e",
+        "--registry", str(storage / "registry"),
+    ]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        submitted = [pool.submit(submit, head, args) for args in (byol_args, tune_args)]
+        byol, tuned = (job.result() for job in submitted)
+
     backbone = storage / "byol" / "byol-e2e" / "backbone.pt"
     assert backbone.is_file(), byol[-3000:]
     assert (storage / "byol" / "byol-e2e" / "logs" / "metrics.csv").is_file()
-
-    space = tmp_path / "space.yaml"
-    space.write_text("lr: 1.0e-3\nbatch_size: 16\nimg_size: 40\n")
-    tuned = submit(
-        head,
-        [
-            "jobs/tune.py", "--csv", str(synthetic / "metadata.csv"),
-            "--images", str(synthetic / "images"), "--space", str(space),
-            # absolute: Tune trials run in their own folder (see the report on relative paths)
-            "--model-config", str(ROOT / TINY), "--epochs", "1", "--num-samples", "1",
-            "--search-alg", "random", "--num-workers", "1",
-            "--storage-path", str(storage / "tune"), "--name", "tune-e2e",
-            "--registry", str(storage / "registry"),
-        ],
-    )  # fmt: skip
     experiment = storage / "tune" / "tune-e2e"
     for name in ("trials.csv", "trials.md", "best_config.yaml"):
         assert (experiment / name).is_file(), f"{name} missing:\n{tuned[-3000:]}"

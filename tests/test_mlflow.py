@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import load_job
 
 from dermanet.serving.runner import free_port
 from dermanet.settings import plain_settings
@@ -31,15 +32,6 @@ def _job_args(data: Path, storage: Path, name: str, epochs: int) -> list[str]:
         "--num-workers", "1", "--warmup-epochs", "0", "--storage-path", str(storage),
         "--name", name,
     ]  # fmt: skip
-
-
-def _load_job(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +97,7 @@ def test_train_resume_and_export_are_tracked_on_a_server(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    train = _load_job("train")
+    train = load_job("train")
     runs = tmp_path / "runs"
     assert train.main(_job_args(synthetic_dir, runs, "tracked", epochs=1)) == 0
     # Re-running the same --name with one more epoch continues the same MLflow run.
@@ -135,7 +127,7 @@ def test_train_resume_and_export_are_tracked_on_a_server(
 
     # jobs/evaluate.py --export registers the shipped file, with its sha256 and scores.
     shipped = tmp_path / "registry" / "shipped.pt"
-    evaluate = _load_job("evaluate")
+    evaluate = load_job("evaluate")
     code = evaluate.main(
         ["--checkpoint", str(output / "best.pt"), "--csv", str(synthetic_dir / "metadata.csv"),
          "--images", str(synthetic_dir / "images"), "--output", str(tmp_path / "eval"),
@@ -220,7 +212,7 @@ def test_tune_logs_one_run_per_trial(
         *_job_args(synthetic_dir, tmp_path / "runs", "search", epochs=1),
         "--space", str(space), "--num-samples", "1", "--search-alg", "random",
     ]  # fmt: skip
-    assert _load_job("tune").main(args) == 0
+    assert load_job("tune").main(args) == 0
 
     client = _client(mlflow_server)
     trial = _single_run(client, "search")

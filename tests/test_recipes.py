@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from dermanet.paths import PROJECT_ROOT
 from dermanet.recipes import STATE_FILE, RecipeError, load_recipe, run_recipe
@@ -68,21 +69,29 @@ def test_a_stage_with_an_unknown_setting_is_refused_by_name(tmp_path) -> None:
         run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out", dry_run=True)
 
 
-def _tiny_recipe(folder: Path, data: Path, epochs_second: int) -> Path:
-    common = (
-        f"  csv: {data / 'metadata.csv'}\n  images: {data / 'images'}\n"
-        f"  model_config: {TINY}\n  img_size: 32\n  batch_size: 16\n  num_workers: 1\n"
-        '  storage_path: "{storage}/runs"\n'
-    )
-    (folder / "first.yaml").write_text(
-        f"job: train\nsettings:\n  name: first\n  epochs: 1\n{common}"
+def _tiny_recipe(folder: Path, data: Path, epochs: int) -> Path:
+    """Two stages: `start` averages two untrained tiny checkpoints (no Ray), `second` trains
+    from that average ({storage} lineage): the stage to cut and resume."""
+    from dermanet.inference.checkpoint import save_checkpoint
+    from dermanet.models import create_model
+
+    parents = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = save_checkpoint(folder / f"parent{seed}.pt", create_model(TINY), img_size=32)
+        parents.append(str(path))
+    (folder / "start.yaml").write_text(
+        f"job: average_weights\nsettings:\n  checkpoints: {parents}\n"
+        '  output: "{storage}/models/start.pt"\n'
     )
     (folder / "second.yaml").write_text(
         "job: train\nsettings:\n  name: second\n"
-        f'  init_checkpoint: "{{storage}}/runs/first/last.pt"\n  epochs: {epochs_second}\n'
-        f"  warmup_epochs: 0\n{common}"
+        f'  init_checkpoint: "{{storage}}/models/start.pt"\n  epochs: {epochs}\n'
+        f"  warmup_epochs: 0\n  csv: {data / 'metadata.csv'}\n  images: {data / 'images'}\n"
+        f"  model_config: {TINY}\n  img_size: 32\n  batch_size: 16\n  num_workers: 1\n"
+        '  storage_path: "{storage}/runs"\n'
     )
-    (folder / "tiny.yaml").write_text("stages: [first.yaml, second.yaml]\n")
+    (folder / "tiny.yaml").write_text("stages: [start.yaml, second.yaml]\n")
     return folder / "tiny.yaml"
 
 
@@ -108,9 +117,10 @@ def _state(storage: Path) -> dict:
 def test_recipe_runs_in_order_skips_finished_stages_and_resumes_a_cut_one(
     synthetic_dir, tmp_path, capfd, monkeypatch
 ) -> None:
-    """Two training stages on synthetic images. The runner is killed (its whole process group,
-    as a lost machine would be) once the second stage has checkpointed two of its epochs; the
-    rerun skips the finished stage and the job resumes the cut one at its next epoch."""
+    """A weight-average stage, then a training stage on synthetic images that starts from it.
+    The runner is killed (its whole process group, as a lost machine would be) once the
+    training stage has checkpointed two of its epochs; the rerun skips the finished stage and
+    the job resumes the cut one at its next epoch."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # each job starts its own local Ray
     epochs = 4
     recipe = _tiny_recipe(tmp_path, synthetic_dir, epochs)
@@ -125,17 +135,17 @@ def test_recipe_runs_in_order_skips_finished_stages_and_resumes_a_cut_one(
     os.killpg(cut.pid, signal.SIGKILL)
     output, _ = cut.communicate(timeout=60)
     state = _state(storage)
-    assert state["first"]["status"] == "finished", output
-    assert (storage / "runs" / "first" / "last.pt").is_file()
+    assert state["start"]["status"] == "finished", output
+    assert (storage / "models" / "start.pt").is_file()
     assert state["second"]["status"] == "started", "the cut came too late"
 
     lines: list[str] = []
     capfd.readouterr()
     assert run_recipe(load_recipe(recipe), storage, echo=lines.append) == 0
     output = capfd.readouterr().out  # the job's own console, a child of this process
-    assert lines[0].startswith("stage first: finished") and lines[0].endswith("skipped"), lines
+    assert lines[0].startswith("stage start: finished") and lines[0].endswith("skipped"), lines
     state = _state(storage)
-    assert state["first"]["runs"] == 1 and state["second"]["runs"] == 2
+    assert state["start"]["runs"] == 1 and state["second"]["runs"] == 2
     assert state["second"]["status"] == "finished"
     history = pd.read_csv(run / "logs" / "metrics.csv")
     assert history["epoch"].tolist() == list(range(epochs))
@@ -145,5 +155,5 @@ def test_recipe_runs_in_order_skips_finished_stages_and_resumes_a_cut_one(
 
     # Nothing left to run: every stage is skipped, and --until stops where it says.
     lines.clear()
-    assert run_recipe(load_recipe(recipe), storage, until="first", echo=lines.append) == 0
+    assert run_recipe(load_recipe(recipe), storage, until="start", echo=lines.append) == 0
     assert len(lines) == 1 and lines[0].endswith("skipped"), lines

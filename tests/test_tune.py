@@ -12,13 +12,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import load_job
 
-from dermanet.train.supervised import TrainSettings, load_settings_yaml, run_training
+from dermanet.cli import parse_settings
+from dermanet.train.supervised import TrainSettings, load_settings_yaml
 from dermanet.train.tune import TuneSettings, load_space, run_tune
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "dermanet_tiny.yaml")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+EPOCHS = 2  # ASHA's one rung (grace period 1) sits below the last epoch
 
 
 def test_space_yaml_is_validated(tmp_path: Path) -> None:
@@ -59,7 +62,7 @@ def test_search_stops_weak_trials_and_resumes(ray_local, tmp_path: Path) -> None
         "--space",
         str(space),
         "--epochs",
-        "3",
+        str(EPOCHS),
         "--num-samples",
         "1",
         "--search-alg",
@@ -87,22 +90,21 @@ def test_search_stops_weak_trials_and_resumes(ray_local, tmp_path: Path) -> None
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 400
-    while not _first_trial_finished(experiment, 3):
+    while not _first_trial_finished(experiment, EPOCHS):
         assert job.poll() is None, "jobs/tune.py ended before it could be interrupted"
         assert time.monotonic() < deadline, "the first trial did not finish in time"
         time.sleep(2)
     job.send_signal(signal.SIGINT)
     job.wait(timeout=180)
-    finished = [
-        p.parent.name for p in experiment.glob("trial_*/progress.csv") if len(pd.read_csv(p)) >= 3
-    ]
+    progresses = experiment.glob("trial_*/progress.csv")
+    finished = [p.parent.name for p in progresses if len(pd.read_csv(p)) >= EPOCHS]
     assert len(finished) == 1
 
     # 2. The same experiment again: restored, the finished trial is not rerun.
     table = run_tune(
         TuneSettings(
             base=TrainSettings(
-                csv=args[1], images=args[3], model_config=TINY, epochs=3, num_workers=1
+                csv=args[1], images=args[3], model_config=TINY, epochs=EPOCHS, num_workers=1
             ),
             space=str(space),
             name="search",
@@ -113,10 +115,10 @@ def test_search_stops_weak_trials_and_resumes(ray_local, tmp_path: Path) -> None
     )
     assert len(table) == 3
     progress = pd.read_csv(experiment / finished[0] / "progress.csv")
-    assert progress["training_iteration"].tolist() == [1, 2, 3]  # not rerun after restore
-    assert (table["epochs"] < 3).sum() >= 1, f"ASHA stopped nothing:\n{table}"
+    assert progress["training_iteration"].tolist() == [1, 2]  # not rerun after restore
+    assert (table["epochs"] < EPOCHS).sum() >= 1, f"ASHA stopped nothing:\n{table}"
     stopped = table["status"] == "stopped early"
-    assert stopped.sum() == (table["epochs"] < 3).sum(), table
+    assert stopped.sum() == (table["epochs"] < EPOCHS).sum(), table
     assert (table.loc[~stopped, "status"] == "completed").all(), table
     assert all(name.startswith("trial_") and len(name) < 20 for name in table["trial"]), table
 
@@ -126,9 +128,16 @@ def test_search_stops_weak_trials_and_resumes(ray_local, tmp_path: Path) -> None
     assert best["lr"] == pytest.approx(0.004)
     assert (registry / "search-best.pt").is_file()
 
-    # 3. The best config is a valid jobs/train.py --config file.
+    # 3. The best config is a valid jobs/train.py --config file: its parser takes it, every
+    # value arrives and the settings pass the job's checks. (That these settings train is what
+    # the best trial, a run_training with exactly them, just did.)
     values = load_settings_yaml(experiment / "best_config.yaml")
-    outcome = run_training(
-        TrainSettings(**{**values, "epochs": 1, "storage_path": str(tmp_path / "again")})
+    train_job = load_job("train")
+    settings, _ = parse_settings(
+        train_job.build_parser(),
+        ["--config", str(experiment / "best_config.yaml"), "--storage-path", str(tmp_path)],
+        TrainSettings,
     )
-    assert Path(outcome.best_checkpoint).is_file()
+    settings.validate()
+    assert settings == TrainSettings(**{**values, "storage_path": str(tmp_path)})
+    assert settings.lr == pytest.approx(0.004) and settings.csv == args[1]
