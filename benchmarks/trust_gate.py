@@ -6,9 +6,9 @@ With a checkpoint (default weights/default.pt) and derm-sample (split with assig
 0): fits every OOD method as `jobs/evaluate.py --export` does (one detector on the plain
 train and val views and one on the same images framed by a dermatoscope's round vignette;
 threshold on val at <= 3 % false refusal for EVERY class), the default with both views in one
-reference and with a third view of the same images with hair, ink and rulers drawn on
-(`artefact_image`), plus the pooled gate it replaces (plain train features, 5 % of all val) as the
-baseline, and the conformal methods on val probabilities (the served logits / the
+reference, the default with a third view of the same images with hair, ink and rulers drawn
+on (`artefact_image`), the pooled gate it replaces (plain train features, 5 % of all val) as
+the baseline, and the conformal methods on val probabilities (the served logits / the
 checkpoint's temperature). Reports on the TEST split and on the OOD set (built by
 python -m tools.build_ood_set when --ood has none):
 - quality-check trip rates per check on val (the thresholds' budget: <= 2 %), test and OOD;
@@ -482,10 +482,10 @@ def artefact_refusals(refused: dict, splits: dict, artefacts: pd.DataFrame) -> p
 
 
 def leave_source_out(
-    data: dict, reference: tuple, views: list[tuple], temperature: float
+    data: dict, reference: tuple, reference_views: list[tuple], temperature: float
 ) -> tuple[dict, dict]:
     """Per held-out image source: gate and sets fitted without it (train and val of the other
-    sources, in every reference view: `views` are (train features, val features, val logits)),
+    sources, in every view of `reference_views`: (train features, val features, val logits)),
     refusals and accepted-image coverage on its val + test images.
     Classes the other sources lack cannot be fitted and are left out. Also returns, per
     source, the calibration (the other sources' val logits and labels) and the held-out
@@ -505,7 +505,7 @@ def leave_source_out(
         if not rows.any():
             continue
         columns = {}
-        kept = [(t[keep_ref], v[keep_val], vl[keep_val]) for t, v, vl in views]
+        kept = [(t[keep_ref], v[keep_val], vl[keep_val]) for t, v, vl in reference_views]
         for name, method, fpr, sets_options, views in (
             ("before", "mahalanobis_knn", 0.05, PLAIN_SETS, ()),
             ("after", DEFAULT_OOD_METHOD, DEFAULT_OOD_FPR, {}, kept),
