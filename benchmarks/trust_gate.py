@@ -6,8 +6,9 @@ With a checkpoint (default weights/default.pt) and derm-sample (split with assig
 0): fits every OOD method as `jobs/evaluate.py --export` does (one detector on the plain
 train and val views and one on the same images framed by a dermatoscope's round vignette;
 threshold on val at <= 3 % false refusal for EVERY class), the default with both views in one
-reference, plus the pooled gate it replaces (plain train features, 5 % of all val) as the
-baseline, and the conformal methods on val probabilities (the served logits / the
+reference, the default with a third view of the same images with hair, ink and rulers drawn
+on (`artefact_image`), the pooled gate it replaces (plain train features, 5 % of all val) as
+the baseline, and the conformal methods on val probabilities (the served logits / the
 checkpoint's temperature). Reports on the TEST split and on the OOD set (built by
 python -m tools.build_ood_set when --ood has none):
 - quality-check trip rates per check on val (the thresholds' budget: <= 2 %), test and OOD;
@@ -47,7 +48,12 @@ import torch
 from dermanet.classes import CLASS_NAMES
 from dermanet.data import read_plain_csv
 from dermanet.data.splits import assign_splits
-from dermanet.eval.trust_eval import VIGNETTE_FRACTIONS, read_ood_manifest, vignette_image
+from dermanet.eval.trust_eval import (
+    VIGNETTE_FRACTIONS,
+    artefact_image,
+    read_ood_manifest,
+    vignette_image,
+)
 from dermanet.inference import Predictor, load_checkpoint
 from dermanet.inference.features import extract_features, iter_images
 from dermanet.paths import PROJECT_ROOT, sample_dir
@@ -79,6 +85,8 @@ TEST_FRACTIONS = (0.9, 1.0, 1.1, 1.2)
 ARTEFACTS = Path(__file__).resolve().parent / "dermatoscope_artefacts.csv"
 BASELINE = "mahalanobis_knn, pooled 5 %"  # the gate fitted before per-class thresholds
 POOLED_VIEWS = f"{DEFAULT_OOD_METHOD}, views in one reference"  # not one detector per view
+ARTEFACT_VIEW = f"{DEFAULT_OOD_METHOD}, with an artefact view"  # a third reference view
+COMPARED = (BASELINE, POOLED_VIEWS, DEFAULT_OOD_METHOD, ARTEFACT_VIEW)  # tables by kind
 PLAIN_SETS = {"method": "mondrian", "delta": None, "margin": 0.0}  # the baseline's sets
 DEFAULT_SETS = f"{DEFAULT_CONFORMAL_METHOD}, margin {DEFAULT_CONFORMAL_MARGIN} (default)"
 SET_VARIANTS = {  # label: fit_conformal options, all at the nominal 90 %
@@ -168,6 +176,11 @@ def framed_view(seed: int | None) -> Callable[[int, np.ndarray], np.ndarray]:
     return lambda i, image: vignette_image(
         image, fractions[i] if fractions is not None else TEST_FRACTIONS[i % len(TEST_FRACTIONS)]
     )
+
+
+def artefact_view(seed: int) -> Callable[[int, np.ndarray], np.ndarray]:
+    """Hair, ink and rulers drawn on each image (`artefact_image`), seeded per image."""
+    return lambda i, image: artefact_image(image, seed * 1_000_000 + i)
 
 
 def quality_table(
@@ -268,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     feats["val_framed"], logits["val_framed"] = cached_features(
         plain, paths["val"], "val-framed", cache, args.batch_size, framed_view(1)
     )
+    feats["train_artefacts"], logits["train_artefacts"] = cached_features(
+        plain, paths["train"], "train-artefacts", cache, args.batch_size, artefact_view(0)
+    )
+    feats["val_artefacts"], logits["val_artefacts"] = cached_features(
+        plain, paths["val"], "val-artefacts", cache, args.batch_size, artefact_view(1)
+    )
     feats["framed"], logits["framed"] = cached_features(
         predictor, paths["framed"], "test-framed", cache, args.batch_size, framed_view(None)
     )
@@ -288,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     artefacts = pd.read_csv(ARTEFACTS)
 
     data = {s: (feats[s], logits[s], labels.get(s), origins.get(s), passed.get(s)) for s in feats}
-    reference = (feats["train"], labels["train"], origins["train"], feats["train_framed"])
-    framed_val = (feats["val_framed"], logits["val_framed"])
+    reference = (feats["train"], labels["train"], origins["train"])
+    views = [
+        (feats[f"train_{v}"], feats[f"val_{v}"], logits[f"val_{v}"])
+        for v in ("framed", "artefacts")
+    ]
     fits = {
         method: fit_ood_detector(
             feats["train"],
@@ -298,10 +320,18 @@ def main(argv: list[str] | None = None) -> int:
             logits["val"],
             method,
             val_labels=labels["val"],
-            views=[(feats["train_framed"], *framed_val)],
+            views=views[:1],
         )
         for method in OOD_METHODS
     }
+    fits[ARTEFACT_VIEW] = fit_ood_detector(
+        feats["train"],
+        labels["train"],
+        feats["val"],
+        logits["val"],
+        val_labels=labels["val"],
+        views=views,
+    )
     fits[POOLED_VIEWS] = fit_ood_detector(
         np.concatenate([feats["train"], feats["train_framed"]]),
         np.concatenate([labels["train"], labels["train"]]),
@@ -342,10 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         {
             "images": manifest["kind"].value_counts(),
             "quality checks": pd.Series(~passed["ood"]).groupby(kinds).mean(),
-            **{f"gate ({m})": per_kind[m] for m in (BASELINE, POOLED_VIEWS, DEFAULT_OOD_METHOD)},
+            **{f"gate ({m})": per_kind[m] for m in COMPARED},
         }
     )
-    compared = (BASELINE, POOLED_VIEWS, DEFAULT_OOD_METHOD)
+    compared = COMPARED
     artefact_table = pd.DataFrame(
         {m: artefact_refusals(refused[m], splits, artefacts) for m in compared}
     ).astype(object)
@@ -379,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             class_tables[f"{split} {name}"] = rep["per_class"]
             source_tables[f"{split} {name}"] = rep["per_source"]
-    loso, held_out = leave_source_out(data, reference, framed_val, temperature)
+    loso, held_out = leave_source_out(data, reference, views[:1], temperature)
 
     set_rows, class_rows = {}, {}
     accepted = ~refused[DEFAULT_OOD_METHOD]["test"]
@@ -411,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     timing = score_cost(
         predictor,
-        {m: fits[m] for m in (BASELINE, POOLED_VIEWS, DEFAULT_OOD_METHOD)},
+        {m: fits[m] for m in COMPARED},
         feats["test"],
         logits["test"],
     )
@@ -452,10 +482,11 @@ def artefact_refusals(refused: dict, splits: dict, artefacts: pd.DataFrame) -> p
 
 
 def leave_source_out(
-    data: dict, reference: tuple, framed_val: tuple, temperature: float
+    data: dict, reference: tuple, reference_views: list[tuple], temperature: float
 ) -> tuple[dict, dict]:
-    """Per held-out image source: gate and sets fitted without it (train, framed train and
-    val of the other sources), refusals and accepted-image coverage on its val + test images.
+    """Per held-out image source: gate and sets fitted without it (train and val of the other
+    sources, in every view of `reference_views`: (train features, val features, val logits)),
+    refusals and accepted-image coverage on its val + test images.
     Classes the other sources lack cannot be fitted and are left out. Also returns, per
     source, the calibration (the other sources' val logits and labels) and the held-out
     images the default gate accepts (logits, labels), for comparing set methods."""
@@ -465,7 +496,7 @@ def leave_source_out(
     origins = np.concatenate([data["val"][3], data["test"][3]])
     passed = np.concatenate([data["val"][4], data["test"][4]])
     val_f, val_l, val_y, val_o = data["val"][:4]
-    train_f, train_y, train_o, train_framed = reference
+    train_f, train_y, train_o = reference
     tables, held_out = {}, {}
     for source in sorted(set(origins)):
         keep_ref, keep_val = train_o != source, val_o != source
@@ -474,10 +505,10 @@ def leave_source_out(
         if not rows.any():
             continue
         columns = {}
-        framed = [(train_framed[keep_ref], framed_val[0][keep_val], framed_val[1][keep_val])]
+        kept = [(t[keep_ref], v[keep_val], vl[keep_val]) for t, v, vl in reference_views]
         for name, method, fpr, sets_options, views in (
             ("before", "mahalanobis_knn", 0.05, PLAIN_SETS, ()),
-            ("after", DEFAULT_OOD_METHOD, DEFAULT_OOD_FPR, {}, framed),
+            ("after", DEFAULT_OOD_METHOD, DEFAULT_OOD_FPR, {}, kept),
         ):
             val_labels = val_y[keep_val] if name == "after" else None
             stats = fit_ood_detector(
@@ -534,8 +565,8 @@ def score_cost(
     of one whole served answer (`predict_batch`: quality checks, the served views' forward,
     the shipped OOD score, the set), which is /v1/classify's work apart from HTTP. The image
     scored is the first of `features` that every statistics accept (as most uploads are); the
-    default's cost for the first the plain view refuses (both views scored) comes as "both
-    views"."""
+    default's cost for the first the plain view refuses (every view scored) comes as "every
+    view"."""
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.integers(0, 256, (450, 600, 3), dtype=np.uint8), (0, 0), 2)
     x = predictor.to_tensor([image])
@@ -548,7 +579,7 @@ def score_cost(
     first_view = default.get("views", [default])[0]
     refused = ood_scores(first_view, features, logits) > first_view["threshold"]
     rows = {name: np.flatnonzero(accepted)[:1] for name in fits}
-    rows["both views"] = np.flatnonzero(refused)[:1]
+    rows["every view"] = np.flatnonzero(refused)[:1]
     for name, row in rows.items():
         stats = fits.get(name, default)
         ood_scores(stats, features[row], logits[row])  # first call: converts the stored bank
@@ -585,18 +616,20 @@ def render(args, loaded, splits, manifest, tables: dict) -> str:
         + ", ".join(
             f"`{m}` {v:.2f} ms"
             for m, v in t["timing"].items()
-            if m not in ("forward", "served", "both views")
+            if m not in ("forward", "served", "every view")
         )
         + f" vs the forward {t['timing']['forward']:.2f} ms (medians of 7 runs): the default "
         f"score costs {pct(t['timing'][DEFAULT_OOD_METHOD] / t['timing']['forward'])} of one "
         f"forward, {pct(t['timing'][DEFAULT_OOD_METHOD] / t['timing']['served'])} of one served "
         f"answer ({t['timing']['served']:.2f} ms: quality checks, the "
         f"{loaded.tta or 'plain'} views' forward, OOD score and set). An image the plain view "
-        f"refuses is scored against both views: {t['timing']['both views']:.2f} ms.",
+        f"refuses is scored against every view: {t['timing']['every view']:.2f} ms.",
         "",
         "**OOD methods** (one detector on plain train and val features and one on the same "
-        "images framed by a round vignette, an image refused when both refuse it; *views in "
-        "one reference*: the framed train features added to the plain ones in one detector; "
+        "images framed by a round vignette, an image refused when both refuse it; *with an "
+        "artefact view*: a third detector on the same images with hair, ink and rulers drawn "
+        "on; *views in one reference*: the framed train features added to the plain ones in "
+        "one detector; "
         "threshold on val at <= 3 % false refusal for every class). Refusals by the "
         "gate (quality checks OR OOD score); *framed test*: HAM10000 test images given a round "
         "vignette of 0.9-1.2x the short side; *real artefacts*: the listed val/test images "

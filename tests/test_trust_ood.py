@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dermanet.data.synthetic import draw_lesion
+from dermanet.eval.trust_eval import artefact_image
 from dermanet.inference import Predictor, load_checkpoint, save_checkpoint
 from dermanet.inference.features import extract_features
 from dermanet.models import create_model
@@ -283,3 +284,16 @@ def test_refusal_report_per_class_and_source() -> None:
     assert report["per_source"]["y"]["coverage"] == 0.5
     with pytest.raises(ValueError, match="labels"):
         refusal_report(refused[:2], labels, ["A", "B"])
+
+
+def test_artefact_view_is_seeded_and_draws_on_the_image() -> None:
+    """The artefact view (hair, ink, rulers) is the same for the same seed, another for
+    another, changes only part of the picture (darker: hair), keeps shape and dtype."""
+    image = draw_lesion("NV", 160, np.random.default_rng(0))[0][:120]
+    drawn = artefact_image(image, 3)
+    assert drawn.shape == image.shape and drawn.dtype == np.uint8
+    np.testing.assert_array_equal(drawn, artefact_image(image, 3))
+    assert not np.array_equal(drawn, artefact_image(image, 4))
+    changed = (drawn != image).any(axis=2).mean()
+    assert 0.01 < changed < 0.6, changed
+    assert drawn[(drawn != image).any(axis=2)].mean() < image.mean()  # hair is dark
