@@ -20,10 +20,11 @@ from dermanet.serving.metrics import METRICS, exported_names
 from dermanet.trust.evaluation import gate_decision
 from dermanet.trust.quality import (
     CHECKS,
+    REASONS,
     QualityReport,
     QualityThresholds,
-    _content_checks,
     assess_quality,
+    measure_quality,
 )
 
 DASHBOARD = PROJECT_ROOT / "deploy" / "grafana" / "dermanet.json"
@@ -52,18 +53,13 @@ def ray_serve_names() -> set[str]:
 
 
 def test_every_quality_check_and_ood_maps_back_to_its_name():
-    """Trip each quality check with its real wording and the OOD reason: the kind is its name."""
-    tripped: list[tuple[str, str]] = []
+    """Each quality check's reason as `assess_quality` words it, and the OOD reason: the kind
+    read back from the words is the check's name."""
     limits = QualityThresholds()
-    trip = lambda check, reason: tripped.append((check, reason))  # noqa: E731
-    blank = dict(
-        grey_std=0, flat_share=1, brightness=0, clipped_share=1, sharpness=0, contrast=0, colour=0
-    )
-    _content_checks(blank, limits, trip)  # blank, dark, over-exposed
-    flat = blank | dict(grey_std=50, clipped_share=0)
-    _content_checks(flat, limits, trip)  # flat, dark, blurred, low contrast, greyscale
-    _content_checks(flat | dict(sharpness=1e6, contrast=200), limits, trip)  # noisy
-    for shape in ((20, 20, 3), (100, 400, 3)):  # too small; extreme aspect ratio
+    image = np.full((100, 400, 3), 128, dtype=np.uint8)
+    values = {**measure_quality(image), **limits.to_dict(), "width": 400, "height": 100}
+    tripped = [(check, REASONS[check].format(**values, grain=18.0)) for check in CHECKS]
+    for shape in ((20, 20, 3), (100, 400, 3)):  # too small; extreme aspect ratio, as worded
         report = assess_quality(np.full(shape, 128, dtype=np.uint8), limits)
         tripped += list(zip(report.failed, report.reasons, strict=True))
     assert {check for check, _ in tripped} == set(CHECKS)
