@@ -48,12 +48,7 @@ import torch
 from dermanet.classes import CLASS_NAMES
 from dermanet.data import read_plain_csv
 from dermanet.data.splits import assign_splits
-from dermanet.eval.trust_eval import (
-    VIGNETTE_FRACTIONS,
-    artefact_image,
-    read_ood_manifest,
-    vignette_image,
-)
+from dermanet.eval.trust_eval import VIGNETTE_FRACTIONS, read_ood_manifest, vignette_image
 from dermanet.inference import Predictor, load_checkpoint
 from dermanet.inference.features import extract_features, iter_images
 from dermanet.paths import PROJECT_ROOT, sample_dir
@@ -76,6 +71,7 @@ from dermanet.trust import (
     set_report,
     stats_nbytes,
 )
+from tools.dermatoscope_artefacts import artefact_image
 from tools.ood_set import build_ood_set
 
 log = logging.getLogger("trust_gate")
@@ -375,16 +371,15 @@ def main(argv: list[str] | None = None) -> int:
             **{f"gate ({m})": per_kind[m] for m in COMPARED},
         }
     )
-    compared = COMPARED
     artefact_table = pd.DataFrame(
-        {m: artefact_refusals(refused[m], splits, artefacts) for m in compared}
+        {m: artefact_refusals(refused[m], splits, artefacts) for m in COMPARED}
     ).astype(object)
     artefact_table.insert(0, "images", artefacts.groupby("kind").size())
     cycle = np.arange(len(refused[BASELINE]["framed"])) % len(TEST_FRACTIONS)
     for j, fraction in enumerate(TEST_FRACTIONS):
         artefact_table.loc[f"vignette {fraction}x (HAM10000 test)"] = [
             int((cycle == j).sum()),
-            *(refused[m]["framed"][cycle == j].mean() for m in compared),
+            *(refused[m]["framed"][cycle == j].mean() for m in COMPARED),
         ]
 
     temperature = loaded.temperature

@@ -12,7 +12,6 @@ import sys
 from dermanet.cli import parse_settings, run_job, settings_parser, setup_logging
 from dermanet.data.prepare import PrepareSettings, run_prepare
 from dermanet.runtime import init_ray
-from dermanet.settings import check_settings
 
 
 def build_parser():
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, args = parse_settings(build_parser(), argv, PrepareSettings)
 
     def work():
-        check_settings(settings)  # before a Ray starts
+        settings.validate()  # before a Ray starts
         init_ray(address=args.address, num_cpus=args.num_cpus)
         return run_prepare(settings)
 

@@ -5,7 +5,6 @@ as they are. SYNTHETIC lesions; the session's tiny checkpoints score them."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,18 +13,11 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_job
 
 from dermanet.data.synthetic import draw_lesion
-from dermanet.paths import PROJECT_ROOT
 
 pytest_plugins = ["conftest_serve"]
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_job", PROJECT_ROOT / "jobs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_nothing_confirmed_is_a_clear_error(tmp_path: Path, capsys) -> None:
@@ -33,14 +25,14 @@ def test_nothing_confirmed_is_a_clear_error(tmp_path: Path, capsys) -> None:
 
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     upgrade(make_engine(url))
-    code = _job("export_cases.py").main(
+    code = load_job("export_cases").main(
         ["--output", str(tmp_path / "c.csv"), "--images", str(tmp_path / "img"),
          "--database-url", url, "--data-dir", str(tmp_path)]
     )  # fmt: skip
     assert code == 2 and "record a diagnosis" in capsys.readouterr().err
     assert not (tmp_path / "c.csv").exists()
     absent = tmp_path / "elsewhere"
-    code = _job("export_cases.py").main(
+    code = load_job("export_cases").main(
         ["--output", str(tmp_path / "c.csv"), "--images", str(tmp_path / "img"),
          "--data-dir", str(absent)]
     )  # fmt: skip
@@ -86,7 +78,7 @@ def test_confirmed_cases_export_and_evaluate(
     client.close()
 
     csv, images = tmp_path / "confirmed.csv", tmp_path / "confirmed"
-    code = _job("export_cases.py").main(
+    code = load_job("export_cases").main(
         ["--output", str(csv), "--images", str(images), "--database-url",
          serve_account.database_url, "--data-dir", str(serve_account.data_dir)]
     )  # fmt: skip
@@ -113,7 +105,7 @@ def test_confirmed_cases_export_and_evaluate(
     reports = {}
     for model in ("default", "trusted"):
         reports[model] = tmp_path / f"eval-{model}"
-        code = _job("evaluate.py").main(
+        code = load_job("evaluate").main(
             ["--checkpoint", str(model_registry / f"{model}.pt"), "--csv", str(csv),
              "--images", str(images), "--split", "all", "--output", str(reports[model])]
         )  # fmt: skip
@@ -121,7 +113,7 @@ def test_confirmed_cases_export_and_evaluate(
     report = json.loads((reports["default"] / "report.json").read_text())
     assert report["images"] == len(table)
     out = tmp_path / "compare.json"
-    code = _job("compare.py").main(
+    code = load_job("compare").main(
         [str(reports["default"]), str(reports["trusted"]), "--groups", str(csv),
          "--group-by", "method", "--resamples", "100", "--output", str(out)]
     )  # fmt: skip

@@ -3,13 +3,13 @@ and jobs/compare.py on report folders as jobs/evaluate.py writes them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_job
 from sklearn import metrics as sk
 
 from dermanet.classes import CLASS_NAMES
@@ -31,9 +31,7 @@ from dermanet.eval.metrics import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("compare_job", REPO / "jobs" / "compare.py")
-compare_job = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare_job)
+compare_job = load_job("compare")
 K = len(CLASS_NAMES)
 
 

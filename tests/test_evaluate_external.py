@@ -10,7 +10,6 @@ must be scorable as it is. SYNTHETIC images; a tiny untrained model is enough to
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import load_job
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.data.synthetic import generate_synthetic_dataset
@@ -27,9 +27,7 @@ from dermanet.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "dermanet_tiny.yaml"
-_spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
-evaluate_job = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_job)
+evaluate_job = load_job("evaluate")
 
 ABSENT = ["SCC", "VASC"]
 PRESENT = [c for c in CLASS_NAMES if c not in ABSENT]

@@ -4,7 +4,6 @@ reference, one drifted (OOD scores shifted, every accepted answer MEL), and too 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import load_job
 
 from dermanet.classes import CLASS_NAMES
 from dermanet.inference.batch import output_schema
-from dermanet.paths import PROJECT_ROOT
 from dermanet.trust.evaluation import gate_decision
 from dermanet.trust.quality import QualityReport
 
@@ -24,13 +23,6 @@ NOW = datetime.now(UTC)
 THRESHOLD = 2.0
 PRIOR = np.array([0.05, 0.08, 0.1, 0.02, 0.15, 0.55, 0.03, 0.02])
 BLANK = "nearly uniform or blank: grey-level spread 1.0, at least 4 expected"
-
-
-def load_job():
-    spec = importlib.util.spec_from_file_location("monitor_job", PROJECT_ROOT / "jobs/monitor.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
 
 
 def rows(n: int, model: str, shift: float, classes: np.ndarray, seed: int, days: float) -> list:
@@ -88,7 +80,7 @@ def section(report: str, model: str) -> str:
 def test_drift_found_only_in_the_drifted_model(tables, tmp_path: Path, capsys):
     out = tmp_path / "report"
     argv = ["--answers", str(tables["answers"]), "--reference", str(tables["reference"])]
-    assert load_job().main([*argv, "--since", "7d", "--output", str(out)]) == 0
+    assert load_job("monitor").main([*argv, "--since", "7d", "--output", str(out)]) == 0
     report = (out / "report.md").read_text()
     same, drifted = section(report, "default"), section(report, "candidate")
     assert "**drift**" not in same, same
@@ -105,7 +97,7 @@ def test_drift_found_only_in_the_drifted_model(tables, tmp_path: Path, capsys):
 
 def test_too_little_data_is_said(tables, tmp_path: Path, capsys):
     out = tmp_path / "few"
-    code = load_job().main(["--answers", str(tables["few"]), "--output", str(out)])
+    code = load_job("monitor").main(["--answers", str(tables["few"]), "--output", str(out)])
     assert code == 0
     report = (out / "report.md").read_text()
     assert "too little data: 12 answers" in report
@@ -122,7 +114,7 @@ def test_too_little_data_is_said(tables, tmp_path: Path, capsys):
 )
 def test_bad_input_is_one_line(tables, tmp_path: Path, capsys, argv, message):
     base = ["--answers", str(tables["few"]), "--output", str(tmp_path / "x")]
-    assert load_job().main(base + argv) == 2
+    assert load_job("monitor").main(base + argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
@@ -152,7 +144,7 @@ def test_answers_stored_with_cases(tables, tmp_path: Path):
             )  # fmt: skip
     out = tmp_path / "cases-report"
     argv = ["--database", url, "--reference", str(tables["reference"]), "--output", str(out)]
-    assert load_job().main(argv) == 0
+    assert load_job("monitor").main(argv) == 0
     report = (out / "report.md").read_text()
     assert f"## Model `{'ab' * 32}`" in report and "\n\n40 answers, 4 refused" in report
     assert "| blank | 4 |" in report and "carry no time" not in report

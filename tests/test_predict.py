@@ -8,7 +8,6 @@ and set fields are compared for accepted and refused images.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_job
 from conftest_serve import encode_image
 from PIL import Image
 
@@ -30,9 +30,7 @@ pytest_plugins = ["conftest_serve"]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("predict_job", REPO / "jobs" / "predict.py")
-predict_job = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(predict_job)
+predict_job = load_job("predict")
 
 MODEL_ID = "trusted"
 UNREADABLE = {"broken.jpg", "truncated.jpg"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pandas as pd
 import pytest
 import ray.cloudpickle
 import torch
+from conftest import load_job
 
 from dermanet.inference.checkpoint import load_backbone_file
 from dermanet.models import ModelConfig, create_model
@@ -19,9 +19,7 @@ from dermanet.train.pretrain import PretrainSettings, run_pretraining
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "dermanet_tiny.yaml")
-_spec = importlib.util.spec_from_file_location("pretrain_byol", REPO / "jobs" / "pretrain_byol.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
+cli = load_job("pretrain_byol")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # callbacks travel to workers
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 from dataclasses import replace
@@ -13,6 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import load_job
 
 from dermanet.data import assign_splits, read_plain_csv
 from dermanet.data.pipelines import (
@@ -406,15 +406,8 @@ def test_derm_sample_round_trip(ray_local, derm_sample_catalogue, tmp_path: Path
     assert (rows[["width", "height"]].min(axis=1) >= 128).all()
 
 
-def _prepare_job():
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "jobs" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_prepare_job_help_explains_every_flag() -> None:
-    parser = _prepare_job().build_parser()
+    parser = load_job("prepare_data").build_parser()
     for action in parser._actions:
         assert action.help, f"flag {action.option_strings} has no help text"
     required = {a.dest for a in parser._actions if a.required}
@@ -422,7 +415,7 @@ def test_prepare_job_help_explains_every_flag() -> None:
 
 
 def test_prepare_job_refuses_bad_settings_in_one_line_before_ray(capsys) -> None:
-    job = _prepare_job()
+    job = load_job("prepare_data")
     with pytest.raises(SystemExit) as exit_:
         job.main(["--csv", "c.csv", "--images", "img"])
     assert exit_.value.code == 2 and "--output" in capsys.readouterr().err

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from dermanet.data.synthetic import draw_lesion
-from dermanet.eval.trust_eval import artefact_image
 from dermanet.inference import Predictor, load_checkpoint, save_checkpoint
 from dermanet.inference.features import extract_features
 from dermanet.models import create_model
@@ -29,6 +28,7 @@ from dermanet.trust import (
     stats_nbytes,
 )
 from dermanet.trust.quality import QualityReport
+from tools.dermatoscope_artefacts import artefact_image
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "dermanet_tiny.yaml"
 DIM, CLASSES = 32, 4

@@ -99,7 +99,7 @@ def train_workers(dashboard: str) -> list:
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[LocalHead, SecondNode]]:
     """A head and a second node; both stopped (their own processes only) whatever happens."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the state API client (STACK: token trap)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # else the state API client demands a token
     # The head's GCS declares a node dead after this many failed health checks, this far apart
     # (Ray's defaults, 5 x 3 s, are for real networks; a killed raylet here refuses at once).
     monkeypatch.setenv("RAY_health_check_period_ms", "1000")

@@ -46,10 +46,14 @@ class PrepareSettings:
     rows_per_file: int = option(2048, "minimum rows per Parquet file", group="output", minimum=1)
     overwrite: bool = option(False, "replace shards already at --output", group="output")
 
+    def validate(self) -> None:
+        """Every flag within its declared range (the job checks before a Ray starts)."""
+        check_settings(self)
+
 
 def run_prepare(settings: PrepareSettings) -> PrepareReport:
     """Read the source, split it (unless the CSV already carries valid splits), write shards."""
-    check_settings(settings)
+    settings.validate()
     train = 1.0 - settings.val_fraction - settings.test_fraction
     location = DataLocation(
         csv=settings.csv,
