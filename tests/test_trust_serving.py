@@ -85,10 +85,14 @@ def test_models_show_their_gate_and_set_calibration(client, model_registry: Path
     trusted = listing["trusted"]
     assert trusted["gate"]["description"] == (
         f"quality checks + OOD score ({DEFAULT_OOD_METHOD}, threshold "
-        f"{stored['ood']['threshold']:.4g})"
+        f"{stored['ood']['threshold']:.4g}); refused images again with hair and ink marks "
+        f"painted out (threshold {stored['ood']['second_look_threshold']:.4g})"
     )
     assert trusted["gate"]["ood_method"] == DEFAULT_OOD_METHOD
     assert trusted["gate"]["ood_threshold"] == pytest.approx(stored["ood"]["threshold"])
+    second = trusted["gate"]["second_look_threshold"]
+    assert second == pytest.approx(stored["ood"]["second_look_threshold"])
+    assert second <= trusted["gate"]["ood_threshold"]
     assert trusted["prediction_sets"] == {
         "description": f"split conformal ({DEFAULT_CONFORMAL_METHOD}), 90 % coverage, "
         "calibrated on 200 val images",

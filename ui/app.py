@@ -706,7 +706,8 @@ def about_page(listing: ModelListing | None, problem_text: str) -> None:
     st.markdown(
         "Each image first passes the server's **gate**: quality checks (size, blank, blur, "
         "exposure, screens and documents) and, when the model file has the statistics, an "
-        "out-of-distribution score on the model's own features. A refused image gets a "
+        "out-of-distribution score on the model's own features; an image that score refuses is "
+        "looked at once more with its hair and ink marks painted out. A refused image gets a "
         f"{traffic_light_html('unknown')} light and the reason instead of a risk level; its "
         "probabilities are still listed, marked as unreliable. For an accepted image, "
         "*plausible classes* is a conformal prediction set: the classes that contain the true "

@@ -313,6 +313,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, Any]:
             ),
             settings.ood,
             predictions.table["origin"].astype(str).to_numpy(),
+            (rows.dataset, predictions.table.index.to_numpy()),
         )
     origins = predictions.table["origin"]
     if origins.notna().any() and origins.nunique() > 1:

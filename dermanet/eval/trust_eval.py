@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,13 @@ from dermanet.inference.checkpoint import LoadedCheckpoint
 from dermanet.inference.features import iter_images
 from dermanet.inference.predictor import Predictor, Preprocessing
 from dermanet.trust.conformal import prediction_sets
-from dermanet.trust.evaluation import gate_scores, ood_report, refusal_report, set_report
+from dermanet.trust.evaluation import (
+    gate_scores,
+    ood_report,
+    refusal_report,
+    set_report,
+    with_second_look,
+)
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
 from dermanet.trust.ood import DEFAULT_OOD_FPR, DEFAULT_OOD_METHOD, ood_scores
 
@@ -108,20 +114,58 @@ def with_vignette(loaded: LoadedCheckpoint, seed: int = 0) -> LoadedCheckpoint:
     return dataclasses.replace(loaded, model=_Vignetted(loaded.model, -mean / std, seed))
 
 
+def served_images(
+    dataset: ray.data.Dataset, preprocessing: Preprocessing, wanted: set[int] | None = None
+) -> Iterator[tuple[int, np.ndarray | None]]:
+    """(row index, image decoded as the server decodes it, or None when unreadable) for each
+    row of `dataset` (only the `wanted` row indices when given)."""
+    for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
+        for row, row_index in enumerate(batch["index"]):
+            if wanted is not None and int(row_index) not in wanted:
+                continue
+            try:
+                yield int(row_index), preprocessing.decode(encoded_image(batch, row))
+            except (ImageDecodeError, OSError):
+                yield int(row_index), None
+
+
 def quality_ok(
     dataset: ray.data.Dataset, index: np.ndarray, preprocessing: Preprocessing
 ) -> np.ndarray:
     """The quality checks on each row as the server runs them (its reduced-scale decode and
     thresholds, `Preprocessing`), in `index` order; an undecodable row fails them."""
-    verdict: dict[int, bool] = {}
-    for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
-        for row, row_index in enumerate(batch["index"]):
-            try:
-                image = preprocessing.decode(encoded_image(batch, row))
-                verdict[int(row_index)] = preprocessing.assess(image).ok
-            except (ImageDecodeError, OSError):
-                verdict[int(row_index)] = False
+    verdict = {
+        row: image is not None and preprocessing.assess(image).ok
+        for row, image in served_images(dataset, preprocessing)
+    }
     return np.array([verdict.get(int(i), False) for i in index])
+
+
+def second_look(
+    loaded: LoadedCheckpoint,
+    dataset: ray.data.Dataset,
+    index: np.ndarray,
+    gate: np.ndarray,
+) -> np.ndarray:
+    """The gate scores (`gate_scores`, rows in `index` order) after the server's second look:
+    each row the OOD score alone refused is decoded again, cleaned and scored
+    (`Predictor.cleaned_ood_scores`)."""
+    stats = loaded.trust.get("ood") or {}
+    if "second_look_threshold" not in stats:
+        return gate
+    threshold = float(stats["threshold"])
+    position = {int(row): i for i, row in enumerate(index)}
+    refused = {int(index[i]) for i in np.flatnonzero(np.isfinite(gate) & (gate > threshold))}
+    predictor = Predictor(loaded, backend="auto")  # the served backend
+    second = np.full(len(gate), np.nan)
+    rows, images = [], []
+    for row, image in served_images(dataset, predictor.preprocessing, refused):
+        if image is not None:
+            rows.append(position[row])
+            images.append(image)
+    if images:
+        second[rows] = predictor.cleaned_ood_scores(images)
+    return with_second_look(gate, threshold, second, float(stats["second_look_threshold"]))
 
 
 def trust_report(
@@ -132,9 +176,11 @@ def trust_report(
     quality: np.ndarray,
     ood_dir: str | None,
     origins: np.ndarray | None = None,
+    rows: tuple[ray.data.Dataset, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Gate refusals and set coverage on the evaluated images, also per class and (with
-    `origins`) per image source; the OOD set when given."""
+    `origins`) per image source; the OOD set when given. With `rows` (the images' dataset and
+    their row indices in order), the gate's second look too, as the server runs it."""
     stats = loaded.trust
     report: dict[str, Any] = {"quality_rejected": float(1.0 - quality.mean())}
     threshold = float(stats["ood"]["threshold"]) if stats.get("ood") else np.inf
@@ -142,6 +188,8 @@ def trust_report(
         ood_scores(stats["ood"], features, logits) if stats.get("ood") else np.zeros(len(labels))
     )
     gate_in = gate_scores(quality, in_scores)
+    if rows is not None:
+        gate_in = second_look(loaded, rows[0], rows[1], gate_in)
     report["gate_rejected"] = float((gate_in > threshold).mean())
     sets = None
     if stats.get("conformal"):
@@ -159,20 +207,28 @@ def trust_report(
 def ood_set_report(
     loaded: LoadedCheckpoint, gate_in: np.ndarray, threshold: float, ood_dir: str
 ) -> dict[str, Any]:
-    """The served path's gate (decoder, quality checks, OOD score) over a non-dermoscopic set."""
+    """The served path's gate (decoder, quality checks, OOD score, second look) over a
+    non-dermoscopic set."""
     manifest = read_ood_manifest(ood_dir)
     predictor = Predictor(loaded, backend="auto")  # the served backend
     scores = []
     for start in range(0, len(manifest), 32):
         images = list(iter_images(manifest["file"][start : start + 32], predictor.decode))
-        logits, features = predictor.forward(images)
-        ood = (
-            ood_scores(loaded.trust["ood"], features, logits)
-            if loaded.trust.get("ood")
-            else np.zeros(len(images))
-        )
-        scores.append(gate_scores([predictor.assess(im).ok for im in images], ood))
+        scores.append(served_gate_scores(predictor, images))
     return ood_report(gate_in, np.concatenate(scores), threshold, manifest["kind"].tolist())
+
+
+def served_gate_scores(predictor: Predictor, images: Sequence[np.ndarray]) -> np.ndarray:
+    """One gate score per image from the served path's own answers (`gate_scores`: +inf where
+    a quality check failed; 0 for a model without OOD statistics; after the second look, the
+    cleaned image's score where that accepted it)."""
+    predictions = predictor.predict_batch(images)
+    quality = [predictor.assess(image).ok for image in images]
+    ood = [p.gate["ood_score"] for p in predictions]
+    values = [np.inf if score is None else float(score) for score in ood]
+    if not predictor.checkpoint.trust.get("ood"):
+        values = [0.0] * len(images)
+    return gate_scores(quality, np.array(values, dtype=np.float64))
 
 
 def read_ood_manifest(folder: str | Path) -> pd.DataFrame:

@@ -317,10 +317,13 @@ def prepare_column(
     return pixels, qualities
 
 
-def prepared_image(pixels: bytes, quality: str, side: int) -> PreparedImage:
-    """`prepare_column`'s columns back into what `Predictor.predict_prepared` takes."""
+def prepared_image(
+    pixels: bytes, quality: str, side: int, decoded: Callable[[], np.ndarray] | None = None
+) -> PreparedImage:
+    """`prepare_column`'s columns back into what `Predictor.predict_prepared` takes
+    (`decoded`: how to decode the file again, for the gate's second look)."""
     image = np.frombuffer(pixels, dtype=np.uint8).reshape(side, side, 3)
-    return PreparedImage(image, QualityReport(**json.loads(quality)))
+    return PreparedImage(image, QualityReport(**json.loads(quality)), decoded)
 
 
 def decode_rows(batch: pd.DataFrame, preprocessing: Preprocessing, max_pixels: int) -> pa.Table:
@@ -380,6 +383,7 @@ class PredictWorker:
         backend: str = "torch",
         views: str | None = None,
         threads: int = 0,
+        max_pixels: int | None = None,
     ):
         import torch
 
@@ -396,6 +400,12 @@ class PredictWorker:
         self.model_columns = loaded.version.to_columns()
         self.schema = schema
         self.embeddings = "embedding" in schema.names
+        self.max_pixels = max_pixels  # rows with a `path` are decoded again for a second look
+
+    def _decoder(self, path: str) -> Callable[[], np.ndarray]:
+        """The file decoded again as `decode_rows` did: only the images the gate's first look
+        refused are, so the decoded images need not travel with the pixels."""
+        return lambda: self.predictor.decode(read_bytes(path), max_pixels=self.max_pixels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns = batch.to_pydict()
@@ -403,7 +413,12 @@ class PredictWorker:
         rows: list[dict[str, Any]] = [{"error": columns["error"][i]} for i in range(n)]
         good = [i for i in range(n) if columns["error"][i] is None]
         side = self.predictor.img_size
-        prepared = [prepared_image(columns["pixels"][i], columns["quality"][i], side) for i in good]
+        paths = columns.get("path") if self.max_pixels else None
+        prepared = [
+            prepared_image(columns["pixels"][i], columns["quality"][i], side,
+                           None if paths is None else self._decoder(str(paths[i])))
+            for i in good
+        ]  # fmt: skip
         for i, outcome in zip(good, self._predict(prepared), strict=True):
             if isinstance(outcome, Prediction):
                 rows[i] = prediction_row(outcome, self.embeddings) | {"error": None}
@@ -489,6 +504,7 @@ def prepare_and_score(
             "backend": run.backend,
             "views": views,
             "threads": run.threads_per_worker,
+            "max_pixels": prepare_kwargs.get("max_pixels"),
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
         batch_size=run.batch_size,

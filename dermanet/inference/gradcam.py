@@ -277,7 +277,8 @@ class GradCamExplainer:
                                   None if index is None else [index], views=len(views))  # fmt: skip
             logits, features = result.logits, result.features
             targets, cams = result.targets, result.grid_cams
-        prediction = predictor.predictions([predictor.assess(image)], logits, features)[0]
+        prediction = predictor.predictions([predictor.assess(image)], logits, features,
+                                           [image])[0]  # fmt: skip
         index = targets[0]
         grid = predictor.model.feature_grid()
         side = (predictor.img_size, predictor.img_size)

@@ -8,7 +8,7 @@ pooled features, so the trust gate and the answers do not depend on the choice.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,8 +22,9 @@ from dermanet.data.transforms import decode_side, eval_pixels, pixels_to_tensor
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from dermanet.inference.risk import RiskAssessment, RiskPolicy
 from dermanet.inference.tta import tta_views
+from dermanet.trust.cleaning import remove_artefacts
 from dermanet.trust.conformal import prediction_sets
-from dermanet.trust.evaluation import gate_decision
+from dermanet.trust.evaluation import gate_decision, second_look_gate
 from dermanet.trust.ood import ood_scores
 from dermanet.trust.quality import QualityReport, QualityThresholds, assess_quality
 
@@ -46,6 +47,8 @@ def resolve_class(target: str | int) -> int:
 
 
 QUALITY_ONLY = "quality checks only: this model file has no OOD statistics"
+# the decoded image, or how to decode it again (batch inference keeps only model-size pixels)
+Decoded = np.ndarray | Callable[[], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class PreparedImage:
 
     pixels: np.ndarray  # uint8 (S, S, 3): `eval_pixels`, normalised on the batch tensor
     quality: QualityReport  # the gate's model-free checks, measured on the decoded image
+    decoded: Decoded | None = None  # for the gate's second look; None: the first look decides
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,7 @@ class Preprocessing:
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """The model-size pixels and the quality report of one decoded image."""
-        return PreparedImage(self.pixels(image), self.assess(image))
+        return PreparedImage(self.pixels(image), self.assess(image), image)
 
 
 class Predictor:
@@ -247,6 +251,7 @@ class Predictor:
         self.risk_policy = risk_policy or RiskPolicy()
         self.preprocessing = Preprocessing.for_checkpoint(checkpoint, quality)
         engine = create_engine(checkpoint, backend, self.device)
+        self.plain_engine: Engine = engine  # the plain view alone: the gate's second look
         if checkpoint.tta != "none":
             engine = ViewAveragingEngine(engine, checkpoint.tta)
         self.engine: Engine = engine
@@ -315,8 +320,12 @@ class Predictor:
         ood = self.checkpoint.trust.get("ood")
         if not ood:
             return QUALITY_ONLY
-        return f"quality checks + OOD score ({ood.get('method', 'unknown')}, threshold " \
+        text = f"quality checks + OOD score ({ood.get('method', 'unknown')}, threshold " \
                f"{float(ood['threshold']):.4g})"  # fmt: skip
+        if "second_look_threshold" in ood:
+            text += f"; refused images again with hair and ink marks painted out (threshold " \
+                    f"{float(ood['second_look_threshold']):.4g})"  # fmt: skip
+        return text
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict a batch of RGB uint8 images in one forward pass, each through the gate.
@@ -332,18 +341,25 @@ class Predictor:
         if not prepared:
             return []
         logits, features = self.engine(self._normalised([p.pixels for p in prepared]))
-        return self.predictions([p.quality for p in prepared], logits, features)
+        return self.predictions(
+            [p.quality for p in prepared], logits, features, [p.decoded for p in prepared]
+        )
 
     def assess(self, image: np.ndarray) -> QualityReport:
         """The gate's quality checks of one decoded image."""
         return self.preprocessing.assess(image)
 
     def predictions(
-        self, qualities: Sequence[QualityReport], logits: np.ndarray, features: np.ndarray
+        self,
+        qualities: Sequence[QualityReport],
+        logits: np.ndarray,
+        features: np.ndarray,
+        decoded: Sequence[Decoded | None] | None = None,
     ) -> list[Prediction]:
         """The answers (probabilities, risk, gate, prediction set) for images whose forward
         pass has already run (`forward`, or Grad-CAM's own forward and backward) and whose
-        quality checks (`assess`) are done."""
+        quality checks (`assess`) are done. With the `decoded` images, the gate's second look
+        (`second_look`) runs on those the OOD score alone refused."""
         probs = self.calibrated(logits)
         ood_stats = self.checkpoint.trust.get("ood")
         sets_stats = self.checkpoint.trust.get("conformal")
@@ -366,7 +382,46 @@ class Predictor:
                     features=f,
                 )
             )
+        if decoded is not None:
+            return self.second_look(predictions, qualities, decoded)
         return predictions
+
+    def second_look(
+        self,
+        predictions: Sequence[Prediction],
+        qualities: Sequence[QualityReport],
+        decoded: Sequence[Decoded | None],
+    ) -> list[Prediction]:
+        """Images that passed the quality checks but were refused on their OOD score, scored
+        again with hair and ink marks painted out (`dermanet.trust.cleaning`, one more forward
+        pass for those alone); accepted if the cleaned image is within the model's
+        `second_look_threshold`. The probabilities, set and features stay the image's own."""
+        stats = self.checkpoint.trust.get("ood") or {}
+        threshold = stats.get("second_look_threshold")
+        out = list(predictions)
+        if threshold is None:  # statistics fitted without a second look
+            return out
+        chosen = [
+            i
+            for i, (p, quality, image) in enumerate(zip(out, qualities, decoded, strict=True))
+            if image is not None and quality.ok and not p.accepted
+            and p.gate.get("ood_score") is not None
+        ]  # fmt: skip
+        if not chosen:
+            return out
+        scores = self.cleaned_ood_scores([_decoded_image(decoded[i]) for i in chosen])  # type: ignore[arg-type]
+        for i, score in zip(chosen, scores, strict=True):
+            out[i] = replace(out[i], gate=second_look_gate(out[i].gate, float(score), threshold))
+        return out
+
+    def cleaned_ood_scores(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """OOD scores of decoded images with their hair and ink marks painted out
+        (`remove_artefacts`): the second look's score, also for reports that judge it. The
+        plain view alone is run: the score is on its features (and, for a method that reads
+        logits, on its logits), so the served views would only cost time."""
+        tensor = self.to_tensor([remove_artefacts(image) for image in images])
+        logits, features = self.plain_engine(tensor)
+        return ood_scores(self.checkpoint.trust["ood"], features, logits)
 
     def predict(self, image: np.ndarray) -> Prediction:
         return self.predict_batch([image])[0]
@@ -386,3 +441,7 @@ class Predictor:
             model=self.checkpoint.version,
             **trust,
         )
+
+
+def _decoded_image(decoded: Decoded) -> np.ndarray:
+    return decoded() if callable(decoded) else decoded

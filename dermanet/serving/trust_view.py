@@ -45,6 +45,8 @@ def model_trust(predictor: Predictor) -> dict[str, Any]:
             "ood_method": str(ood.get("method")),
             "ood_threshold": finite_number(ood.get("threshold")),
             "val_rejection_rate": finite_number(ood.get("val_rejection_rate")),
+            # what a refused image, cleaned of hair and ink, must score (None: no second look)
+            "second_look_threshold": finite_number(ood.get("second_look_threshold")),
         }
     calibration: dict[str, Any] = {"description": NO_SETS, "method": None, "coverage": None}
     if sets:

@@ -2,11 +2,14 @@
 features, conformal prediction sets, and the evaluation set and measures that judge them.
 
 Pure functions on numpy arrays and plain dicts; serving, export and the dashboard call them.
+The gate looks twice: an image refused on its OOD score alone is scored again with its hair
+and ink marks painted out (`cleaning`).
 Features and logits through the Predictor are `dermanet.inference.features` (inference sits
 above this package and uses it).
 See docs/trust.md.
 """
 
+from dermanet.trust.cleaning import artefact_mask, remove_artefacts
 from dermanet.trust.conformal import (
     CONFORMAL_METHODS,
     DEFAULT_CONFORMAL_DELTA,
@@ -21,7 +24,9 @@ from dermanet.trust.evaluation import (
     gate_scores,
     ood_report,
     refusal_report,
+    second_look_gate,
     set_report,
+    with_second_look,
 )
 from dermanet.trust.fit import calibrated_probabilities, fit_trust_statistics
 from dermanet.trust.ood import (
@@ -51,6 +56,7 @@ __all__ = [
     "OOD_METHODS",
     "QualityReport",
     "QualityThresholds",
+    "artefact_mask",
     "assess_quality",
     "auroc",
     "calibrated_probabilities",
@@ -64,6 +70,9 @@ __all__ = [
     "ood_scores",
     "prediction_sets",
     "refusal_report",
+    "remove_artefacts",
+    "second_look_gate",
     "set_report",
     "stats_nbytes",
+    "with_second_look",
 ]

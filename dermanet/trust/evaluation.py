@@ -139,6 +139,39 @@ def refusal_report(
     return report
 
 
+SECOND_LOOK = "quality checks + OOD score of the image with hair and ink marks painted out"
+
+
+def second_look_gate(first: dict[str, Any], score: float, threshold: float) -> dict[str, Any]:
+    """The `gate` field after the second look (`dermanet.trust.cleaning`) at an image the first
+    look refused on its OOD score alone: accepted, with the cleaned image's score and the
+    second look's threshold, when that score is within it; else the first verdict."""
+    if not (math.isfinite(score) and score <= threshold):
+        return first
+    return {
+        "accepted": True,
+        "reasons": [],
+        "ood_score": float(score),
+        "ood_threshold": float(threshold),
+        "checks": f"{SECOND_LOOK} (as uploaded: OOD score {first['ood_score']:.3g} > "
+        f"{first['ood_threshold']:.3g})",
+    }
+
+
+def with_second_look(
+    gate: np.ndarray, threshold: float, second: np.ndarray, second_threshold: float
+) -> np.ndarray:
+    """Gate scores (`gate_scores`) after the second look: the cleaned image's score where it
+    is within `second_threshold` (never above `threshold`), else the first. `second` is NaN
+    for images not looked at again; `score > threshold` stays exactly the refusal."""
+    gate = np.asarray(gate, dtype=np.float64)
+    second = np.asarray(second, dtype=np.float64)
+    if gate.shape != second.shape:
+        raise ValueError(f"{len(second)} second-look scores for {len(gate)} gate scores")
+    rescued = (gate > threshold) & np.isfinite(gate) & (second <= min(second_threshold, threshold))
+    return np.where(rescued, second, gate)
+
+
 def gate_decision(
     quality_report: QualityReport, ood_score: float | None, ood_threshold: float | None
 ) -> dict[str, Any]:
