@@ -742,7 +742,8 @@ def render(args, loaded, splits, manifest, tables: dict) -> str:
         refusal_markdown({k: v for k, v in t["source_tables"].items() if k.startswith("test")}),
         "",
         "**Leaving one image source out** (gate and sets fitted on the other sources, scored "
-        "on the left-out source's val + test images; classes it shares with them):",
+        "on the left-out source's val + test images; classes it shares with them; the gate's "
+        "first look only, so refusals are at most these):",
         "",
     ]
     for source, columns in t["loso"].items():

@@ -195,4 +195,4 @@ def test_batch_inference_takes_the_same_second_look(model_outputs, splits, tmp_p
         assert (None if pd.isna(row.gate_checks) else row.gate_checks) == gate.get("checks")
         assert row.gate_ood_score == pytest.approx(gate["ood_score"], rel=1e-4)
         assert row.gate_ood_threshold == pytest.approx(gate["ood_threshold"])
-    assert sum("painted out" in (c or "") for c in table["gate_checks"]) >= 3
+    assert table["gate_checks"].fillna("").str.contains("painted out").sum() >= 3
