@@ -196,3 +196,29 @@ def test_batch_inference_takes_the_same_second_look(model_outputs, splits, tmp_p
         assert row.gate_ood_score == pytest.approx(gate["ood_score"], rel=1e-4)
         assert row.gate_ood_threshold == pytest.approx(gate["ood_threshold"])
     assert table["gate_checks"].fillna("").str.contains("painted out").sum() >= 3
+
+
+def test_a_file_that_cannot_be_decoded_again_keeps_the_first_verdict(model_outputs, splits) -> None:
+    """Batch inference decodes a refused file again for the second look; if it is gone by
+    then, the answer is the first look's refusal, not an error for the image."""
+    _, _, _, _, _, predictor, _ = model_outputs
+    listed = pd.read_csv(ARTEFACTS)
+    hair = listed.loc[listed["kind"] == "hair", "image"]
+    rows = pd.concat([splits["val"], splits["test"]]).set_index("image").loc[hair]
+    images = list(iter_images(rows["path"], predictor.decode))
+    prepared = [predictor.preprocessing.prepare(image) for image in images]
+    answers = predictor.predict_prepared(prepared)
+    rescued = [i for i, p in enumerate(answers) if "painted out" in p.gate.get("checks", "")]
+    assert rescued, "no listed hair image is let in by the second look"
+    item = prepared[rescued[0]]
+
+    def gone() -> np.ndarray:
+        raise FileNotFoundError("the file was removed")
+
+    first_only = predictor.predict_prepared([dataclasses.replace(item, decoded=None)])[0]
+    answer = predictor.predict_prepared([dataclasses.replace(item, decoded=gone)])[0]
+    assert not answer.accepted and answer.gate == first_only.gate
+    decoded_again = dataclasses.replace(item, decoded=lambda: images[rescued[0]])
+    again = predictor.predict_prepared([decoded_again])[0].gate
+    assert again["accepted"] and again["checks"] == answers[rescued[0]].gate["checks"]
+    assert again["ood_score"] == pytest.approx(answers[rescued[0]].gate["ood_score"], abs=1e-3)

@@ -7,6 +7,7 @@ pooled features, so the trust gate and the answers do not depend on the choice.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from dermanet.answer import Answer, ModelVersion, accept_all
 from dermanet.classes import CLASS_INDEX, CLASS_NAMES, NUM_CLASSES
-from dermanet.data.images import DEFAULT_MAX_PIXELS, decode_image
+from dermanet.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from dermanet.data.transforms import decode_side, eval_pixels, pixels_to_tensor
 from dermanet.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from dermanet.inference.risk import RiskAssessment, RiskPolicy
@@ -27,6 +28,8 @@ from dermanet.trust.conformal import prediction_sets
 from dermanet.trust.evaluation import gate_decision, second_look_gate
 from dermanet.trust.ood import ood_scores
 from dermanet.trust.quality import QualityReport, QualityThresholds, assess_quality
+
+log = logging.getLogger(__name__)
 
 
 class UnknownClassError(ValueError):
@@ -407,9 +410,11 @@ class Predictor:
             if image is not None and quality.ok and not p.accepted
             and p.gate.get("ood_score") is not None
         ]  # fmt: skip
+        images = {i: _decoded_image(decoded[i]) for i in chosen}  # type: ignore[arg-type]
+        chosen = [i for i in chosen if images[i] is not None]
         if not chosen:
             return out
-        scores = self.cleaned_ood_scores([_decoded_image(decoded[i]) for i in chosen])  # type: ignore[arg-type]
+        scores = self.cleaned_ood_scores([images[i] for i in chosen])
         for i, score in zip(chosen, scores, strict=True):
             out[i] = replace(out[i], gate=second_look_gate(out[i].gate, float(score), threshold))
         return out
@@ -443,5 +448,13 @@ class Predictor:
         )
 
 
-def _decoded_image(decoded: Decoded) -> np.ndarray:
-    return decoded() if callable(decoded) else decoded
+def _decoded_image(decoded: Decoded) -> np.ndarray | None:
+    """The decoded image; None when decoding it again failed (a file gone or unreadable since
+    the first look): then the first look's verdict stands, logged, rather than an error."""
+    if not callable(decoded):
+        return decoded
+    try:
+        return decoded()
+    except (ImageDecodeError, OSError) as exc:
+        log.warning("second look skipped: the image could not be decoded again (%s)", exc)
+        return None
