@@ -70,7 +70,6 @@ from dermanet.trust import (
     ood_scores,
     prediction_sets,
     refusal_report,
-    remove_artefacts,
     set_report,
     stats_nbytes,
     with_second_look,
@@ -352,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     paths["ood"] = list(manifest["file"])
     for split in ("val", "test", "framed", "ood"):
         refused[SECOND_LOOK][split] = refused_after_second_look(
-            predictor, fits[SECOND_LOOK], data[split], paths[split], split, cache, args.batch_size,
+            predictor, fits[SECOND_LOOK], data[split], paths[split],
             framed_view(None) if split == "framed" else None,
         )  # fmt: skip
     ood_rows, per_kind = {}, {}
@@ -472,22 +471,27 @@ def second_look_cost(loaded, paths: list[str], n: int = 2000, runs: int = 3) -> 
     first look refuses about 1 %, so fewer would time a handful of second looks), with
     the shipped statistics and with the same without `second_look_threshold`, alternated,
     medians of `runs`: what the second look adds to classifying real dermoscopy."""
-    ood = loaded.trust.get("ood") or {}
-    if "second_look_threshold" not in ood:
+    if "second_look_threshold" not in (loaded.trust.get("ood") or {}):
         return {}
-    first_only = {k: v for k, v in ood.items() if k != "second_look_threshold"}
-    without = Predictor(dataclasses.replace(loaded, trust={**loaded.trust, "ood": first_only}),
-                        backend="auto")  # fmt: skip
-    with_look = Predictor(loaded, backend="auto")
+    predictor = Predictor(loaded, backend="auto")
     chosen = np.random.default_rng(0).permutation(len(paths))[:n]
-    images = list(iter_images([paths[i] for i in sorted(chosen)], with_look.decode))
+    images = list(iter_images([paths[i] for i in sorted(chosen)], predictor.decode))
+
+    def classify(batch: list[np.ndarray], second_look: bool) -> list:
+        """`predict_batch`; without the decoded images the first look decides alone."""
+        prepared = [predictor.preprocessing.prepare(image) for image in batch]
+        if not second_look:
+            prepared = [dataclasses.replace(p, decoded=None) for p in prepared]
+        return predictor.predict_prepared(prepared)
+
     times: dict[str, list[float]] = {"with second look": [], "first look only": []}
     answers: dict[str, list] = {}
     for _ in range(runs):
-        for name, predictor in (("with second look", with_look), ("first look only", without)):
+        for name in times:
             start = time.perf_counter()
+            looks = name == "with second look"
             answers[name] = [p for i in range(0, len(images), 32)
-                             for p in predictor.predict_batch(images[i : i + 32])]  # fmt: skip
+                             for p in classify(images[i : i + 32], looks)]  # fmt: skip
             times[name].append((time.perf_counter() - start) / len(images) * 1000)
     result = {name: float(np.median(values)) for name, values in times.items()}
     result["first look refused"] = float(sum(not p.accepted for p in answers["first look only"]))
@@ -507,27 +511,22 @@ def refused_after_second_look(
     stats: dict,
     split: tuple,
     paths: list[str],
-    name: str,
-    cache: Path,
-    batch_size: int,
     view: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """The served gate's refusals: as `refused_with`, then each image refused on its OOD score
-    alone is decoded again (through `view` when given), cleaned (`remove_artefacts`) and
-    scored: accepted when within `stats["second_look_threshold"]`."""
+    alone is decoded again (through `view` when given) and cleaned and run as the server does
+    (`Predictor.cleaned_forward`), scored against `stats`: accepted when within its
+    `second_look_threshold`."""
     features, logits, _, _, passed = split
     gate = gate_scores(passed, ood_scores(stats, features, logits))
     rows = np.flatnonzero(np.isfinite(gate) & (gate > stats["threshold"]))
     second = np.full(len(gate), np.nan)
     if len(rows):
-        chosen = [paths[i] for i in rows]
-
-        def cleaned(i: int, image: np.ndarray) -> np.ndarray:
-            return remove_artefacts(image if view is None else view(int(rows[i]), image))
-
-        f, lg = cached_features(predictor, chosen, f"{name}-second-look", cache, batch_size,
-                                cleaned)  # fmt: skip
-        second[rows] = ood_scores(stats, f, lg)
+        images = iter_images([paths[i] for i in rows], predictor.decode)
+        if view is not None:
+            images = (view(int(row), image) for row, image in zip(rows, images, strict=True))
+        logits, features = predictor.cleaned_forward(list(images))
+        second[rows] = ood_scores(stats, features, logits)
     threshold = float(stats["threshold"])
     return with_second_look(gate, threshold, second, stats["second_look_threshold"]) > threshold
 

@@ -142,21 +142,17 @@ def quality_ok(
 
 
 def second_look(
-    loaded: LoadedCheckpoint,
-    dataset: ray.data.Dataset,
-    index: np.ndarray,
-    gate: np.ndarray,
+    predictor: Predictor, dataset: ray.data.Dataset, index: np.ndarray, gate: np.ndarray
 ) -> np.ndarray:
     """The gate scores (`gate_scores`, rows in `index` order) after the server's second look:
     each row the OOD score alone refused is decoded again, cleaned and scored
     (`Predictor.cleaned_ood_scores`)."""
-    stats = loaded.trust.get("ood") or {}
+    stats = predictor.checkpoint.trust.get("ood") or {}
     if "second_look_threshold" not in stats:
         return gate
     threshold = float(stats["threshold"])
     position = {int(row): i for i, row in enumerate(index)}
     refused = {int(index[i]) for i in np.flatnonzero(np.isfinite(gate) & (gate > threshold))}
-    predictor = Predictor(loaded, backend="auto")  # the served backend
     second = np.full(len(gate), np.nan)
     rows, images = [], []
     for row, image in served_images(dataset, predictor.preprocessing, refused):
@@ -188,8 +184,10 @@ def trust_report(
         ood_scores(stats["ood"], features, logits) if stats.get("ood") else np.zeros(len(labels))
     )
     gate_in = gate_scores(quality, in_scores)
+    # the served backend, one for the second look and the OOD set
+    predictor = Predictor(loaded, backend="auto") if rows is not None or ood_dir else None
     if rows is not None:
-        gate_in = second_look(loaded, rows[0], rows[1], gate_in)
+        gate_in = second_look(predictor, rows[0], rows[1], gate_in)
     report["gate_rejected"] = float((gate_in > threshold).mean())
     sets = None
     if stats.get("conformal"):
@@ -200,17 +198,16 @@ def trust_report(
         report["sets"]["target_coverage"] = float(stats["conformal"]["coverage"])
     report.update(refusal_report(gate_in > threshold, labels, CLASS_NAMES, sets, origins))
     if ood_dir:
-        report["ood_set"] = ood_set_report(loaded, gate_in, threshold, ood_dir)
+        report["ood_set"] = ood_set_report(predictor, gate_in, threshold, ood_dir)
     return report
 
 
 def ood_set_report(
-    loaded: LoadedCheckpoint, gate_in: np.ndarray, threshold: float, ood_dir: str
+    predictor: Predictor, gate_in: np.ndarray, threshold: float, ood_dir: str
 ) -> dict[str, Any]:
     """The served path's gate (decoder, quality checks, OOD score, second look) over a
     non-dermoscopic set."""
     manifest = read_ood_manifest(ood_dir)
-    predictor = Predictor(loaded, backend="auto")  # the served backend
     scores = []
     for start in range(0, len(manifest), 32):
         images = list(iter_images(manifest["file"][start : start + 32], predictor.decode))
@@ -222,13 +219,12 @@ def served_gate_scores(predictor: Predictor, images: Sequence[np.ndarray]) -> np
     """One gate score per image from the served path's own answers (`gate_scores`: +inf where
     a quality check failed; 0 for a model without OOD statistics; after the second look, the
     cleaned image's score where that accepted it)."""
-    predictions = predictor.predict_batch(images)
-    quality = [predictor.assess(image).ok for image in images]
-    ood = [p.gate["ood_score"] for p in predictions]
-    values = [np.inf if score is None else float(score) for score in ood]
+    prepared = [predictor.preprocessing.prepare(image) for image in images]
+    quality = [p.quality.ok for p in prepared]
     if not predictor.checkpoint.trust.get("ood"):
-        values = [0.0] * len(images)
-    return gate_scores(quality, np.array(values, dtype=np.float64))
+        return gate_scores(quality, np.zeros(len(images)))
+    scores = [p.gate["ood_score"] for p in predictor.predict_prepared(prepared)]
+    return gate_scores(quality, np.array([np.inf if s is None else s for s in scores], float))
 
 
 def read_ood_manifest(folder: str | Path) -> pd.DataFrame:

@@ -419,13 +419,17 @@ class Predictor:
             out[i] = replace(out[i], gate=second_look_gate(out[i].gate, float(score), threshold))
         return out
 
+    def cleaned_forward(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, features) of decoded images with their hair and ink marks painted out
+        (`remove_artefacts`), for the second look and the benchmark that fits its own
+        statistics. The plain view alone is run: the score is on its features (and, for a
+        method that reads logits, on its logits), so the served views would only cost time."""
+        return self.plain_engine(self.to_tensor([remove_artefacts(image) for image in images]))
+
     def cleaned_ood_scores(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """OOD scores of decoded images with their hair and ink marks painted out
-        (`remove_artefacts`): the second look's score, also for reports that judge it. The
-        plain view alone is run: the score is on its features (and, for a method that reads
-        logits, on its logits), so the served views would only cost time."""
-        tensor = self.to_tensor([remove_artefacts(image) for image in images])
-        logits, features = self.plain_engine(tensor)
+        """The second look's OOD scores of decoded images (`cleaned_forward`), against the
+        model's own statistics; reports that judge it call this too."""
+        logits, features = self.cleaned_forward(images)
         return ood_scores(self.checkpoint.trust["ood"], features, logits)
 
     def predict(self, image: np.ndarray) -> Prediction:
